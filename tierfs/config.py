@@ -1,0 +1,98 @@
+"""The one description of a mount that every layer reads.
+
+The CLI, the fstab helper and the tests all build a :class:`MountConfig`; nothing else
+parses options. Defaults are chosen to match what users of s3fs/rclone/mountpoint-s3
+expect and are documented in docs/semantics.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+MiB = 1 << 20
+DEFAULT_CACHE_ROOT = Path("/var/cache/tierfs")
+
+
+@dataclass(frozen=True)
+class Source:
+    """``s3://BUCKET[/PREFIX]``; ``prefix`` is either empty or ends with ``/``."""
+
+    bucket: str
+    prefix: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Source:
+        if not text.startswith("s3://"):
+            raise ConfigError(f"source must look like s3://BUCKET[/PREFIX], got {text!r}")
+        rest = text[len("s3://") :]
+        bucket, _, prefix = rest.partition("/")
+        if len(bucket) < 3 or not all(c.isalnum() or c in "-." for c in bucket):
+            raise ConfigError(f"invalid bucket name {bucket!r} in {text!r}")
+        prefix = prefix.strip("/")
+        return cls(bucket, prefix + "/" if prefix else "")
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+@dataclass
+class MountConfig:
+    """Everything a mount needs. Times are seconds, sizes bytes; ``math.inf`` means 'never'."""
+
+    source: Source
+    mountpoint: Path
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    credentials_file: str | None = None
+    cache_dir: Path | None = None  # None: DEFAULT_CACHE_ROOT / <hash of source>
+    cache_size: int | None = None  # None: only the free-space floor applies
+    cache_min_free: float = 0.10  # share of the cache disk kept free
+    cache_max_age: float = 86400.0
+    cache_compression: int | None = None  # zstd level, None = off
+    block_size: int = MiB  # cache granularity; see docs/cache-format.md
+    metadata_ttl: float = 60.0
+    read_only: bool = False
+    foreground: bool = False
+    allow_other: bool = False
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+    file_mode: int = 0o644
+    dir_mode: int = 0o755
+    timeout: float = 30.0  # one S3 request
+    retries: int = 2  # extra attempts after the first, for transient failures
+    log_level: str = "INFO"
+    log_file: Path | None = None
+    writeback_delay: float = 5.0
+    import_interval: float | None = None
+    metrics_addr: str | None = None
+    s3_concurrency: int = 16
+    fuse_debug: bool = False
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir is not None:
+            return self.cache_dir
+        digest = hashlib.sha256(f"{self.endpoint_url}|{self.source}".encode()).hexdigest()[:16]
+        return DEFAULT_CACHE_ROOT / f"{self.source.bucket}-{digest}"
+
+    @property
+    def kernel_timeout(self) -> float:
+        """Entry/attr timeout handed to the kernel: the metadata TTL, capped for 'indefinite'."""
+        return 365 * 86400.0 if math.isinf(self.metadata_ttl) else self.metadata_ttl
+
+    def validate(self) -> None:
+        if self.timeout <= 0:
+            raise ConfigError("--timeout must be positive")
+        if self.cache_size is not None and self.cache_size < 8 * self.block_size:
+            raise ConfigError(f"--cache-size must be at least {8 * self.block_size // MiB} MiB")
+        if not 0 <= self.cache_min_free < 1:
+            raise ConfigError("--cache-min-free must be a share between 0 and 1 (e.g. 0.1 or 10%)")
+        if self.cache_compression is not None and not 1 <= self.cache_compression <= 22:
+            raise ConfigError("zstd level must be within 1..22")

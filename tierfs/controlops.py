@@ -1,0 +1,207 @@
+"""The control operations a running mount answers: status, flush, prefetch, evict, pin, unpin, refresh.
+
+Paths arrive relative to the mountpoint and are resolved through the namespace (never
+through the kernel mount, which could be the thing that is hung). Long operations
+report progress at most every 0.25 s.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from . import control
+from .errors import NotFound, StoreError
+from .hydrator import ObjectVersion
+from .records import ROOT_INO, Inode
+
+if TYPE_CHECKING:
+    from .mount import Mount
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class ControlOps:
+    def __init__(self, mount: Mount) -> None:
+        self.mount = mount
+        self.active: dict[str, dict[str, Any]] = {}
+
+    async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.mount.cfg
+        handlers = {
+            "status": self.status,
+            "flush": self.flush,
+            "prefetch": self.prefetch,
+            "evict": self.evict,
+            "pin": self.pin,
+            "unpin": self.unpin,
+            "refresh": self.refresh,
+        }
+        _, sock_path = control.registry_paths(str(cfg.mountpoint))
+        server = control.ControlServer(str(sock_path), handlers, owner_uid=os.getuid())
+        control.register(
+            str(cfg.mountpoint),
+            pid=os.getpid(),
+            source=str(cfg.source),
+            cache_dir=str(cfg.resolved_cache_dir),
+            uid=os.getuid(),
+        )
+        try:
+            await server.serve(task_status=task_status)
+        finally:
+            control.unregister(str(cfg.mountpoint))
+
+    # -- path resolution -------------------------------------------------------------------------------
+
+    async def resolve(self, path: str) -> Inode:
+        node = self.mount.namespace.get(ROOT_INO)
+        assert node is not None
+        for part in [p for p in path.split("/") if p not in ("", ".")]:
+            node = await self.mount.namespace.lookup(node.ino, part)
+        return node
+
+    async def files(self, paths: list[str], recursive: bool) -> AsyncIterator[tuple[str, Inode]]:
+        """Yield (path, file inode) for the given paths; directories only with ``recursive``."""
+        ns = self.mount.namespace
+        for path in paths:
+            root = await self.resolve(path)
+            stack = [(path.strip("/"), root)]
+            while stack:
+                rel, node = stack.pop()
+                if not node.is_dir:
+                    yield rel, node
+                    continue
+                if not recursive and node is not root:
+                    continue
+                if not recursive:
+                    raise IsADirectoryError(f"{rel or '/'} is a directory (use --recursive)")
+                await ns.ensure_listed(node.ino)
+                for name, ino in reversed(list(ns.children(node.ino))):
+                    child = ns.get(ino)
+                    if child is not None:
+                        stack.append((f"{rel}/{name}".lstrip("/"), child))
+
+    # -- operations --------------------------------------------------------------------------------------
+
+    async def status(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        result = self.mount.status()
+        result["operations"] = dict(self.active)
+        return result
+
+    async def flush(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        writeback = getattr(self.mount, "writeback", None)
+        if writeback is None:
+            return {"uploaded_files": 0, "uploaded_bytes": 0}
+        result: dict[str, Any] = await writeback.flush_all(progress)
+        return result
+
+    async def prefetch(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        hydrator = self.mount.hydrator
+        jobs = max(1, int(args.get("jobs") or 8))
+        state = {"done_files": 0, "done_bytes": 0, "total_files": 0, "total_bytes": 0}
+        failed: list[dict[str, str]] = []
+        op_id = f"prefetch-{time.monotonic_ns()}"
+        self.active[op_id] = state
+        limiter = trio.CapacityLimiter(jobs)
+        last_report = 0.0
+
+        async def report(force: bool = False) -> None:
+            nonlocal last_report
+            now = time.monotonic()
+            if force or now - last_report >= 0.25:
+                last_report = now
+                await progress(dict(state))
+
+        async def one(path: str, node: Inode) -> None:
+            async with limiter:
+                version = ObjectVersion(node.ino, node.key, node.etag, node.size)
+
+                def on_bytes(n: int) -> None:
+                    state["done_bytes"] += n
+
+                try:
+                    await hydrator.hydrate(version, on_bytes)
+                    state["done_files"] += 1
+                except (StoreError, OSError) as exc:
+                    failed.append({"path": path, "error": str(exc)})
+                await report()
+
+        try:
+            targets: list[tuple[str, Inode]] = []
+            try:
+                async for path, node in self.files(list(args.get("paths", [])), bool(args.get("recursive"))):
+                    targets.append((path, node))
+            except (NotFound, StoreError, OSError) as exc:
+                raise control.ControlError(f"cannot resolve path: {exc}") from None
+            state["total_files"] = len(targets)
+            state["total_bytes"] = sum(n.size for _, n in targets)
+            await report(force=True)
+            async with trio.open_nursery() as nursery:
+                for path, node in targets:
+                    nursery.start_soon(one, path, node)
+            await report(force=True)
+        finally:
+            del self.active[op_id]
+        return {**state, "failed": failed}
+
+    async def _each_file(self, args: dict[str, Any], action: Callable[[Inode], Any]) -> dict[str, Any]:
+        count = 0
+        try:
+            async for _, node in self.files(list(args.get("paths", [])), bool(args.get("recursive"))):
+                await self.mount.run_io(action, node)
+                count += 1
+        except (NotFound, StoreError, OSError) as exc:
+            raise control.ControlError(str(exc)) from None
+        return {"files": count}
+
+    async def evict(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        bucket = self.mount.cfg.source.bucket
+        freed = 0
+
+        def drop(node: Inode) -> None:
+            nonlocal freed
+            freed += self.mount.cache.drop_object(bucket, node.key)
+
+        result = await self._each_file(args, drop)
+        # Drop the in-memory and kernel copies too, so the next read really goes to S3.
+        async for _, node in self.files(list(args.get("paths", [])), bool(args.get("recursive"))):
+            self.mount.hydrator.discard(ObjectVersion(node.ino, node.key, node.etag, node.size))
+            self.mount.queue_invalidation(node.ino)
+        return {**result, "freed_bytes": freed}
+
+    async def pin(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        bucket = self.mount.cfg.source.bucket
+        return await self._each_file(args, lambda node: self.mount.cache.pin(bucket, node.key))
+
+    async def unpin(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        bucket = self.mount.cfg.source.bucket
+        return await self._each_file(args, lambda node: self.mount.cache.unpin(bucket, node.key))
+
+    async def refresh(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        ns = self.mount.namespace
+        recursive = bool(args.get("recursive"))
+        listed = 0
+        try:
+            for path in list(args.get("paths", [])):
+                node = await self.resolve(path)
+                if not node.is_dir:
+                    await ns.ensure_listed(node.parent, force=True)
+                    listed += 1
+                    continue
+                stack = [node.ino]
+                while stack:
+                    ino = stack.pop()
+                    await ns.ensure_listed(ino, force=True)
+                    listed += 1
+                    if recursive:
+                        stack.extend(c for _, c in ns.children(ino) if (n := ns.get(c)) is not None and n.is_dir)
+        except (NotFound, StoreError, OSError) as exc:
+            raise control.ControlError(str(exc)) from None
+        return {"directories_listed": listed}

@@ -1,0 +1,197 @@
+"""Mount lifecycle: preflight, daemonize, wire the layers, serve, shut down cleanly.
+
+Start-up order matters:
+1. Validate everything that can be wrong *before* mounting (mountpoint, bucket,
+   credentials, endpoint, cache dir lock), so bad input gets one line and exit != 0
+   with nothing mounted.
+2. Without ``-f`` we fork first (before any thread, LMDB handle or trio loop exists),
+   and the parent waits on a pipe: it exits 0 only when the child reports the mount
+   live, otherwise it prints the child's one-line reason and exits 1.
+3. The mount is live once ``pyfuse3.init`` returned and the loop runs; only then are
+   READY=1 (systemd) and the parent notified and the kernel knobs raised.
+
+Shut-down: SIGTERM/SIGINT or ``fusermount3 -u`` end ``pyfuse3.main``; background
+tasks are cancelled, write-back is drained (unless unmounted with --no-flush),
+access times are persisted and LMDB is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import MountConfig
+from .errors import AccessDenied, ConfigError, NotFound, TierfsError, Unavailable
+
+log = logging.getLogger("tierfs")
+
+
+def _mounted_at(mountpoint: str) -> bool:
+    """True if something is mounted at ``mountpoint`` (from /proc/self/mountinfo; never stats it)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) > 4 and _unescape(fields[4]) == mountpoint:
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def _unescape(text: str) -> str:
+    return text.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def check_mountpoint(path: Path) -> str:
+    mountpoint = os.path.abspath(path)
+    if _mounted_at(mountpoint):
+        raise ConfigError(f"{mountpoint} is already a mount point")
+    if not os.path.isdir(mountpoint):
+        raise ConfigError(f"mount point {mountpoint} does not exist or is not a directory")
+    return mountpoint
+
+
+def preflight_store(cfg: MountConfig) -> Any:
+    """Build the S3 client and prove the bucket is usable, mapping failures to one line."""
+    from .objectstore import S3ObjectStore
+
+    store = S3ObjectStore(
+        cfg.source.bucket,
+        endpoint_url=cfg.endpoint_url,
+        region=cfg.region,
+        profile=cfg.profile,
+        timeout=min(cfg.timeout, 15.0),
+        retries=1,
+        max_pool=cfg.s3_concurrency + 8,
+    )
+    where = cfg.endpoint_url or "the default S3 endpoint"
+    try:
+        store.check_bucket()
+    except NotFound:
+        raise ConfigError(f"bucket {cfg.source.bucket!r} does not exist at {where}") from None
+    except AccessDenied as exc:
+        raise ConfigError(f"access to bucket {cfg.source.bucket!r} denied (check credentials): {exc}") from None
+    except Unavailable as exc:
+        raise ConfigError(f"cannot reach {where}: {exc}") from None
+    return S3ObjectStore(
+        cfg.source.bucket,
+        endpoint_url=cfg.endpoint_url,
+        region=cfg.region,
+        profile=cfg.profile,
+        timeout=cfg.timeout,
+        retries=cfg.retries,
+        max_pool=cfg.s3_concurrency + 8,
+    )
+
+
+def setup_logging(cfg: MountConfig, daemonized: bool) -> None:
+    level = getattr(logging, cfg.log_level.upper(), logging.INFO)
+    handlers: list[logging.Handler] = []
+    if cfg.log_file is not None:
+        handlers.append(logging.FileHandler(cfg.log_file))
+    elif daemonized:
+        handlers.append(logging.FileHandler(cfg.resolved_cache_dir / "tierfs.log"))
+    else:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    logging.basicConfig(
+        level=level, handlers=handlers, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def run_mount(cfg: MountConfig) -> int:
+    """Entry point of ``tierfs mount``. Returns the process exit code."""
+    try:
+        cfg.validate()
+        cfg.mountpoint = Path(check_mountpoint(cfg.mountpoint))
+    except ConfigError as exc:
+        print(f"tierfs: error: {exc}", file=sys.stderr)
+        return 2
+    if cfg.foreground:
+        return _serve_reporting(cfg, report=None)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: becomes the daemon
+        os.close(read_fd)
+        os.setsid()
+        _detach_stdio()
+        code = _serve_reporting(cfg, report=write_fd)
+        os._exit(code)
+    os.close(write_fd)
+    message = _read_all(read_fd)
+    if message.startswith("OK"):
+        return 0
+    _, code = os.waitpid(pid, 0)
+    reason = message.removeprefix("ERR ").strip() or "the mount daemon exited before the mount was live"
+    print(f"tierfs: error: {reason}", file=sys.stderr)
+    return os.waitstatus_to_exitcode(code) or 1
+
+
+def _read_all(fd: int) -> str:
+    chunks = []
+    while True:
+        data = os.read(fd, 4096)
+        if not data:
+            break
+        chunks.append(data)
+    os.close(fd)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def _detach_stdio() -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _serve_reporting(cfg: MountConfig, report: int | None) -> int:
+    """Run the mount; report 'OK' or 'ERR reason' on ``report`` (the parent's pipe), once."""
+
+    def tell(message: str) -> None:
+        nonlocal report
+        if report is not None:
+            try:
+                os.write(report, message.encode())
+            finally:
+                os.close(report)
+                report = None
+
+    try:
+        from .mount import Mount
+
+        with Mount(cfg, daemonized=report is not None) as mount:
+            mount.serve(on_live=lambda: tell("OK\n"))
+        return 0
+    except TierfsError as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        tell(f"ERR {message}\n")
+        if report is None:
+            print(f"tierfs: error: {message}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:  # pyfuse3.init failures (permissions, bad options)
+        tell(f"ERR mount failed: {exc}\n")
+        if report is None:
+            print(f"tierfs: error: mount failed: {exc}", file=sys.stderr)
+        return 1
+    except BaseException as exc:
+        log.exception("mount daemon failed")
+        tell(f"ERR {type(exc).__name__}: {exc}\n")
+        return 1
+    finally:
+        tell("ERR the mount daemon stopped before the mount was live\n")
+
+
+def install_signal_handlers(terminate: Any) -> None:
+    def handler(signum: int, frame: Any) -> None:
+        log.info("signal %d: unmounting", signum)
+        terminate()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

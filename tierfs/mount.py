@@ -1,0 +1,259 @@
+"""One live mount: builds the layers from a MountConfig and runs them on one trio loop.
+
+Layering (each a module with one job; see docs/design.md):
+object store -> namespace -> chunk cache -> hydrator -> write-back -> FUSE adapter.
+This module is the only place that knows all of them; it also owns the background
+tasks (maintenance, invalidation, control channel) and the start/stop order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pyfuse3
+import trio
+
+from .chunkcache import ChunkCache
+from .config import MountConfig
+from .daemon import install_signal_handlers, preflight_store, setup_logging
+from .fs import TierOperations
+from .hydrator import Hydrator
+from .metadb import CacheDir
+from .namespace import Namespace, NamespacePolicy
+from .records import Inode
+
+log = logging.getLogger("tierfs")
+
+IO_THREADS = 8
+Invalidation = int | tuple[int, str]  # an inode, or a (parent inode, name) directory entry
+MAINTENANCE_INTERVAL = 5.0
+
+
+class Mount:
+    def __init__(self, cfg: MountConfig, *, daemonized: bool) -> None:
+        self.cfg = cfg
+        self.daemonized = daemonized
+        self.started = time.time()
+        self._nursery: trio.Nursery | None = None
+        self._invalidations: tuple[trio.MemorySendChannel[Invalidation], trio.MemoryReceiveChannel[Invalidation]] | None = None
+        self._trio_token: trio.lowlevel.TrioToken | None = None
+
+    def __enter__(self) -> Mount:
+        cfg = self.cfg
+        cache_root = cfg.resolved_cache_dir
+        cache_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        setup_logging(cfg, self.daemonized)
+        self.store = preflight_store(cfg)
+        owner = f"{cfg.endpoint_url or 'aws'}|{cfg.source}"
+        self.cachedir = CacheDir(cache_root, owner)
+        env = self.cachedir.env
+        self.cache = ChunkCache(
+            env,
+            cache_root,
+            block_size=cfg.block_size,
+            limit_bytes=cfg.cache_size,
+            min_free=cfg.cache_min_free,
+            max_age=cfg.cache_max_age,
+            compression_level=cfg.cache_compression,
+        )
+        self.s3_limiter = trio.CapacityLimiter(cfg.s3_concurrency)
+        self.io_limiter = trio.CapacityLimiter(IO_THREADS)
+        policy = NamespacePolicy(
+            bucket=cfg.source.bucket,
+            root_prefix=cfg.source.prefix,
+            ttl=cfg.metadata_ttl,
+            uid=cfg.uid,
+            gid=cfg.gid,
+            file_mode=cfg.file_mode,
+            dir_mode=cfg.dir_mode,
+        )
+        self.namespace = Namespace(env, self.store, policy, self.run_s3)
+        self.namespace.change_hooks.append(self._on_object_changed)
+        self.namespace.entry_hooks.append(lambda parent, name: self.queue_invalidation((parent, name)))
+        self.hydrator = Hydrator(
+            bucket=cfg.source.bucket,
+            store=self.store,
+            cache=self.cache,
+            run_s3=self.run_s3,
+            run_io=self.run_io,
+            block_size=cfg.block_size,
+            spawn=self.spawn,
+            learn_metadata=self.namespace.learn_metadata,
+        )
+        self.ops = TierOperations(
+            self.namespace,
+            self.hydrator,
+            kernel_timeout=cfg.kernel_timeout,
+            block_size=cfg.block_size,
+            read_only=cfg.read_only,
+            invalidate=self.queue_invalidation,
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.cache.flush_access_times()
+            self.cache.close()
+        finally:
+            self.cachedir.close()
+
+    # -- thread helpers -------------------------------------------------------------------------------
+
+    async def run_s3(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.s3_limiter)
+
+    async def run_io(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.io_limiter)
+
+    def spawn(self, task: Callable[[], Awaitable[None]]) -> None:
+        """Start a background task whose failure is logged, never fatal to the mount."""
+
+        async def guarded() -> None:
+            try:
+                await task()
+            except Exception:
+                log.exception("background task failed")
+
+        if self._nursery is not None:
+            self._nursery.start_soon(guarded)
+
+    # -- change propagation ---------------------------------------------------------------------------
+
+    def _on_object_changed(self, old: Inode, new: Inode | None) -> None:
+        """Namespace hook (worker thread): drop stale chunks, then have the kernel drop its caches."""
+        if not old.is_dir:
+            self.cache.drop_object(self.cfg.source.bucket, old.key, keep_etag=new.etag if new else None)
+        self.queue_invalidation(old.ino)
+
+    def queue_invalidation(self, item: Invalidation) -> None:
+        """Callable from any thread. Invalidation itself runs in a worker thread, never on the loop."""
+        if self._invalidations is None or self._trio_token is None:
+            return
+        send = self._invalidations[0]
+        try:
+            trio.from_thread.run_sync(send.send_nowait, item, trio_token=self._trio_token)
+        except RuntimeError:  # called on the loop itself
+            send.send_nowait(item)
+        except (trio.WouldBlock, trio.RunFinishedError, trio.ClosedResourceError):
+            pass
+
+    async def _invalidator(self) -> None:
+        assert self._invalidations is not None
+        async for item in self._invalidations[1]:
+            try:
+                if isinstance(item, int):
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, item, False)
+                else:
+                    parent, name = item
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_entry, parent, os.fsencode(name))
+            except OSError as exc:  # ENOENT: the kernel does not know it; nothing to drop
+                log.debug("invalidate %r: %s", item, exc)
+
+    # -- serving --------------------------------------------------------------------------------------
+
+    def fuse_options(self) -> set[str]:
+        cfg = self.cfg
+        opts = {f"fsname={cfg.source}", "subtype=tierfs", "default_permissions", "noatime", "nodev", "nosuid"}
+        if cfg.allow_other:
+            opts.add("allow_other")
+        if cfg.read_only:
+            opts.add("ro")
+        if cfg.fuse_debug:
+            opts.add("debug")
+        return opts
+
+    def serve(self, on_live: Callable[[], None]) -> None:
+        pyfuse3.init(self.ops, str(self.cfg.mountpoint), self.fuse_options())
+        try:
+            install_signal_handlers(pyfuse3.terminate)
+            trio.run(self._main, on_live)
+        finally:
+            pyfuse3.close(unmount=True)
+
+    async def _main(self, on_live: Callable[[], None]) -> None:
+        self._trio_token = trio.lowlevel.current_trio_token()
+        self._invalidations = trio.open_memory_channel(10_000)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._invalidator)
+            nursery.start_soon(self._maintenance)
+            await self._start_control(nursery)
+            nursery.start_soon(self._announce_live, on_live)
+            await pyfuse3.main(min_tasks=4, max_tasks=256)
+            log.info("unmounted; shutting down")
+            nursery.cancel_scope.cancel()
+        self._nursery = None
+
+    async def _announce_live(self, on_live: Callable[[], None]) -> None:
+        from . import kerneltune, sdnotify
+
+        tuned = await trio.to_thread.run_sync(kerneltune.tune, str(self.cfg.mountpoint))
+        log.info("mounted %s at %s (kernel knobs: %s)", self.cfg.source, self.cfg.mountpoint, tuned)
+        sdnotify.notify("READY=1")
+        on_live()
+
+    async def _maintenance(self) -> None:
+        interval = MAINTENANCE_INTERVAL
+        if not math.isinf(self.cfg.cache_max_age):
+            interval = max(0.5, min(interval, self.cfg.cache_max_age / 2))
+        while True:
+            await trio.sleep(interval)
+            try:
+                await self.run_io(self._maintain_blocking)
+            except Exception:
+                log.exception("cache maintenance failed")
+
+    def _maintain_blocking(self) -> None:
+        self.cache.flush_access_times()
+        self.cache.sweep_aged()
+        self.cache.enforce_limits()
+
+    async def _start_control(self, nursery: trio.Nursery) -> None:
+        from .controlops import ControlOps
+
+        self.control = ControlOps(self)
+        await nursery.start(self.control.serve)
+
+    # -- status -----------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        cache = self.cache.stats()
+        hyd = self.hydrator.stats
+        requests = dict(self.store.requests)
+        lookups = hyd.cache_hits + hyd.cache_misses
+        return {
+            "pid": os.getpid(),
+            "mountpoint": str(self.cfg.mountpoint),
+            "source": str(self.cfg.source),
+            "cache_dir": str(self.cfg.resolved_cache_dir),
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "read_only": self.cfg.read_only,
+            "metadata_ttl": None if math.isinf(self.cfg.metadata_ttl) else self.cfg.metadata_ttl,
+            "cache_bytes": cache.logical_bytes,
+            "cache_bytes_on_disk": cache.disk_bytes,
+            "cache_limit_bytes": cache.limit_bytes,
+            "cache_free_disk_bytes": cache.free_disk_bytes,
+            "chunks_cached": cache.chunks,
+            "pinned_bytes": cache.pinned_bytes,
+            "evictions": cache.evictions,
+            "compression_ratio": round(cache.compression_ratio, 3),
+            "cache_hits": hyd.cache_hits,
+            "cache_misses": hyd.cache_misses,
+            "hit_ratio": round(hyd.cache_hits / lookups, 4) if lookups else None,
+            "bytes_from_cache": hyd.bytes_from_cache,
+            "bytes_from_s3": hyd.bytes_from_s3,
+            "prefetched_blocks": hyd.prefetched_blocks,
+            "s3_get_requests": requests.get("get_object", 0),
+            "s3_list_requests": requests.get("list_objects_v2", 0),
+            "s3_head_requests": requests.get("head_object", 0),
+            "s3_requests": requests,
+            "s3_bytes_fetched": self.store.bytes_fetched,
+            "hidden_keys": self.namespace.counters.hidden_keys,
+            "shadowed_keys": self.namespace.counters.shadowed_keys,
+            "errors": self.ops.errors.count + hyd.errors,
+        }

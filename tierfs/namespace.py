@@ -1,0 +1,394 @@
+"""The namespace layer: S3 keys as a tree of inodes, kept in LMDB.
+
+Invariants (see docs/namespace.md):
+- A directory is listed with one paginated ``ListObjectsV2(Delimiter='/')`` the first
+  time it is looked up or read, and again once its listing is older than the metadata
+  TTL. Nothing else ever asks S3 about metadata, so a million small files cost no HEAD.
+- Inode numbers are allocated from a persistent counter and bound to (parent, name) in
+  LMDB, so they are stable across remounts that use the same cache dir and never reused.
+- Only a *complete* listing may delete entries. A failed LIST or HEAD (timeout, 5xx)
+  raises :class:`~tierfs.errors.Unavailable` and changes nothing (rclone #9530).
+- Entries flagged LOCAL belong to write-back and are never overwritten or removed by a
+  listing; the journal decides their fate.
+- A key and a prefix with the same name show the directory; the object is logged as
+  shadowed. Hostile keys (``..``, empty segments, NUL, >255 bytes) are hidden and counted.
+
+Reads are short LMDB read transactions and may run on the trio loop. Listings run in a
+worker thread (S3 calls plus one write transaction per page of 1,000 entries).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import trio
+
+from . import keys, posixmeta
+from .errors import NotFound
+from .objectstore import ObjectInfo, ObjectStore
+from .records import ROOT_INO, Flag, Inode, Kind, dentry_key, ino_key, type_bits
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+RunBlocking = Callable[..., Awaitable[Any]]
+ChangeHook = Callable[[Inode, Inode | None], None]  # (old, new or None when deleted); called in a thread
+EntryHook = Callable[[int, str], None]  # (parent ino, name) appeared or vanished; called in a thread
+
+
+@dataclass(frozen=True)
+class NamespacePolicy:
+    bucket: str
+    root_prefix: str
+    ttl: float
+    uid: int
+    gid: int
+    file_mode: int
+    dir_mode: int
+
+
+@dataclass
+class NamespaceCounters:
+    lists: int = 0
+    hidden_keys: int = 0
+    shadowed_keys: int = 0
+
+
+class Namespace:
+    def __init__(
+        self,
+        env: Any,
+        store: ObjectStore,
+        policy: NamespacePolicy,
+        run_blocking: RunBlocking,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.env = env
+        self.store = store
+        self.policy = policy
+        self._run = run_blocking
+        self._clock = clock
+        self.inodes = env.open_db(b"ns.inodes")
+        self.dentries = env.open_db(b"ns.dentries")
+        self.meta = env.open_db(b"meta")
+        self.counters = NamespaceCounters()
+        self.change_hooks: list[ChangeHook] = []
+        self.entry_hooks: list[EntryHook] = []
+        self._listing: dict[int, trio.Event] = {}
+        self._ensure_root()
+
+    # -- records -----------------------------------------------------------------------------------
+
+    def _ensure_root(self) -> None:
+        with self.env.begin(write=True) as txn:
+            if txn.get(ino_key(ROOT_INO), db=self.inodes) is None:
+                now = time.time_ns()
+                root = Inode(
+                    ROOT_INO, Kind.DIR, Flag.NONE, ROOT_INO, 0, now, now,
+                    type_bits(Kind.DIR) | self.policy.dir_mode, self.policy.uid, self.policy.gid,
+                    0.0, "", self.policy.root_prefix, "",
+                )  # fmt: skip
+                txn.put(ino_key(ROOT_INO), root.pack(), db=self.inodes)
+                if txn.get(b"next_ino", db=self.meta) is None:
+                    txn.put(b"next_ino", (ROOT_INO + 1).to_bytes(8, "big"), db=self.meta)
+
+    def get(self, ino: int) -> Inode | None:
+        with self.env.begin(buffers=True) as txn:
+            raw = txn.get(ino_key(ino), db=self.inodes)
+            return Inode.unpack(ino, raw) if raw is not None else None
+
+    def child(self, parent: int, name: str) -> Inode | None:
+        with self.env.begin(buffers=True) as txn:
+            raw_ino = txn.get(dentry_key(parent, name), db=self.dentries)
+            if raw_ino is None:
+                return None
+            ino = int.from_bytes(raw_ino, "big")
+            raw = txn.get(ino_key(ino), db=self.inodes)
+            return Inode.unpack(ino, raw) if raw is not None else None
+
+    def children(self, parent: int) -> Iterator[tuple[str, int]]:
+        """(name, ino) of every entry, in name order. One read transaction, names only."""
+        prefix = parent.to_bytes(8, "big")
+        out: list[tuple[str, int]] = []
+        with self.env.begin(buffers=True) as txn:
+            cur = txn.cursor(db=self.dentries)
+            if cur.set_range(prefix):
+                for k, v in cur:
+                    if bytes(k[:8]) != prefix:
+                        break
+                    out.append((bytes(k[8:]).decode(), int.from_bytes(v, "big")))
+        return iter(out)
+
+    def is_fresh(self, inode: Inode) -> bool:
+        if inode.checked <= 0:
+            return False
+        return math.isinf(self.policy.ttl) or self._clock() - inode.checked < self.policy.ttl
+
+    # -- the public async operations ------------------------------------------------------------------
+
+    async def lookup(self, parent_ino: int, name: str) -> Inode:
+        """Resolve one name; lists/revalidates the parent when needed. Raises NotFound/Unavailable."""
+        parent = await self.ensure_listed(parent_ino)
+        if not parent.is_dir:
+            raise NotADirectoryError(parent_ino)
+        child = self.child(parent_ino, name)
+        if child is None:
+            raise NotFound(f"{parent.key}{name}")
+        return child
+
+    async def ensure_listed(self, ino: int, *, force: bool = False) -> Inode:
+        """Return the directory record, after (re)listing it if it is stale or ``force`` is set."""
+        while True:
+            inode = self.get(ino)
+            if inode is None:
+                raise NotFound(f"inode {ino}")
+            if not inode.is_dir or (self.is_fresh(inode) and not force):
+                return inode
+            pending = self._listing.get(ino)
+            if pending is not None:
+                await pending.wait()
+                force = False  # a listing that started after our request is as good as ours
+                continue
+            done = self._listing[ino] = trio.Event()
+            try:
+                await self._run(self._relist, inode)
+            finally:
+                del self._listing[ino]
+                done.set()
+            force = False
+
+    # -- listing (worker thread) -----------------------------------------------------------------------
+
+    def _relist(self, directory: Inode) -> None:
+        started = self._clock()
+        seen: set[str] = set()
+        deferred_files: dict[str, ObjectInfo] = {}
+        changes: list[tuple[Inode, Inode | None]] = []
+        before = {name for name, _ in self.children(directory.ino)} if directory.checked > 0 else None
+        marker = False
+        self.counters.lists += 1
+        for page in self.store.list_dir(directory.key):
+            with self.env.begin(write=True) as txn:
+                for prefix in page.prefixes:
+                    name = self._visible_name(directory.key, prefix)
+                    if name is not None:
+                        self._apply_dir(txn, directory, name, seen, changes)
+                for obj in page.objects:
+                    if obj.key == directory.key:
+                        marker = True
+                        continue
+                    name = self._visible_name(directory.key, obj.key)
+                    if name is None:
+                        continue
+                    if name in seen:
+                        self._shadowed(obj.key)
+                        continue
+                    existing = self._child_in(txn, directory.ino, name)
+                    if existing is not None and existing.is_dir and not existing.flags & Flag.LOCAL:
+                        deferred_files[name] = obj  # its prefix may come on a later page
+                        continue
+                    self._apply_file(txn, directory, name, obj, existing, changes)
+                    seen.add(name)
+        with self.env.begin(write=True) as txn:
+            for name, obj in deferred_files.items():
+                if name in seen:
+                    self._shadowed(obj.key)
+                    continue
+                existing = self._child_in(txn, directory.ino, name)
+                self._apply_file(txn, directory, name, obj, existing, changes)
+                seen.add(name)
+            for name, ino in list(self._children_in(txn, directory.ino)):
+                if name in seen:
+                    continue
+                gone = self._get_in(txn, ino)
+                if gone is None or gone.flags & Flag.LOCAL:
+                    continue
+                self._remove_subtree(txn, directory.ino, name, gone, changes)
+            current = self._get_in(txn, directory.ino) or directory
+            flags = (current.flags | Flag.MARKER) if marker else (current.flags & ~Flag.MARKER)
+            txn.put(ino_key(directory.ino), current.with_(checked=started, flags=flags).pack(), db=self.inodes)
+        self._notify(changes)
+        if before is not None:
+            # The kernel may hold negative dentries for new names and positive ones for
+            # vanished names; both must go so that NEW and DELETED show within the TTL.
+            for name in before.symmetric_difference(seen):
+                for entry_hook in self.entry_hooks:
+                    entry_hook(directory.ino, name)
+
+    def _visible_name(self, dir_key: str, key: str) -> str | None:
+        name = keys.child_name(dir_key, key)
+        if name is None:
+            self.counters.hidden_keys += 1
+            log.info("hiding key %r: not representable as a POSIX name", key)
+        return name
+
+    def _shadowed(self, key: str) -> None:
+        self.counters.shadowed_keys += 1
+        log.warning("object %r is shadowed by a directory of the same name", key)
+
+    def _apply_dir(
+        self, txn: Any, parent: Inode, name: str, seen: set[str], changes: list[tuple[Inode, Inode | None]]
+    ) -> None:
+        existing = self._child_in(txn, parent.ino, name)
+        if existing is not None and not existing.is_dir:
+            if existing.flags & Flag.LOCAL:
+                seen.add(name)
+                return
+            if name in seen:
+                self._shadowed(existing.key)
+            self._remove_subtree(txn, parent.ino, name, existing, changes)
+            existing = None
+        seen.add(name)
+        if existing is None:
+            now = time.time_ns()
+            self._insert(txn, parent.ino, name, Kind.DIR, size=0, mtime_ns=now, key=parent.key + name + "/", etag="")
+
+    def _apply_file(
+        self,
+        txn: Any,
+        parent: Inode,
+        name: str,
+        obj: ObjectInfo,
+        existing: Inode | None,
+        changes: list[tuple[Inode, Inode | None]],
+    ) -> None:
+        now = self._clock()
+        if existing is None:
+            self._insert(txn, parent.ino, name, Kind.FILE, obj.size, obj.mtime_ns, obj.key, obj.etag, checked=now)
+            return
+        if existing.flags & Flag.LOCAL:
+            return
+        if existing.is_dir:
+            self._remove_subtree(txn, parent.ino, name, existing, changes)
+            self._insert(txn, parent.ino, name, Kind.FILE, obj.size, obj.mtime_ns, obj.key, obj.etag, checked=now)
+            return
+        if existing.etag == obj.etag and existing.size == obj.size:
+            return  # unchanged: no write, the listing time lives on the directory
+        updated = existing.with_(
+            size=obj.size,
+            etag=obj.etag,
+            mtime_ns=obj.mtime_ns,
+            flags=existing.flags & ~Flag.META_KNOWN,
+            mode=type_bits(Kind.FILE) | self.policy.file_mode,
+            uid=self.policy.uid,
+            gid=self.policy.gid,
+            checked=now,
+        )
+        txn.put(ino_key(existing.ino), updated.pack(), db=self.inodes)
+        changes.append((existing, updated))
+
+    def _insert(
+        self,
+        txn: Any,
+        parent: int,
+        name: str,
+        kind: Kind,
+        size: int,
+        mtime_ns: int,
+        key: str,
+        etag: str,
+        *,
+        checked: float = 0.0,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        flags: Flag = Flag.NONE,
+    ) -> Inode:
+        ino = int.from_bytes(txn.get(b"next_ino", db=self.meta), "big")
+        txn.put(b"next_ino", (ino + 1).to_bytes(8, "big"), db=self.meta)
+        perm = self.policy.dir_mode if kind is Kind.DIR else self.policy.file_mode
+        inode = Inode(
+            ino, kind, flags, parent, size, mtime_ns, mtime_ns,
+            mode if mode is not None else type_bits(kind) | perm,
+            self.policy.uid if uid is None else uid, self.policy.gid if gid is None else gid,
+            checked, name, key, etag,
+        )  # fmt: skip
+        txn.put(ino_key(ino), inode.pack(), db=self.inodes)
+        txn.put(dentry_key(parent, name), ino_key(ino), db=self.dentries)
+        return inode
+
+    def _remove_subtree(
+        self, txn: Any, parent: int, name: str, inode: Inode, changes: list[tuple[Inode, Inode | None]]
+    ) -> None:
+        """Forget an entry that a complete listing no longer shows, and everything below it."""
+        stack = [(parent, name, inode)]
+        while stack:
+            p, n, node = stack.pop()
+            if node.is_dir:
+                for child_name, child_ino in list(self._children_in(txn, node.ino)):
+                    child = self._get_in(txn, child_ino)
+                    if child is not None:
+                        stack.append((node.ino, child_name, child))
+            txn.delete(dentry_key(p, n), db=self.dentries)
+            txn.delete(ino_key(node.ino), db=self.inodes)
+            changes.append((node, None))
+
+    # -- helpers inside a transaction ---------------------------------------------------------------
+
+    def _get_in(self, txn: Any, ino: int) -> Inode | None:
+        raw = txn.get(ino_key(ino), db=self.inodes)
+        return Inode.unpack(ino, raw) if raw is not None else None
+
+    def _child_in(self, txn: Any, parent: int, name: str) -> Inode | None:
+        raw_ino = txn.get(dentry_key(parent, name), db=self.dentries)
+        return self._get_in(txn, int.from_bytes(raw_ino, "big")) if raw_ino is not None else None
+
+    def _children_in(self, txn: Any, parent: int) -> Iterator[tuple[str, int]]:
+        prefix = parent.to_bytes(8, "big")
+        cur = txn.cursor(db=self.dentries)
+        if not cur.set_range(prefix):
+            return
+        for k, v in cur:
+            if bytes(k[:8]) != prefix:
+                return
+            yield bytes(k[8:]).decode(), int.from_bytes(v, "big")
+
+    def _notify(self, changes: list[tuple[Inode, Inode | None]]) -> None:
+        for old, new in changes:
+            for hook in self.change_hooks:
+                try:
+                    hook(old, new)
+                except Exception:
+                    log.exception("change hook failed for %s", old.key)
+
+    # -- updates from data reads ----------------------------------------------------------------------
+
+    def learn_metadata(self, ino: int, info: ObjectInfo) -> None:
+        """Apply POSIX headers that a GET/HEAD returned (blocking; call from a thread).
+
+        Headers are free with the first GET of an object, so attributes of files that
+        have been read are exact without any HEAD; see docs/namespace.md.
+        """
+        if info.metadata is None:
+            return
+        with self.env.begin(write=True) as txn:
+            node = self._get_in(txn, ino)
+            if node is None or node.flags & (Flag.META_KNOWN | Flag.LOCAL) or node.etag != info.etag:
+                return
+            attrs = posixmeta.resolve(
+                posixmeta.decode(info.metadata),
+                is_dir=node.is_dir,
+                default_uid=self.policy.uid,
+                default_gid=self.policy.gid,
+                default_file_mode=self.policy.file_mode,
+                default_dir_mode=self.policy.dir_mode,
+                fallback_mtime_ns=node.mtime_ns,
+            )
+            kind = Kind.SYMLINK if attrs.mode & 0o170000 == 0o120000 else node.kind
+            updated = node.with_(
+                kind=kind,
+                mode=attrs.mode,
+                uid=attrs.uid,
+                gid=attrs.gid,
+                mtime_ns=attrs.mtime_ns,
+                atime_ns=attrs.atime_ns or attrs.mtime_ns,
+                flags=node.flags | Flag.META_KNOWN,
+            )
+            txn.put(ino_key(ino), updated.pack(), db=self.inodes)
