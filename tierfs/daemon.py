@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,19 +31,10 @@ log = logging.getLogger("tierfs")
 
 def _mounted_at(mountpoint: str) -> bool:
     """True if something is mounted at ``mountpoint`` (from /proc/self/mountinfo; never stats it)."""
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8") as fh:
-            for line in fh:
-                fields = line.split()
-                if len(fields) > 4 and _unescape(fields[4]) == mountpoint:
-                    return True
-    except OSError:
-        pass
-    return False
+    from .kerneltune import parse_mountinfo_line, read_mountinfo
 
-
-def _unescape(text: str) -> str:
-    return text.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    infos = (parse_mountinfo_line(line) for line in read_mountinfo().splitlines())
+    return any(info is not None and info.mountpoint == mountpoint for info in infos)
 
 
 def check_mountpoint(path: Path) -> str:
@@ -186,12 +176,3 @@ def _serve_reporting(cfg: MountConfig, report: int | None) -> int:
         return 1
     finally:
         tell("ERR the mount daemon stopped before the mount was live\n")
-
-
-def install_signal_handlers(terminate: Any) -> None:
-    def handler(signum: int, frame: Any) -> None:
-        log.info("signal %d: unmounting", signum)
-        terminate()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)

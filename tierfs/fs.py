@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +23,8 @@ from .errors import NotFound
 from .fuseops import ErrorCounter, entry_attributes, fuse_errors, negative_entry
 from .hydrator import Hydrator, ObjectVersion
 from .namespace import Namespace
-from .records import Inode, Kind
+from .records import Flag, Inode, Kind
+from .writeback import WriteBack
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,10 @@ handler = fuse_errors(_errors)
 @dataclass
 class FileHandle:
     version: ObjectVersion
+    writable: bool = False
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
 
 
 class TierOperations(pyfuse3.Operations):
@@ -49,6 +56,8 @@ class TierOperations(pyfuse3.Operations):
         block_size: int,
         read_only: bool,
         invalidate: Callable[[int], None],
+        writeback: WriteBack | None = None,
+        run_io: Callable[..., Any] | None = None,
     ) -> None:
         super().__init__()
         self.ns = namespace
@@ -57,6 +66,8 @@ class TierOperations(pyfuse3.Operations):
         self.blksize = block_size
         self.read_only = read_only
         self._invalidate = invalidate
+        self.wb = writeback
+        self._run_io = run_io
         self.errors = _errors
         self._files: dict[int, FileHandle] = {}
         self._dirs: dict[int, list[tuple[str, int]]] = {}
@@ -71,7 +82,30 @@ class TierOperations(pyfuse3.Operations):
         return fh
 
     def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        if self.wb is not None:
+            size = self.wb.size_of(inode.ino)
+            if size is not None and size != inode.size:
+                inode = inode.with_(size=size)
         return entry_attributes(inode, timeout=self.timeout, blksize=self.blksize)
+
+    def _writable(self) -> WriteBack:
+        if self.wb is None or self._run_io is None:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return self.wb
+
+    async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
+        assert self._run_io is not None
+        return await self._run_io(fn, *args)
+
+    async def _existing(self, parent: int, name: str) -> Inode | None:
+        await self.ns.ensure_listed(parent)
+        return self.ns.child(parent, name)
+
+    async def _dir(self, ino: int) -> Inode:
+        node = await self.ns.ensure_listed(ino)
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return node
 
     def _inode(self, ino: int) -> Inode:
         inode = self.ns.get(ino)
@@ -102,13 +136,6 @@ class TierOperations(pyfuse3.Operations):
     @handler
     async def forget(self, inode_list: Any) -> None:
         """Inodes live in LMDB, not on the heap: there is nothing to free when the kernel forgets."""
-
-    @handler
-    async def readlink(self, inode: int, ctx: Any = None) -> bytes:
-        node = self._inode(inode)
-        if node.kind is not Kind.SYMLINK:
-            raise pyfuse3.FUSEError(errno.EINVAL)
-        return await self.hydrator.read(self._version(node), 0, node.size)
 
     @handler
     async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
@@ -159,10 +186,12 @@ class TierOperations(pyfuse3.Operations):
         node = self._inode(inode)
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND) and self.read_only:
-            raise pyfuse3.FUSEError(errno.EROFS)
+        writable = bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND))
+        if writable:
+            wb = self._writable()
+            await wb.open_for_write(node, truncate=bool(flags & os.O_TRUNC))
         fh = self._new_fh()
-        self._files[fh] = FileHandle(self._version(node))
+        self._files[fh] = FileHandle(self._version(node), writable)
         info = pyfuse3.FileInfo(fh=fh)
         # Keep the kernel's page cache across opens unless the object changed since we
         # last served it: then the stale pages must go (docs/consistency.md).
@@ -176,14 +205,209 @@ class TierOperations(pyfuse3.Operations):
         handle = self._files.get(fh)
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        return await self.hydrator.read(handle.version, off, size)
+        ino = handle.version.ino
+        if self.wb is not None and self.wb.is_staged(ino):
+            return await self.wb.read(ino, off, size)
+        version = handle.version
+        if handle.writable or not version.etag:
+            # Written through this handle and uploaded since: read the version the bucket now has.
+            node = self._inode(ino)
+            version = self._version(node)
+        return await self.hydrator.read(version, off, size)
 
     @handler
     async def release(self, fh: int) -> None:
         handle = self._files.pop(fh, None)
-        if handle is not None and not any(h.version.ino == handle.version.ino for h in self._files.values()):
+        if handle is None:
+            return
+        if handle.writable and self.wb is not None:
+            await self.wb.release_writer(handle.version.ino)
+        if not any(h.version.ino == handle.version.ino for h in self._files.values()):
             self.hydrator.forget(handle.version.ino)
 
     @handler
     async def flush(self, fh: int) -> None:
-        return None
+        """close() uploads later (after --writeback-delay); fsync() is the durable point."""
+
+    @handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._files.get(fh)
+        if handle is None or self.wb is None:
+            return
+        await self.wb.fsync(handle.version.ino)
+
+    # -- writes ---------------------------------------------------------------------------------------
+
+    @handler
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        wb = self._writable()
+        node = await self._new_entry(parent_inode, name, Kind.FILE, stat.S_IFREG | (mode & 0o7777), ctx)
+        await wb.created(node)
+        await wb.add_writer(node.ino)
+        fh = self._new_fh()
+        self._files[fh] = FileHandle(self._version(node), writable=True)
+        self._served_etag[node.ino] = node.etag
+        return pyfuse3.FileInfo(fh=fh), self._attrs(node)
+
+    async def _new_entry(self, parent_inode: int, name: bytes, kind: Kind, mode: int, ctx: Any) -> Inode:
+        text = os.fsdecode(name)
+        if len(name) > 255:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        parent = await self._dir(parent_inode)
+        if self.ns.child(parent_inode, text) is not None:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        umask = getattr(ctx, "umask", 0)
+        node: Inode = await self._io(
+            lambda: self.ns.create(parent, text, kind, mode=mode & ~umask, uid=ctx.uid, gid=ctx.gid)
+        )
+        return node
+
+    @handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._files.get(fh)
+        if handle is None or not handle.writable:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return await self._writable().write(handle.version.ino, off, buf)
+
+    @handler
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        wb = self._writable()
+        node = await self._new_entry(parent_inode, name, Kind.DIR, stat.S_IFDIR | (mode & 0o7777), ctx)
+        await wb.created(node)
+        return self._attrs(node)
+
+    @handler
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        wb = self._writable()
+        node = await self._new_entry(parent_inode, name, Kind.SYMLINK, stat.S_IFLNK | 0o777, ctx)
+        node = await self._io(lambda: self.ns.update(node.ino, size=len(target))) or node
+        await wb.created(node, content=target)
+        return self._attrs(node)
+
+    @handler
+    async def readlink(self, inode: int, ctx: Any = None) -> bytes:
+        node = self._inode(inode)
+        if node.kind is not Kind.SYMLINK:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if self.wb is not None and self.wb.is_staged(inode):
+            return await self.wb.read(inode, 0, 1 << 16)
+        return await self.hydrator.read(self._version(node), 0, node.size)
+
+    @handler
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        wb = self._writable()
+        node = await self._existing(parent_inode, os.fsdecode(name))
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        await self._io(self.ns.remove, parent_inode, node.name)
+        await wb.removed(node)
+
+    @handler
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        wb = self._writable()
+        node = await self._existing(parent_inode, os.fsdecode(name))
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        await self.ns.ensure_listed(node.ino)
+        await self._io(self.ns.remove, parent_inode, node.name)
+        await wb.removed(node)
+
+    @handler
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int, ctx: Any
+    ) -> None:
+        wb = self._writable()
+        if flags & RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        old_name, new_name = os.fsdecode(name_old), os.fsdecode(name_new)
+        old_parent, new_parent = await self._dir(parent_inode_old), await self._dir(parent_inode_new)
+        node = self.ns.child(old_parent.ino, old_name)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        target = self.ns.child(new_parent.ino, new_name)
+        if target is not None:
+            if target.ino == node.ino:
+                return
+            if flags & RENAME_NOREPLACE:
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            if target.is_dir and not node.is_dir:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            if node.is_dir and not target.is_dir:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            if target.is_dir:
+                await self.ns.ensure_listed(target.ino)
+            await self._io(self.ns.remove, new_parent.ino, new_name)
+            await wb.removed(target)
+        if node.is_dir:
+            await self._list_subtree(node.ino)
+        moved, old_key = await self._io(self.ns.rename, old_parent, old_name, new_parent, new_name)
+        await wb.renamed(moved, old_key)
+
+    async def _list_subtree(self, ino: int) -> None:
+        """A directory rename moves every key below it; the namespace must know them all first."""
+        stack = [ino]
+        while stack:
+            current = stack.pop()
+            await self.ns.ensure_listed(current)
+            for _, child in self.ns.children(current):
+                node = self.ns.get(child)
+                if node is not None and node.is_dir:
+                    stack.append(child)
+
+    @handler
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        node = self._inode(inode)
+        wb = self._writable()
+        if fields.update_size:
+            if node.is_dir:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            await wb.truncate(node, attr.st_size)
+        changes: dict[str, Any] = {}
+        if fields.update_mode:
+            changes["mode"] = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        elif fields.update_size:
+            changes["mtime_ns"] = time.time_ns()
+        if changes:
+            changes["flags"] = node.flags | Flag.META_KNOWN
+            updated = await self._io(lambda: self.ns.update(inode, **changes))
+            if updated is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            if not fields.update_size or len(changes) > 2:
+                await wb.metadata_changed(updated)
+            node = updated
+        return self._attrs(self._inode(inode))
+
+    @handler
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        """Objects cannot share data, so hard links are refused (EPERM, as s3fs and mountpoint-s3 do)."""
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @handler
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        """Only regular files can be objects; devices, FIFOs and sockets get EPERM."""
+        if not stat.S_ISREG(mode):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        wb = self._writable()
+        node = await self._new_entry(parent_inode, name, Kind.FILE, mode, ctx)
+        await wb.created(node)
+        return self._attrs(node)

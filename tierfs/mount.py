@@ -8,9 +8,11 @@ tasks (maintenance, invalidation, control channel) and the start/stop order.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,18 +22,22 @@ import trio
 
 from .chunkcache import ChunkCache
 from .config import MountConfig
-from .daemon import install_signal_handlers, preflight_store, setup_logging
+from .daemon import preflight_store, setup_logging
 from .fs import TierOperations
 from .hydrator import Hydrator
+from .journal import Journal
 from .metadb import CacheDir
 from .namespace import Namespace, NamespacePolicy
 from .records import Inode
+from .staging import Staging
+from .writeback import WriteBack
 
 log = logging.getLogger("tierfs")
 
 IO_THREADS = 8
 Invalidation = int | tuple[int, str]  # an inode, or a (parent inode, name) directory entry
 MAINTENANCE_INTERVAL = 5.0
+SIGNAL_FLUSH_SECONDS = 600.0  # systemd's TimeoutStopSec bounds it further
 
 
 class Mount:
@@ -85,6 +91,20 @@ class Mount:
             spawn=self.spawn,
             learn_metadata=self.namespace.learn_metadata,
         )
+        self.writeback: WriteBack | None = None
+        if not cfg.read_only:
+            self.writeback = WriteBack(
+                bucket=cfg.source.bucket,
+                namespace=self.namespace,
+                store=self.store,
+                hydrator=self.hydrator,
+                staging=Staging(cache_root / "staging"),
+                journal=Journal(env),
+                cache=self.cache,
+                run_s3=self.run_s3,
+                run_io=self.run_io,
+                delay=cfg.writeback_delay,
+            )
         self.ops = TierOperations(
             self.namespace,
             self.hydrator,
@@ -92,6 +112,8 @@ class Mount:
             block_size=cfg.block_size,
             read_only=cfg.read_only,
             invalidate=self.queue_invalidation,
+            writeback=self.writeback,
+            run_io=self.run_io,
         )
         return self
 
@@ -104,11 +126,13 @@ class Mount:
 
     # -- thread helpers -------------------------------------------------------------------------------
 
-    async def run_s3(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.s3_limiter)
+    async def run_s3(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run blocking S3 work in a worker thread, at most ``--s3-concurrency`` at once."""
+        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self.s3_limiter)
 
-    async def run_io(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.io_limiter)
+    async def run_io(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run blocking disk/LMDB work in a worker thread, bounded separately from S3 work."""
+        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self.io_limiter)
 
     def spawn(self, task: Callable[[], Awaitable[None]]) -> None:
         """Start a background task whose failure is logged, never fatal to the mount."""
@@ -170,7 +194,6 @@ class Mount:
     def serve(self, on_live: Callable[[], None]) -> None:
         pyfuse3.init(self.ops, str(self.cfg.mountpoint), self.fuse_options())
         try:
-            install_signal_handlers(pyfuse3.terminate)
             trio.run(self._main, on_live)
         finally:
             pyfuse3.close(unmount=True)
@@ -182,12 +205,29 @@ class Mount:
             self._nursery = nursery
             nursery.start_soon(self._invalidator)
             nursery.start_soon(self._maintenance)
+            nursery.start_soon(self._signals)
+            if self.writeback is not None:
+                await nursery.start(self.writeback.run)
             await self._start_control(nursery)
             nursery.start_soon(self._announce_live, on_live)
             await pyfuse3.main(min_tasks=4, max_tasks=256)
             log.info("unmounted; shutting down")
             nursery.cancel_scope.cancel()
         self._nursery = None
+
+    async def _signals(self) -> None:
+        """SIGTERM/SIGINT (systemd stop, Ctrl-C): upload what is pending, then unmount."""
+        from . import sdnotify
+
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal %d: flushing write-back, then unmounting", signum)
+                sdnotify.stopping()
+                if self.writeback is not None:
+                    with trio.move_on_after(SIGNAL_FLUSH_SECONDS):
+                        await self.writeback.flush_all()
+                pyfuse3.terminate()
+                return
 
     async def _announce_live(self, on_live: Callable[[], None]) -> None:
         from . import kerneltune, sdnotify
@@ -256,4 +296,7 @@ class Mount:
             "hidden_keys": self.namespace.counters.hidden_keys,
             "shadowed_keys": self.namespace.counters.shadowed_keys,
             "errors": self.ops.errors.count + hyd.errors,
-        }
+            **(self.writeback.status() if self.writeback is not None else {
+                "dirty_files": 0, "dirty_bytes": 0, "uploads_pending": 0, "uploads_failed": 0, "conflicts": 0,
+            }),
+        }  # fmt: skip

@@ -81,6 +81,8 @@ class Namespace:
         self.counters = NamespaceCounters()
         self.change_hooks: list[ChangeHook] = []
         self.entry_hooks: list[EntryHook] = []
+        # Write-back's pending deletes: a listing must not resurrect what we already removed.
+        self.is_tombstoned: Callable[[str], bool] = lambda key: False
         self._listing: dict[int, trio.Event] = {}
         self._ensure_root()
 
@@ -223,6 +225,8 @@ class Namespace:
                     entry_hook(directory.ino, name)
 
     def _visible_name(self, dir_key: str, key: str) -> str | None:
+        if self.is_tombstoned(key):
+            return None
         name = keys.child_name(dir_key, key)
         if name is None:
             self.counters.hidden_keys += 1
@@ -392,3 +396,88 @@ class Namespace:
                 flags=node.flags | Flag.META_KNOWN,
             )
             txn.put(ino_key(ino), updated.pack(), db=self.inodes)
+
+    # -- local mutations (write-back) -------------------------------------------------------------------
+    # These run in worker threads: each is one short write transaction.
+
+    def create(
+        self, parent: Inode, name: str, kind: Kind, *, mode: int, uid: int, gid: int, size: int = 0
+    ) -> Inode:
+        """Add a LOCAL entry (created here; write-back will make it an object)."""
+        now = time.time_ns()
+        key = parent.key + name + ("/" if kind is Kind.DIR else "")
+        with self.env.begin(write=True) as txn:
+            if self._child_in(txn, parent.ino, name) is not None:
+                raise FileExistsError(name)
+            checked = self._clock() if kind is Kind.DIR else 0.0  # a new directory is complete as it is
+            return self._insert(
+                txn, parent.ino, name, kind, size, now, key, "",
+                checked=checked, mode=mode, uid=uid, gid=gid, flags=Flag.LOCAL | Flag.META_KNOWN,
+            )  # fmt: skip
+
+    def put(self, inode: Inode) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(ino_key(inode.ino), inode.pack(), db=self.inodes)
+
+    def update(self, ino: int, **changes: object) -> Inode | None:
+        """Read-modify-write of one record in one transaction; None if it is gone."""
+        with self.env.begin(write=True) as txn:
+            node = self._get_in(txn, ino)
+            if node is None:
+                return None
+            node = node.with_(**changes)
+            txn.put(ino_key(ino), node.pack(), db=self.inodes)
+            return node
+
+    def remove(self, parent: int, name: str) -> Inode | None:
+        """Unlink one entry (a directory must be empty); returns what was removed."""
+        with self.env.begin(write=True) as txn:
+            node = self._child_in(txn, parent, name)
+            if node is None:
+                return None
+            if node.is_dir and next(iter(self._children_in(txn, node.ino)), None) is not None:
+                raise OSError(39, "Directory not empty")  # ENOTEMPTY
+            txn.delete(dentry_key(parent, name), db=self.dentries)
+            txn.delete(ino_key(node.ino), db=self.inodes)
+            return node
+
+    def rename(self, old_parent: Inode, old_name: str, new_parent: Inode, new_name: str) -> tuple[Inode, str]:
+        """Move an entry (and, for a directory, rewrite the keys of everything below it).
+
+        The caller has already removed any target entry. Returns the moved inode and
+        its old key. Bucket changes are the write-back journal's business.
+        """
+        with self.env.begin(write=True) as txn:
+            node = self._child_in(txn, old_parent.ino, old_name)
+            if node is None:
+                raise FileNotFoundError(old_name)
+            old_key = node.key
+            new_key = new_parent.key + new_name + ("/" if node.is_dir else "")
+            txn.delete(dentry_key(old_parent.ino, old_name), db=self.dentries)
+            txn.put(dentry_key(new_parent.ino, new_name), ino_key(node.ino), db=self.dentries)
+            # Moved entries are LOCAL until write-back has copied them: a listing of the
+            # new place must not drop them while the bucket does not show them yet.
+            moved = node.with_(parent=new_parent.ino, name=new_name, key=new_key, flags=node.flags | Flag.LOCAL)
+            txn.put(ino_key(node.ino), moved.pack(), db=self.inodes)
+            if node.is_dir:
+                stack = [node.ino]
+                while stack:
+                    for _, child_ino in list(self._children_in(txn, stack.pop())):
+                        child = self._get_in(txn, child_ino)
+                        if child is None:
+                            continue
+                        relocated = child.with_(key=new_key + child.key[len(old_key) :], flags=child.flags | Flag.LOCAL)
+                        txn.put(ino_key(child_ino), relocated.pack(), db=self.inodes)
+                        if child.is_dir:
+                            stack.append(child_ino)
+            return moved, old_key
+
+    def path_of_key(self, key: str) -> Inode | None:
+        """The local entry for a bucket key, walking only what LMDB already knows (no S3)."""
+        node = self.get(ROOT_INO)
+        rest = key[len(self.policy.root_prefix) :]
+        for part in [p for p in rest.split("/") if p]:
+            if node is None:
+                return None
+            node = self.child(node.ino, part)
+        return node

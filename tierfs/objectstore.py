@@ -64,6 +64,10 @@ class ObjectStore(Protocol):
         """Yield the pages of one 'directory' level below ``prefix`` (which ends in '/' or is '')."""
         ...
 
+    def list_tree(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object below ``prefix``, recursively (used by directory renames)."""
+        ...
+
     def head(self, key: str) -> ObjectInfo: ...
 
     def get_range(self, key: str, start: int, length: int, if_match: str | None = None) -> GetResult:
@@ -170,9 +174,18 @@ class S3ObjectStore:
         self._call("head_bucket")
 
     def list_dir(self, prefix: str) -> Iterator[ListPage]:
+        return self._list(prefix, "/")
+
+    def list_tree(self, prefix: str) -> Iterator[ObjectInfo]:
+        for page in self._list(prefix, None):
+            yield from page.objects
+
+    def _list(self, prefix: str, delimiter: str | None) -> Iterator[ListPage]:
         token: str | None = None
         while True:
-            kwargs: dict[str, Any] = {"Prefix": prefix, "Delimiter": "/", "MaxKeys": 1000}
+            kwargs: dict[str, Any] = {"Prefix": prefix, "MaxKeys": 1000}
+            if delimiter:
+                kwargs["Delimiter"] = delimiter
             if token:
                 kwargs["ContinuationToken"] = token
             resp = self._call("list_objects_v2", **kwargs)

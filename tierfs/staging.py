@@ -1,0 +1,91 @@
+"""Staging files: the local, authoritative copy of a file that is being written.
+
+A file opened for writing is materialised whole in ``<cache_dir>/staging/<ino>``
+(hydrated from the chunk cache / S3 unless opened with O_TRUNC). Writes, truncates and
+reads of that inode go to this file until the upload that the journal holds for it has
+finished and no writer is left; then its bytes are moved into the chunk cache under the
+new ETag and the staging file is removed. Staging files are never evicted: dirty data
+leaves the cache only by reaching the bucket.
+
+All methods are blocking (file I/O): call them from worker threads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class Staging:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(root, 0o700)
+
+    def path(self, ino: int) -> Path:
+        return self.root / str(ino)
+
+    def exists(self, ino: int) -> bool:
+        return self.path(ino).exists()
+
+    def inos(self) -> Iterator[int]:
+        for entry in os.scandir(self.root):
+            if entry.name.isdigit():
+                yield int(entry.name)
+
+    def create(self, ino: int, content: bytes = b"") -> None:
+        fd = os.open(self.path(ino), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            if content:
+                os.pwrite(fd, content, 0)
+        finally:
+            os.close(fd)
+
+    def write_blocks(self, ino: int, blocks: Iterator[tuple[int, bytes]], size: int) -> None:
+        """Fill a new staging file from (offset, bytes) pieces; used when hydrating for write."""
+        tmp = self.root / f".{ino}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            for offset, data in blocks:
+                os.pwrite(fd, data, offset)
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path(ino))
+
+    def pread(self, ino: int, offset: int, size: int) -> bytes:
+        fd = os.open(self.path(ino), os.O_RDONLY)
+        try:
+            return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+
+    def pwrite(self, ino: int, offset: int, data: bytes) -> int:
+        fd = os.open(self.path(ino), os.O_WRONLY)
+        try:
+            return os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+
+    def truncate(self, ino: int, size: int) -> None:
+        os.truncate(self.path(ino), size)
+
+    def size(self, ino: int) -> int:
+        return self.path(ino).stat().st_size
+
+    def fsync(self, ino: int) -> None:
+        fd = os.open(self.path(ino), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read_all(self, ino: int) -> bytes:
+        return self.path(ino).read_bytes()
+
+    def remove(self, ino: int) -> None:
+        try:
+            self.path(ino).unlink()
+        except FileNotFoundError:
+            pass
