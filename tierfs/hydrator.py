@@ -44,6 +44,8 @@ class BlockCache(Protocol):
 
     def put(self, ck: ChunkKey, data: bytes) -> None: ...
 
+    def put_many(self, items: list[tuple[ChunkKey, bytes]]) -> None: ...
+
     def contains(self, ck: ChunkKey) -> bool: ...
 
 
@@ -301,10 +303,10 @@ class Hydrator:
         out: dict[int, bytes] = {}
         view = memoryview(data)
         for n, i in enumerate(run):
-            block = bytes(view[n * self.block_size : (n + 1) * self.block_size])
-            ck = self.chunk_key(obj, i)
-            self.cache.put(ck, block)
-            out[i] = block
+            out[i] = bytes(view[n * self.block_size : (n + 1) * self.block_size])
+        # One index transaction per run; the run's own blocks are protected from the
+        # eviction that storing them may trigger.
+        self.cache.put_many([(self.chunk_key(obj, i), block) for i, block in out.items()])
         return out
 
     def _note_access(self, obj: ObjectVersion, offset: int, end: int, last_block: int) -> None:

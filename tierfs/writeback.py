@@ -507,8 +507,10 @@ class WriteBack:
             def move() -> None:
                 bs = self.hydrator.block_size
                 data = self.staging.read_all(ino)
-                for index in range(0, max(1, (len(data) + bs - 1) // bs)):
-                    self.cache.put(ChunkKey(self.bucket, key, etag, index), data[index * bs : (index + 1) * bs])
+                blocks = range(0, max(1, (len(data) + bs - 1) // bs))
+                self.cache.put_many(
+                    [(ChunkKey(self.bucket, key, etag, i), data[i * bs : (i + 1) * bs]) for i in blocks]
+                )
                 self.staging.remove(ino)
 
             if etag:
