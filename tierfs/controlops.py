@@ -72,7 +72,8 @@ class ControlOps:
         ns = self.mount.namespace
         for path in paths:
             root = await self.resolve(path)
-            stack = [(path.strip("/"), root)]
+            top = path.strip("/")
+            stack = [("" if top == "." else top, root)]
             while stack:
                 rel, node = stack.pop()
                 if not node.is_dir:

@@ -1,0 +1,499 @@
+"""The control channel between ``tierfs`` CLI commands and a running mount daemon.
+
+Why a socket and not ioctls/xattrs on the mount: a mount that is hung (S3 down, a
+stuck request) must still answer ``status`` and ``umount``, and a CLI that touched a
+path inside it would hang with it. So the CLI never stats inside a mount: it finds the
+daemon through a registry of small JSON files keyed by the mountpoint's path, and
+talks JSON lines over an AF_UNIX socket next to it.
+
+Registry: ``<dir>/<sha256(mountpoint)[:24]>.json`` holding ``pid``, ``mountpoint``,
+``socket``, ``source``, ``cache_dir`` and ``uid``; the socket is ``<dir>/<hash>.sock``.
+``<dir>`` is ``/run/tierfs/mounts`` for root, else ``$XDG_RUNTIME_DIR/tierfs`` or
+``/tmp/tierfs-<uid>``; ``$TIERFS_RUNTIME_DIR`` overrides all of them (tests, containers).
+The directory is 0700 and owned by its user; the socket is 0600 and owned by the
+mount's owner, and the server also checks SO_PEERCRED (uid 0 or the owner only).
+
+Mountpoint naming: the key is ``abspath`` of the mountpoint with symlinks resolved in
+its *parent* only, because resolving the last component would stat the mount root.
+The mount and the CLI therefore agree as long as they name the same path once the
+parent is resolved; :func:`find_mount` additionally follows symlinks component by
+component from ``/`` and stops at the first registered mountpoint, so paths given
+through a symlinked directory still find their mount.
+
+Protocol, one request per connection: the client sends ``{"op": ..., "args": {...}}``
+and a newline; the server answers any number of ``{"progress": {...}}`` lines, then
+exactly one ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "one line"}``.
+A client that disconnects cancels its operation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .errors import TierfsError
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[dict[str, Any]], Awaitable[None]]
+Handler = Callable[[dict[str, Any], ProgressCallback], Awaitable[Any]]
+
+RUNTIME_DIR_ENV = "TIERFS_RUNTIME_DIR"
+SYSTEM_REGISTRY = Path("/run/tierfs/mounts")
+MAX_REQUEST_BYTES = 1 << 20
+REQUEST_TIMEOUT = 30.0  # a connected client that never sends a request is dropped after this
+_MAX_SYMLINKS = 40  # Linux's MAXSYMLINKS
+_PEERCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
+
+
+class ControlError(TierfsError):
+    """An error reply from the daemon, or no daemon to talk to. The message is one line for the user."""
+
+
+class ControlUnavailable(ControlError):
+    """No daemon answers (not mounted, daemon dead, socket gone): callers such as umount may go on."""
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def normalize_mountpoint(path: str | os.PathLike[str]) -> str:
+    """``abspath`` with symlinks resolved in the parent directory only (never stats the mount root)."""
+    absolute = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(absolute)
+    if not name:
+        return absolute
+    return os.path.join(os.path.realpath(parent), name)
+
+
+def _digest(normalized: str) -> str:
+    return hashlib.sha256(normalized.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+
+
+def _candidate_dirs() -> list[Path]:
+    """Registry directories in search order; the first usable one is where a mount registers."""
+    override = os.environ.get(RUNTIME_DIR_ENV)
+    if override:
+        return [Path(override)]
+    dirs = [SYSTEM_REGISTRY]
+    if os.geteuid() != 0:
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        if xdg and os.path.isabs(xdg):
+            dirs.append(Path(xdg) / "tierfs")
+        dirs.append(Path(f"/tmp/tierfs-{os.geteuid()}"))
+    return dirs
+
+
+def _ensure_private_dir(path: Path) -> None:
+    """Create ``path`` 0700, and refuse one someone else owns: /tmp is shared, so a pre-created
+    directory could otherwise let another user swap our socket or registry files."""
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise ControlError(f"refusing to use {path}: not a directory owned by uid {os.geteuid()}")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+
+
+def _writable_registry_dir() -> Path:
+    errors: list[str] = []
+    for candidate in _candidate_dirs():
+        try:
+            _ensure_private_dir(candidate)
+            return candidate
+        except (OSError, ControlError) as exc:
+            errors.append(f"{candidate}: {exc}")
+    raise ControlError("no usable registry directory (" + "; ".join(errors) + ")")
+
+
+def registry_paths(mountpoint: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """``(json_path, sock_path)`` where a mount at ``mountpoint`` registers; creates the directory."""
+    directory = _writable_registry_dir()
+    digest = _digest(normalize_mountpoint(mountpoint))
+    return directory / f"{digest}.json", directory / f"{digest}.sock"
+
+
+def register(
+    mountpoint: str | os.PathLike[str],
+    *,
+    source: str,
+    cache_dir: str | os.PathLike[str],
+    uid: int,
+    pid: int | None = None,
+) -> Path:
+    """Write the registry record of this mount atomically; returns the JSON path."""
+    json_path, sock_path = registry_paths(mountpoint)
+    record = {
+        "pid": os.getpid() if pid is None else pid,
+        "mountpoint": normalize_mountpoint(mountpoint),
+        "socket": str(sock_path),
+        "source": source,
+        "cache_dir": os.fspath(cache_dir),
+        "uid": uid,
+    }
+    tmp = json_path.with_name(f"{json_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    os.replace(tmp, json_path)
+    return json_path
+
+
+def unregister(mountpoint: str | os.PathLike[str], pid: int | None = None) -> None:
+    """Remove this mount's record and socket, unless they already belong to another process."""
+    pid = os.getpid() if pid is None else pid
+    digest = _digest(normalize_mountpoint(mountpoint))
+    for directory in _candidate_dirs():
+        json_path = directory / f"{digest}.json"
+        record = _read_record(json_path)
+        if record is None or record.get("pid") != pid:
+            continue
+        for path in (Path(str(record.get("socket", directory / f"{digest}.sock"))), json_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def _read_record(json_path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lookup_normalized(normalized: str) -> dict[str, Any] | None:
+    digest = _digest(normalized)
+    for directory in _candidate_dirs():
+        record = _read_record(directory / f"{digest}.json")
+        if record is None or record.get("mountpoint") != normalized:
+            continue
+        pid = record.get("pid")
+        if isinstance(pid, int) and pid_alive(pid):
+            return record
+    return None
+
+
+def lookup(mountpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The live registry record of the mount at ``mountpoint``, or None. Never stats inside the mount."""
+    return _lookup_normalized(normalize_mountpoint(mountpoint))
+
+
+def find_mount(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
+    """Find the mount holding ``path``: ``(record, path relative to the mountpoint)``.
+
+    Resolves symlinks one component at a time from ``/`` and stops at the first
+    registered mountpoint, so nothing inside a mount is ever looked at. The relative
+    part is normalised lexically ('.' for the mount root): symlinks inside the mount
+    are the daemon's business. Raises ControlUnavailable if no mount holds the path.
+    """
+    text = os.fspath(path)
+    if not os.path.isabs(text):
+        text = os.path.join(os.getcwd(), text)
+    pending = deque(text.split("/"))
+    current = "/"
+    links = 0
+    while pending:
+        part = pending.popleft()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            current = os.path.dirname(current)
+            continue
+        candidate = os.path.join(current, part)
+        record = _lookup_normalized(candidate)
+        if record is not None:
+            rest = os.path.normpath("/".join(p for p in pending if p))
+            if rest != ".." and not rest.startswith("../"):
+                return record, rest
+            current = candidate  # the path leaves the mount again: keep walking outside it
+            continue
+        try:
+            target = os.readlink(candidate)
+        except OSError:
+            current = candidate  # not a symlink (or missing): take it literally
+            continue
+        links += 1
+        if links > _MAX_SYMLINKS:
+            raise ControlError(f"too many levels of symbolic links in {os.fspath(path)}")
+        pending.extendleft(reversed(target.split("/")))
+        if target.startswith("/"):
+            current = "/"
+    raise ControlUnavailable(f"no tierfs mount at {os.fspath(path)}")
+
+
+# --------------------------------------------------------------------------- server
+
+
+def peer_uid(sock: socket.socket | trio.socket.SocketType) -> int:
+    """The uid of the process at the other end of a connected AF_UNIX socket (SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    _pid, uid, _gid = _PEERCRED.unpack(raw)
+    return int(uid)
+
+
+def peer_allowed(uid: int, owner_uid: int) -> bool:
+    """Only root and the mount's owner may steer it: flush/evict/prefetch cost money and I/O."""
+    return uid in (0, owner_uid)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "unknown error"
+
+
+def _encode(message: Mapping[str, Any]) -> bytes:
+    return json.dumps(message, default=str, separators=(",", ":")).encode() + b"\n"
+
+
+class _LineReader:
+    """Reads the single request line, keeping whatever follows for the disconnect watcher."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def readline(self) -> bytes | None:
+        while b"\n" not in self.buffer:
+            if len(self.buffer) > MAX_REQUEST_BYTES:
+                raise ControlError("request too long")
+            data = await self.stream.receive_some(65536)
+            if not data:
+                return None
+            self.buffer += data
+        line, _, rest = bytes(self.buffer).partition(b"\n")
+        self.buffer = bytearray(rest)
+        return line
+
+
+def _parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
+    try:
+        request = json.loads(line)
+    except ValueError:
+        raise ControlError("malformed request (not JSON)") from None
+    if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+        raise ControlError('malformed request (expected {"op": ..., "args": {...}})')
+    args = request.get("args") or {}
+    if not isinstance(args, dict):
+        raise ControlError("malformed request (args must be an object)")
+    return request["op"], args
+
+
+class ControlServer:
+    """Serves the control socket of one mount inside the daemon's trio loop."""
+
+    def __init__(
+        self, sock_path: str | os.PathLike[str], handlers: Mapping[str, Handler], owner_uid: int
+    ) -> None:
+        self.sock_path = os.fspath(sock_path)
+        self.handlers = handlers
+        self.owner_uid = owner_uid
+
+    async def _remove_stale(self) -> None:
+        """Unlink a socket left by a dead daemon, but never a live one's or a non-socket file."""
+        try:
+            st = os.lstat(self.sock_path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ControlError(f"{self.sock_path} exists and is not a socket")
+        probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with probe:
+            try:
+                await probe.connect(self.sock_path)
+            except OSError:
+                os.unlink(self.sock_path)
+                return
+        raise ControlError(f"another tierfs daemon is already listening on {self.sock_path}")
+
+    def _secure_socket(self) -> None:
+        os.chmod(self.sock_path, 0o600)
+        if os.stat(self.sock_path).st_uid == self.owner_uid:
+            return
+        try:
+            os.chown(self.sock_path, self.owner_uid, -1)
+        except PermissionError:
+            # Only root can give the socket away; the peer-credential check still admits the owner.
+            log.warning("cannot chown control socket %s to uid %d", self.sock_path, self.owner_uid)
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind, secure and serve the socket until cancelled; removes the socket on the way out."""
+        await self._remove_stale()
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bound_ino: int | None = None
+        try:
+            await sock.bind(self.sock_path)
+            bound_ino = os.stat(self.sock_path).st_ino
+            self._secure_socket()
+            sock.listen(64)
+            listener = trio.SocketListener(sock)
+            task_status.started()
+            await trio.serve_listeners(self._serve_connection, [listener])
+        finally:
+            sock.close()
+            if bound_ino is not None:
+                self._unlink_if_ours(bound_ino)
+
+    def _unlink_if_ours(self, ino: int) -> None:
+        try:
+            if os.stat(self.sock_path).st_ino == ino:
+                os.unlink(self.sock_path)
+        except FileNotFoundError:
+            pass
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                await self._converse(stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                log.debug("control client went away")
+            except Exception:
+                log.exception("control connection failed")
+
+    async def _converse(self, stream: trio.SocketStream) -> None:
+        uid = peer_uid(stream.socket)
+        if not peer_allowed(uid, self.owner_uid):
+            log.warning("refused control connection from uid %d", uid)
+            await stream.send_all(_encode({"ok": False, "error": "permission denied"}))
+            return
+        reader = _LineReader(stream)
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                line = await reader.readline()
+            if line is None:
+                return
+            op, args = _parse_request(line)
+        except (ControlError, trio.TooSlowError) as exc:
+            message = "timed out waiting for the request" if isinstance(exc, trio.TooSlowError) else str(exc)
+            await stream.send_all(_encode({"ok": False, "error": message}))
+            return
+        handler = self.handlers.get(op)
+        if handler is None:
+            await stream.send_all(_encode({"ok": False, "error": f"unknown operation {op!r}"}))
+            return
+        reply = await self._run(op, handler, args, reader)
+        if reply is not None:
+            await stream.send_all(_encode(reply))
+
+    async def _run(
+        self, op: str, handler: Handler, args: dict[str, Any], reader: _LineReader
+    ) -> dict[str, Any] | None:
+        """Run one handler; None if the client disconnected (and the handler was cancelled)."""
+        stream = reader.stream
+        reply: dict[str, Any] | None = None
+
+        async def progress(update: dict[str, Any]) -> None:
+            # A failed send means the client left: the watcher sees that and cancels us.
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(_encode({"progress": update}))
+
+        async def watch_disconnect(scope: trio.CancelScope) -> None:
+            try:
+                while await stream.receive_some(65536):
+                    pass  # anything after the request line is ignored
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            log.info("control client disconnected; cancelling %s", op)
+            scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_disconnect, nursery.cancel_scope)
+            try:
+                reply = {"ok": True, "result": await handler(args, progress)}
+            except TierfsError as exc:
+                log.warning("control %s failed: %s", op, exc)
+                reply = {"ok": False, "error": _one_line(str(exc))}
+            except Exception as exc:
+                log.exception("control %s crashed", op)
+                reply = {"ok": False, "error": _one_line(f"{type(exc).__name__}: {exc}")}
+            nursery.cancel_scope.cancel()
+        return reply
+
+
+# --------------------------------------------------------------------------- client
+
+
+class ControlClient:
+    """Blocking client for CLI commands (plain sockets: the CLI has no event loop)."""
+
+    def __init__(self, sock_path: str | os.PathLike[str], *, mountpoint: str | None = None) -> None:
+        self.sock_path = os.fspath(sock_path)
+        self.where = mountpoint or self.sock_path
+
+    @classmethod
+    def for_mountpoint(cls, mountpoint: str | os.PathLike[str]) -> ControlClient:
+        record = lookup(mountpoint)
+        if record is None:
+            raise ControlUnavailable(f"no tierfs mount at {os.fspath(mountpoint)}")
+        return cls(str(record["socket"]), mountpoint=str(record["mountpoint"]))
+
+    def call(
+        self,
+        op: str,
+        args: Mapping[str, Any] | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        timeout: float | None = 30.0,
+    ) -> Any:
+        """Send one request and return its result.
+
+        ``timeout`` bounds the connect and each wait for the next line (progress keeps a
+        long operation alive); None waits forever, for operations that report progress.
+        """
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        with sock:
+            try:
+                sock.connect(self.sock_path)
+            except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+                raise ControlUnavailable(f"no tierfs mount at {self.where}") from None
+            except PermissionError:
+                raise ControlError(f"permission denied talking to the tierfs mount at {self.where}") from None
+            except TimeoutError:
+                raise ControlUnavailable(f"the tierfs daemon of {self.where} does not answer") from None
+            # The server may refuse us before reading the request; its reply is still queued.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(_encode({"op": op, "args": dict(args or {})}))
+            return self._read_reply(sock, on_progress)
+
+    def _read_reply(self, sock: socket.socket, on_progress: Callable[[dict[str, Any]], None] | None) -> Any:
+        try:
+            with sock.makefile("rb") as lines:
+                for raw in lines:
+                    try:
+                        message = json.loads(raw)
+                    except ValueError:
+                        raise ControlError(f"garbled reply from the tierfs daemon of {self.where}") from None
+                    if not isinstance(message, dict):
+                        raise ControlError(f"garbled reply from the tierfs daemon of {self.where}")
+                    if "progress" in message:
+                        if on_progress is not None and isinstance(message["progress"], dict):
+                            on_progress(message["progress"])
+                        continue
+                    if message.get("ok") is True:
+                        return message.get("result")
+                    raise ControlError(_one_line(str(message.get("error") or "unknown error")))
+        except TimeoutError:
+            raise ControlError(f"timed out waiting for the tierfs daemon of {self.where}") from None
+        except ConnectionResetError:
+            pass
+        raise ControlError(f"the tierfs daemon of {self.where} closed the connection without answering")
