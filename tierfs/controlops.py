@@ -202,7 +202,9 @@ class ControlOps:
                     await ns.ensure_listed(ino, force=True)
                     listed += 1
                     if recursive:
-                        stack.extend(c for _, c in ns.children(ino) if (n := ns.get(c)) is not None and n.is_dir)
+                        stack.extend(
+                            c for _, c in ns.children(ino) if (n := ns.get(c)) is not None and n.is_dir
+                        )
         except (NotFound, StoreError, OSError) as exc:
             raise control.ControlError(str(exc)) from None
         return {"directories_listed": listed}

@@ -65,7 +65,9 @@ def preflight_store(cfg: MountConfig) -> Any:
     except NotFound:
         raise ConfigError(f"bucket {cfg.source.bucket!r} does not exist at {where}") from None
     except AccessDenied as exc:
-        raise ConfigError(f"access to bucket {cfg.source.bucket!r} denied (check credentials): {exc}") from None
+        raise ConfigError(
+            f"access to bucket {cfg.source.bucket!r} denied (check credentials): {exc}"
+        ) from None
     except Unavailable as exc:
         raise ConfigError(f"cannot reach {where}: {exc}") from None
     return S3ObjectStore(

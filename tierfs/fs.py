@@ -37,6 +37,7 @@ class FileHandle:
     version: ObjectVersion
     writable: bool = False
 
+
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
@@ -322,7 +323,13 @@ class TierOperations(pyfuse3.Operations):
 
     @handler
     async def rename(
-        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int, ctx: Any
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: Any,
     ) -> None:
         wb = self._writable()
         if flags & RENAME_EXCHANGE:
@@ -364,7 +371,12 @@ class TierOperations(pyfuse3.Operations):
 
     @handler
     async def setattr(
-        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: Any
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: Any,
     ) -> pyfuse3.EntryAttributes:
         node = self._inode(inode)
         wb = self._writable()
@@ -396,7 +408,9 @@ class TierOperations(pyfuse3.Operations):
         return self._attrs(self._inode(inode))
 
     @handler
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
         """Objects cannot share data, so hard links are refused (EPERM, as s3fs and mountpoint-s3 do)."""
         raise pyfuse3.FUSEError(errno.EPERM)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-from collections.abc import Awaitable, Callable
-from typing import ParamSpec, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
@@ -50,10 +50,11 @@ class ErrorCounter:
         self.count = 0
 
 
-def fuse_errors(
-    counter: ErrorCounter,
-) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Awaitable[T]]]:
-    def decorate(handler: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+Handler = Callable[P, Coroutine[Any, Any, T]]
+
+
+def fuse_errors(counter: ErrorCounter) -> Callable[[Handler[P, T]], Handler[P, T]]:
+    def decorate(handler: Handler[P, T]) -> Handler[P, T]:
         @functools.wraps(handler)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
             try:

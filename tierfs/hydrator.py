@@ -20,6 +20,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -202,7 +203,9 @@ class Hydrator:
         step = self.max_run
         for start in range(0, total, step):
             wanted = [i for i in range(start, min(start + step, total))]
-            have = await self._run_io(lambda w=wanted: [i for i in w if self.cache.contains(self.chunk_key(obj, i))])
+            have = await self._run_io(
+                lambda w=wanted: [i for i in w if self.cache.contains(self.chunk_key(obj, i))]
+            )
             todo = [i for i in wanted if i not in set(have)]
             if todo:
                 await self._fetch_run_shared(obj, todo)
@@ -233,7 +236,9 @@ class Hydrator:
             self.stats.bytes_from_cache += len(data)
         return still
 
-    async def _fetch_missing(self, obj: ObjectVersion, missing: list[int], out: dict[int, bytes]) -> list[int]:
+    async def _fetch_missing(
+        self, obj: ObjectVersion, missing: list[int], out: dict[int, bytes]
+    ) -> list[int]:
         """Fetch runs of missing blocks in parallel; blocks already in flight are awaited, not refetched."""
         waits: list[_Flight] = []
         runs: list[list[int]] = []
@@ -326,7 +331,7 @@ class Hydrator:
         state.ahead_until = target
         for run_start in range(begin, target + 1, self.max_run):
             run = list(range(run_start, min(run_start + self.max_run, target + 1)))
-            self._spawn(lambda r=run: self._read_ahead(obj, r))
+            self._spawn(functools.partial(self._read_ahead, obj, run))
 
     async def _read_ahead(self, obj: ObjectVersion, run: list[int]) -> None:
         todo = [i for i in run if self.chunk_key(obj, i).digest() not in self._inflight]

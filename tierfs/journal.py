@@ -38,7 +38,13 @@ class Op:
     @classmethod
     def decode(cls, seq: int, raw: bytes) -> Op:
         body = json.loads(raw)
-        return cls(seq=seq, kind=body["kind"], ino=body.get("ino", 0), key=body.get("key", ""), src=body.get("src", ""))
+        return cls(
+            seq=seq,
+            kind=body["kind"],
+            ino=body.get("ino", 0),
+            key=body.get("key", ""),
+            src=body.get("src", ""),
+        )
 
 
 class Journal:

@@ -79,15 +79,11 @@ class CacheDir:
                 txn.put(b"schema", SCHEMA_VERSION)
             elif stored.decode() != owner_tag:
                 raise ConfigError(
-                    f"cache dir {self.path} belongs to {stored.decode()}, not {owner_tag}; use another --cache-dir"
+                    f"cache dir {self.path} belongs to {stored.decode()}, not {owner_tag}; "
+                    "use another --cache-dir"
                 )
             elif txn.get(b"schema") != SCHEMA_VERSION:
                 raise ConfigError(f"cache dir {self.path} has an unknown format; remove it or use another")
-
-    def relock_after_fork(self) -> None:
-        """flock locks survive fork; rewrite the pid so the error message names the daemon."""
-        os.ftruncate(self._lock_fd, 0)
-        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
 
     def close(self) -> None:
         self.env.close()

@@ -46,7 +46,9 @@ class Mount:
         self.daemonized = daemonized
         self.started = time.time()
         self._nursery: trio.Nursery | None = None
-        self._invalidations: tuple[trio.MemorySendChannel[Invalidation], trio.MemoryReceiveChannel[Invalidation]] | None = None
+        self._invalidations: (
+            tuple[trio.MemorySendChannel[Invalidation], trio.MemoryReceiveChannel[Invalidation]] | None
+        ) = None
         self._trio_token: trio.lowlevel.TrioToken | None = None
 
     def __enter__(self) -> Mount:

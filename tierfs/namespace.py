@@ -215,7 +215,9 @@ class Namespace:
                 self._remove_subtree(txn, directory.ino, name, gone, changes)
             current = self._get_in(txn, directory.ino) or directory
             flags = (current.flags | Flag.MARKER) if marker else (current.flags & ~Flag.MARKER)
-            txn.put(ino_key(directory.ino), current.with_(checked=started, flags=flags).pack(), db=self.inodes)
+            txn.put(
+                ino_key(directory.ino), current.with_(checked=started, flags=flags).pack(), db=self.inodes
+            )
         self._notify(changes)
         if before is not None:
             # The kernel may hold negative dentries for new names and positive ones for
@@ -252,7 +254,9 @@ class Namespace:
         seen.add(name)
         if existing is None:
             now = time.time_ns()
-            self._insert(txn, parent.ino, name, Kind.DIR, size=0, mtime_ns=now, key=parent.key + name + "/", etag="")
+            self._insert(
+                txn, parent.ino, name, Kind.DIR, size=0, mtime_ns=now, key=parent.key + name + "/", etag=""
+            )
 
     def _apply_file(
         self,
@@ -265,13 +269,17 @@ class Namespace:
     ) -> None:
         now = self._clock()
         if existing is None:
-            self._insert(txn, parent.ino, name, Kind.FILE, obj.size, obj.mtime_ns, obj.key, obj.etag, checked=now)
+            self._insert(
+                txn, parent.ino, name, Kind.FILE, obj.size, obj.mtime_ns, obj.key, obj.etag, checked=now
+            )
             return
         if existing.flags & Flag.LOCAL:
             return
         if existing.is_dir:
             self._remove_subtree(txn, parent.ino, name, existing, changes)
-            self._insert(txn, parent.ino, name, Kind.FILE, obj.size, obj.mtime_ns, obj.key, obj.etag, checked=now)
+            self._insert(
+                txn, parent.ino, name, Kind.FILE, obj.size, obj.mtime_ns, obj.key, obj.etag, checked=now
+            )
             return
         if existing.etag == obj.etag and existing.size == obj.size:
             return  # unchanged: no write, the listing time lives on the directory
@@ -457,7 +465,9 @@ class Namespace:
             txn.put(dentry_key(new_parent.ino, new_name), ino_key(node.ino), db=self.dentries)
             # Moved entries are LOCAL until write-back has copied them: a listing of the
             # new place must not drop them while the bucket does not show them yet.
-            moved = node.with_(parent=new_parent.ino, name=new_name, key=new_key, flags=node.flags | Flag.LOCAL)
+            moved = node.with_(
+                parent=new_parent.ino, name=new_name, key=new_key, flags=node.flags | Flag.LOCAL
+            )
             txn.put(ino_key(node.ino), moved.pack(), db=self.inodes)
             if node.is_dir:
                 stack = [node.ino]
@@ -466,7 +476,9 @@ class Namespace:
                         child = self._get_in(txn, child_ino)
                         if child is None:
                             continue
-                        relocated = child.with_(key=new_key + child.key[len(old_key) :], flags=child.flags | Flag.LOCAL)
+                        relocated = child.with_(
+                            key=new_key + child.key[len(old_key) :], flags=child.flags | Flag.LOCAL
+                        )
                         txn.put(ino_key(child_ino), relocated.pack(), db=self.inodes)
                         if child.is_dir:
                             stack.append(child_ino)

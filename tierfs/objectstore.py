@@ -13,6 +13,7 @@ Errors are mapped onto the small vocabulary of :mod:`tierfs.errors`. Only a defi
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -148,7 +149,10 @@ class S3ObjectStore:
             response_checksum_validation="when_required",
         )
         self._client: Any = session.client(
-            "s3", endpoint_url=endpoint_url, region_name=region or session.region_name or "us-east-1", config=cfg
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region or session.region_name or "us-east-1",
+            config=cfg,
         )
         self.requests: dict[str, int] = {}
         self.bytes_fetched = 0
@@ -165,7 +169,7 @@ class S3ObjectStore:
         self._count(op)
         try:
             return getattr(self._client, op)(Bucket=self.bucket, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - every failure is mapped, none escapes unclassified
+        except Exception as exc:
             raise map_error(exc, f"{op} {kwargs.get('Key', kwargs.get('Prefix', ''))}") from exc
 
     # -- reads -------------------------------------------------------------------------------------
@@ -224,13 +228,15 @@ class S3ObjectStore:
             raise
         try:
             data = resp["Body"].read()
-        except Exception as exc:  # noqa: BLE001 - a reset mid-body is transient
+        except Exception as exc:
             raise map_error(exc, f"get_object body {key}") from exc
         finally:
             resp["Body"].close()
         with self._lock:
             self.bytes_fetched += len(data)
-        total = int(resp.get("ContentRange", "/0").rsplit("/", 1)[-1] or 0) or int(resp.get("ContentLength", 0))
+        total = int(resp.get("ContentRange", "/0").rsplit("/", 1)[-1] or 0) or int(
+            resp.get("ContentLength", 0)
+        )
         info = ObjectInfo(
             key=key,
             size=total,
@@ -260,7 +266,11 @@ class S3ObjectStore:
         if_none_match: bool = False,
     ) -> str:
         resp = self._call(
-            "put_object", Key=key, Body=data, Metadata=dict(metadata), **self._conditions(if_match, if_none_match)
+            "put_object",
+            Key=key,
+            Body=data,
+            Metadata=dict(metadata),
+            **self._conditions(if_match, if_none_match),
         )
         return normalize_etag(resp.get("ETag"))
 
@@ -313,10 +323,8 @@ class S3ObjectStore:
             )
             return normalize_etag(resp.get("ETag"))
         except BaseException:
-            try:
+            with contextlib.suppress(StoreError):
                 self._call("abort_multipart_upload", Key=key, UploadId=upload_id)
-            except StoreError:
-                pass
             raise
 
     def replace_metadata(self, key: str, metadata: Mapping[str, str], if_match: str | None = None) -> str:

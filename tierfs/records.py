@@ -82,12 +82,16 @@ class Inode:
 
     @classmethod
     def unpack(cls, ino: int, raw: bytes) -> Inode:
-        (kind, flags, parent, size, mtime, atime, mode, uid, gid, checked, ln, lk, le) = _HEAD.unpack_from(raw)
+        (kind, flags, parent, size, mtime, atime, mode, uid, gid, checked, ln, lk, le) = _HEAD.unpack_from(
+            raw
+        )
         off = _HEAD.size
         name = bytes(raw[off : off + ln]).decode()
         key = bytes(raw[off + ln : off + ln + lk]).decode()
         etag = bytes(raw[off + ln + lk : off + ln + lk + le]).decode()
-        return cls(ino, Kind(kind), Flag(flags), parent, size, mtime, atime, mode, uid, gid, checked, name, key, etag)
+        return cls(
+            ino, Kind(kind), Flag(flags), parent, size, mtime, atime, mode, uid, gid, checked, name, key, etag
+        )
 
 
 def type_bits(kind: Kind) -> int:

@@ -12,6 +12,7 @@ All methods are blocking (file I/O): call them from worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,7 +86,5 @@ class Staging:
         return self.path(ino).read_bytes()
 
     def remove(self, ino: int) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.path(ino).unlink()
-        except FileNotFoundError:
-            pass

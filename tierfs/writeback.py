@@ -17,6 +17,7 @@ a staging file (tierfs.staging). An executor task carries the journal out:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -198,7 +199,10 @@ class WriteBack:
         blocks = await self.hydrator.blocks(version, range(self.hydrator.block_count(version)))
         bs = self.hydrator.block_size
         await self._run_io(
-            self.staging.write_blocks, node.ino, ((i * bs, data) for i, data in sorted(blocks.items())), node.size
+            self.staging.write_blocks,
+            node.ino,
+            ((i * bs, data) for i, data in sorted(blocks.items())),
+            node.size,
         )
         self._sizes[node.ino] = node.size
 
@@ -265,14 +269,16 @@ class WriteBack:
 
     async def metadata_changed(self, node: Inode) -> None:
         """chmod/chown/utimens: a pending put carries the headers; otherwise rewrite them in place."""
-        if self._has_pending_put(node.ino) or node.flags & Flag.LOCAL and not node.etag:
+        if self._has_pending_put(node.ino) or (node.flags & Flag.LOCAL and not node.etag):
             return
         kind = "marker" if node.is_dir else "meta"
         await self._append((kind, {"ino": node.ino}))
 
     async def removed(self, node: Inode) -> None:
         """unlink/rmdir: drop pending uploads of the inode and delete its key in the bucket."""
-        drop = [op for op in self.ops if op.kind == "put" and op.ino == node.ino and op.seq not in self._running]
+        drop = [
+            op for op in self.ops if op.kind == "put" and op.ino == node.ino and op.seq not in self._running
+        ]
         if drop:
             await self._run_io(self.journal.remove, *[op.seq for op in drop])
             self.ops = [op for op in self.ops if op not in drop]
@@ -331,7 +337,11 @@ class WriteBack:
         self._flush_all += 1
         self._retry_at.clear()
         self._wake.set()
-        start_done, start_bytes, started = self.stats.uploads_done, self.stats.bytes_uploaded, time.monotonic()
+        start_done, start_bytes, started = (
+            self.stats.uploads_done,
+            self.stats.bytes_uploaded,
+            time.monotonic(),
+        )
         total = len(self.ops)
         total_bytes = sum(self._sizes.get(op.ino, 0) for op in self.ops if op.kind == "put")
         try:
@@ -538,10 +548,8 @@ class WriteBack:
 
     def _execute_blocking(self, op: Op) -> _Outcome:
         if op.kind == "delete":
-            try:
+            with contextlib.suppress(NotFound):
                 self.store.delete(op.key)
-            except NotFound:
-                pass
             return _Outcome()
         node = self.ns.get(op.ino) if op.ino else None
         if op.kind == "copy":
@@ -590,7 +598,9 @@ class WriteBack:
             return self._upload_conflict(node, path, size, headers, "?")
         return _Outcome(etag=etag, size=size)
 
-    def _upload_conflict(self, node: Inode, path: Any, size: int, headers: dict[str, str], theirs: str) -> _Outcome:
+    def _upload_conflict(
+        self, node: Inode, path: Any, size: int, headers: dict[str, str], theirs: str
+    ) -> _Outcome:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         conflict_key = f"{node.key}.conflict-{stamp}"
         self.store.put_file(conflict_key, path, headers)
