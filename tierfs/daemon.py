@@ -57,7 +57,8 @@ def preflight_store(cfg: MountConfig) -> Any:
         profile=cfg.profile,
         timeout=min(cfg.timeout, 15.0),
         retries=1,
-        max_pool=cfg.s3_concurrency + 8,
+        max_pool=2,
+        fast_gets=False,
     )
     where = cfg.endpoint_url or "the default S3 endpoint"
     try:

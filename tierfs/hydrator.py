@@ -223,10 +223,15 @@ class Hydrator:
     # -- internals ------------------------------------------------------------------------------------
 
     async def _from_disk(self, obj: ObjectVersion, missing: list[int], out: dict[int, bytes]) -> list[int]:
-        keys = [self.chunk_key(obj, i) for i in missing]
+        # The index lookup is a few microseconds of LMDB read: do it here, and pay for a
+        # thread hop only when there is a file to read.
+        indexed = [i for i in missing if self.cache.contains(self.chunk_key(obj, i))]
+        if not indexed:
+            return missing
+        keys = [self.chunk_key(obj, i) for i in indexed]
         found: list[bytes | None] = await self._run_io(lambda: [self.cache.get(ck) for ck in keys])
-        still: list[int] = []
-        for i, ck, data in zip(missing, keys, found, strict=True):
+        still: list[int] = [i for i in missing if i not in set(indexed)]
+        for i, ck, data in zip(indexed, keys, found, strict=True):
             if data is None:
                 still.append(i)
                 continue
@@ -234,7 +239,7 @@ class Hydrator:
             self.hot.put(ck.digest(), data)
             self.stats.cache_hits += 1
             self.stats.bytes_from_cache += len(data)
-        return still
+        return sorted(still)
 
     async def _fetch_missing(
         self, obj: ObjectVersion, missing: list[int], out: dict[int, bytes]

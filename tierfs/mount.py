@@ -35,7 +35,8 @@ from .writeback import WriteBack
 log = logging.getLogger("tierfs")
 
 IO_THREADS = 8
-Invalidation = int | tuple[int, str]  # an inode, or a (parent inode, name) directory entry
+# An inode (data and attributes), ("attr", inode) for attributes only, or (parent inode, name).
+Invalidation = int | tuple[str, int] | tuple[int, str]
 MAINTENANCE_INTERVAL = 5.0
 SIGNAL_FLUSH_SECONDS = 600.0  # systemd's TimeoutStopSec bounds it further
 
@@ -83,6 +84,7 @@ class Mount:
         self.namespace = Namespace(env, self.store, policy, self.run_s3)
         self.namespace.change_hooks.append(self._on_object_changed)
         self.namespace.entry_hooks.append(lambda parent, name: self.queue_invalidation((parent, name)))
+        self.namespace.attr_hooks.append(lambda ino: self.queue_invalidation(("attr", ino)))
         self.hydrator = Hydrator(
             bucket=cfg.source.bucket,
             store=self.store,
@@ -172,11 +174,13 @@ class Mount:
         assert self._invalidations is not None
         async for item in self._invalidations[1]:
             try:
-                if isinstance(item, int):
-                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, item, False)
-                else:
-                    parent, name = item
-                    await trio.to_thread.run_sync(pyfuse3.invalidate_entry, parent, os.fsencode(name))
+                match item:
+                    case int(ino):
+                        await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
+                    case ("attr", int(ino)):
+                        await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, True)
+                    case (int(parent), str(name)):
+                        await trio.to_thread.run_sync(pyfuse3.invalidate_entry, parent, os.fsencode(name))
             except OSError as exc:  # ENOENT: the kernel does not know it; nothing to drop
                 log.debug("invalidate %r: %s", item, exc)
 

@@ -81,6 +81,7 @@ class Namespace:
         self.counters = NamespaceCounters()
         self.change_hooks: list[ChangeHook] = []
         self.entry_hooks: list[EntryHook] = []
+        self.attr_hooks: list[Callable[[int], None]] = []  # attributes of an inode changed
         # Write-back's pending deletes: a listing must not resurrect what we already removed.
         self.is_tombstoned: Callable[[str], bool] = lambda key: False
         self._listing: dict[int, trio.Event] = {}
@@ -376,34 +377,43 @@ class Namespace:
         """Apply POSIX headers that a GET/HEAD returned (blocking; call from a thread).
 
         Headers are free with the first GET of an object, so attributes of files that
-        have been read are exact without any HEAD; see docs/namespace.md.
+        have been read are exact without any HEAD; see docs/namespace.md. Objects without
+        headers cost no write at all.
         """
         if info.metadata is None:
             return
+        node = self.get(ino)
+        if node is None or node.flags & (Flag.META_KNOWN | Flag.LOCAL) or node.etag != info.etag:
+            return
+        attrs = posixmeta.resolve(
+            posixmeta.decode(info.metadata),
+            is_dir=node.is_dir,
+            default_uid=self.policy.uid,
+            default_gid=self.policy.gid,
+            default_file_mode=self.policy.file_mode,
+            default_dir_mode=self.policy.dir_mode,
+            fallback_mtime_ns=node.mtime_ns,
+        )
+        kind = Kind.SYMLINK if attrs.mode & 0o170000 == 0o120000 else node.kind
+        changes = {
+            "kind": kind,
+            "mode": attrs.mode,
+            "uid": attrs.uid,
+            "gid": attrs.gid,
+            "mtime_ns": attrs.mtime_ns,
+        }
+        if all(getattr(node, k) == v for k, v in changes.items()):
+            return  # no headers beyond what the listing gave: spare the commit (and its fsync)
         with self.env.begin(write=True) as txn:
-            node = self._get_in(txn, ino)
-            if node is None or node.flags & (Flag.META_KNOWN | Flag.LOCAL) or node.etag != info.etag:
+            current = self._get_in(txn, ino)
+            if current is None or current.etag != info.etag or current.flags & Flag.LOCAL:
                 return
-            attrs = posixmeta.resolve(
-                posixmeta.decode(info.metadata),
-                is_dir=node.is_dir,
-                default_uid=self.policy.uid,
-                default_gid=self.policy.gid,
-                default_file_mode=self.policy.file_mode,
-                default_dir_mode=self.policy.dir_mode,
-                fallback_mtime_ns=node.mtime_ns,
-            )
-            kind = Kind.SYMLINK if attrs.mode & 0o170000 == 0o120000 else node.kind
-            updated = node.with_(
-                kind=kind,
-                mode=attrs.mode,
-                uid=attrs.uid,
-                gid=attrs.gid,
-                mtime_ns=attrs.mtime_ns,
-                atime_ns=attrs.atime_ns or attrs.mtime_ns,
-                flags=node.flags | Flag.META_KNOWN,
+            updated = current.with_(
+                **changes, atime_ns=attrs.atime_ns or attrs.mtime_ns, flags=current.flags | Flag.META_KNOWN
             )
             txn.put(ino_key(ino), updated.pack(), db=self.inodes)
+        for hook in self.attr_hooks:
+            hook(ino)
 
     # -- local mutations (write-back) -------------------------------------------------------------------
     # These run in worker threads: each is one short write transaction.

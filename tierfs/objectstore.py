@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -106,6 +107,27 @@ class ObjectStore(Protocol):
     def delete(self, key: str) -> None: ...
 
 
+def _make_crt_reader(
+    bucket: str, endpoint_url: str | None, client: Any, session: Any, timeout: float, retries: int
+) -> Any:
+    """The awscrt fast path for GETs, or None where awscrt or credentials are unavailable."""
+    try:
+        from .crtget import CrtRangeReader
+    except ImportError:
+        return None
+    credentials = session.get_credentials()
+    if credentials is None:
+        return None  # anonymous access: boto3 handles it
+    return CrtRangeReader(
+        bucket=bucket,
+        endpoint_url=endpoint_url or client.meta.endpoint_url,
+        region=client.meta.region_name,
+        credentials=credentials,
+        timeout=timeout,
+        retries=retries,
+    )
+
+
 def normalize_etag(etag: str | None) -> str:
     return (etag or "").strip('"')
 
@@ -133,6 +155,7 @@ class S3ObjectStore:
         max_pool: int = 32,
         part_size: int = MULTIPART_PART_SIZE,
         multipart_threshold: int = MULTIPART_THRESHOLD,
+        fast_gets: bool = True,
     ) -> None:
         self.bucket = bucket
         self.part_size = part_size
@@ -157,6 +180,9 @@ class S3ObjectStore:
         self.requests: dict[str, int] = {}
         self.bytes_fetched = 0
         self._lock = threading.Lock()
+        self._crt: Any = None
+        if fast_gets:
+            self._crt = _make_crt_reader(bucket, endpoint_url, self._client, session, timeout, retries)
 
     # -- bookkeeping -------------------------------------------------------------------------------
 
@@ -215,6 +241,8 @@ class S3ObjectStore:
         return _info_from_response(key, resp)
 
     def get_range(self, key: str, start: int, length: int, if_match: str | None = None) -> GetResult:
+        if self._crt is not None:
+            return self._crt_get_range(key, start, length, if_match)
         kwargs: dict[str, Any] = {"Key": key, "Range": f"bytes={start}-{start + length - 1}"}
         if if_match:
             kwargs["IfMatch"] = f'"{if_match}"'
@@ -243,6 +271,22 @@ class S3ObjectStore:
             etag=normalize_etag(resp.get("ETag")),
             mtime_ns=_to_ns(resp.get("LastModified")),
             metadata=resp.get("Metadata") or {},
+        )
+        return GetResult(data, info)
+
+    def _crt_get_range(self, key: str, start: int, length: int, if_match: str | None) -> GetResult:
+        self._count("get_object")
+        data, _, headers = self._crt.get(key, start, length, if_match)
+        with self._lock:
+            self.bytes_fetched += len(data)
+        total = headers.get("content-range", "").rsplit("/", 1)[-1]
+        modified = headers.get("last-modified")
+        info = ObjectInfo(
+            key=key,
+            size=int(total) if total.isdigit() else int(headers.get("content-length", len(data))),
+            etag=normalize_etag(headers.get("etag")),
+            mtime_ns=_to_ns(parsedate_to_datetime(modified)) if modified else 0,
+            metadata={k[len("x-amz-meta-") :]: v for k, v in headers.items() if k.startswith("x-amz-meta-")},
         )
         return GetResult(data, info)
 

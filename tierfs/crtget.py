@@ -1,0 +1,111 @@
+"""Ranged GETs through the AWS Common Runtime (awscrt), the cold read path's hot loop.
+
+Why: on a 2-core node the client's CPU per request caps cold small-file rates. boto3
+spends ~3.7 ms of CPU per GET; the CRT's native HTTP client and signer ~0.7 ms
+(measured in tools/bench.py and noted in docs/design.md). Everything else (LIST, HEAD,
+PUT, multipart, copy) stays on boto3, where per-call cost does not matter.
+
+Credentials are not resolved a second time: the CRT asks boto3's credential object on
+every signing, so environment, profiles, shared files and refreshes behave exactly as
+for boto3. Every request is bounded by ``timeout`` and cancelled when it runs over.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from awscrt import auth, io, s3
+from awscrt.http import HttpHeaders, HttpRequest
+
+from .errors import AccessDenied, NotFound, PreconditionFailed, StoreError, Unavailable
+
+
+class CrtRangeReader:
+    """Thread-safe: many worker threads may call :meth:`get` at once."""
+
+    def __init__(
+        self,
+        *,
+        bucket: str,
+        endpoint_url: str | None,
+        region: str,
+        credentials: Any,  # botocore Credentials (possibly refreshable)
+        timeout: float,
+        retries: int,
+    ) -> None:
+        self.bucket = bucket
+        self.timeout = timeout
+        url = urlsplit(endpoint_url or f"https://s3.{region}.amazonaws.com")
+        self.host = url.netloc
+        self.base = url.path.rstrip("/")
+        tls = s3.S3RequestTlsMode.ENABLED if url.scheme == "https" else s3.S3RequestTlsMode.DISABLED
+
+        def delegate() -> auth.AwsCredentials:
+            frozen = credentials.get_frozen_credentials()
+            return auth.AwsCredentials(frozen.access_key, frozen.secret_key, frozen.token)
+
+        provider = auth.AwsCredentialsProvider.new_delegate(delegate)
+        bootstrap = io.ClientBootstrap(io.EventLoopGroup(2), io.DefaultHostResolver(io.EventLoopGroup(1)))
+        self._client = s3.S3Client(
+            bootstrap=bootstrap,
+            region=region,
+            tls_mode=tls,
+            signing_config=s3.create_default_s3_signing_config(region=region, credential_provider=provider),
+            retry_config=s3.S3RetryConfig(max_retries=retries),
+            connect_timeout_ms=int(timeout * 1000),
+        )
+        self._lock = threading.Lock()
+
+    def get(
+        self, key: str, start: int, length: int, if_match: str | None
+    ) -> tuple[bytes, int, Mapping[str, str]]:
+        """Return (data, status, lowercase response headers). Raises the tierfs error vocabulary."""
+        headers = HttpHeaders([("host", self.host), ("range", f"bytes={start}-{start + length - 1}")])
+        if if_match:
+            headers.add("if-match", f'"{if_match}"')
+        path = f"{self.base}/{self.bucket}/{quote(key, safe='/~')}"
+        body = bytearray()
+        response: dict[str, Any] = {}
+
+        def on_headers(status_code: int, headers: list[tuple[str, str]], **_: Any) -> None:
+            response["status"] = status_code
+            response["headers"] = {k.lower(): v for k, v in headers}
+
+        def on_body(chunk: bytes, offset: int, **_: Any) -> None:
+            # The CRT reports offsets within the object (from Content-Range), not the body.
+            offset -= start
+            end = offset + len(chunk)
+            if len(body) < end:
+                body.extend(b"\0" * (end - len(body)))
+            body[offset:end] = chunk
+
+        request = self._client.make_request(
+            type=s3.S3RequestType.DEFAULT,
+            operation_name="GetObject",
+            request=HttpRequest("GET", path, headers),
+            on_headers=on_headers,
+            on_body=on_body,
+        )
+        try:
+            request.finished_future.result(self.timeout * 2)
+        except s3.S3ResponseError as exc:
+            raise _map_status(exc.status_code, f"GET {key}: {exc.status_code} {exc}") from None
+        except TimeoutError:
+            request.cancel()
+            raise Unavailable(f"GET {key}: no answer within {self.timeout * 2:.0f} s") from None
+        except Exception as exc:  # CRT connection errors arrive as plain exceptions
+            raise Unavailable(f"GET {key}: {type(exc).__name__}: {exc}") from None
+        return bytes(body), int(response.get("status", 0)), response.get("headers", {})
+
+
+def _map_status(status: int, message: str) -> StoreError:
+    if status == 404:
+        return NotFound(message)
+    if status == 412:
+        return PreconditionFailed(message)
+    if status == 403:
+        return AccessDenied(message)
+    return Unavailable(message)
