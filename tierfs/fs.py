@@ -226,9 +226,13 @@ class TierOperations(pyfuse3.Operations):
         if not any(h.version.ino == handle.version.ino for h in self._files.values()):
             self.hydrator.forget(handle.version.ino)
 
-    @handler
     async def flush(self, fh: int) -> None:
-        """close() uploads later (after --writeback-delay); fsync() is the durable point."""
+        """close() uploads later (after --writeback-delay); fsync() is the durable point.
+
+        ENOSYS makes the kernel stop sending FLUSH for the whole connection, which
+        saves one round trip per close() of every file (docs/design.md).
+        """
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
