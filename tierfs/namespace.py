@@ -29,7 +29,7 @@ from typing import Any, ParamSpec, TypeVar
 import trio
 
 from . import keys, posixmeta
-from .errors import NotFound
+from .errors import NotFound, StoreError
 from .objectstore import ObjectInfo, ObjectStore
 from .records import ROOT_INO, Flag, Inode, Kind, dentry_key, ino_key, type_bits
 
@@ -85,6 +85,9 @@ class Namespace:
         # Write-back's pending deletes: a listing must not resurrect what we already removed.
         self.is_tombstoned: Callable[[str], bool] = lambda key: False
         self._listing: dict[int, trio.Event] = {}
+        # Listing one level ahead of a walker (see _list_ahead); set by the mount.
+        self.spawn: Callable[[Callable[[], Awaitable[None]]], None] | None = None
+        self.list_ahead_limit = trio.CapacityLimiter(4)
         self._ensure_root()
 
     # -- records -----------------------------------------------------------------------------------
@@ -146,8 +149,13 @@ class Namespace:
             raise NotFound(f"{parent.key}{name}")
         return child
 
-    async def ensure_listed(self, ino: int, *, force: bool = False) -> Inode:
-        """Return the directory record, after (re)listing it if it is stale or ``force`` is set."""
+    async def ensure_listed(self, ino: int, *, force: bool = False, ahead: bool = True) -> Inode:
+        """Return the directory record, after (re)listing it if it is stale or ``force`` is set.
+
+        With ``ahead``, a listing made for a caller also starts background listings of
+        the subdirectories it found (one level only), so a tree walk finds them ready:
+        ``os.walk`` of a cold tree then waits for about one LIST per level, not per directory.
+        """
         while True:
             inode = self.get(ino)
             if inode is None:
@@ -166,6 +174,25 @@ class Namespace:
                 del self._listing[ino]
                 done.set()
             force = False
+            if ahead:
+                self._list_ahead(ino)
+
+    def _list_ahead(self, ino: int) -> None:
+        if self.spawn is None:
+            return
+        for _, child_ino in self.children(ino):
+            child = self.get(child_ino)
+            if child is None or not child.is_dir or self.is_fresh(child) or child_ino in self._listing:
+                continue
+
+            async def list_child(target: int = child_ino) -> None:
+                async with self.list_ahead_limit:
+                    try:
+                        await self.ensure_listed(target, ahead=False)
+                    except (StoreError, OSError) as exc:
+                        log.debug("listing ahead of inode %d failed: %s", target, exc)
+
+            self.spawn(list_child)
 
     # -- listing (worker thread) -----------------------------------------------------------------------
 
