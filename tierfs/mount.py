@@ -23,6 +23,7 @@ import trio
 from .chunkcache import ChunkCache
 from .config import MountConfig
 from .daemon import preflight_store, setup_logging
+from .errors import ConfigError
 from .fs import TierOperations
 from .hydrator import Hydrator
 from .journal import Journal
@@ -110,6 +111,14 @@ class Mount:
                 run_io=self.run_io,
                 delay=cfg.writeback_delay,
             )
+        self.metrics: Any = None
+        if cfg.metrics_addr:
+            from . import metrics
+
+            try:
+                self.metrics = metrics.serve(cfg.metrics_addr, self._status_from_any_thread)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"cannot serve metrics on {cfg.metrics_addr}: {exc}") from None
         self.ops = TierOperations(
             self.namespace,
             self.hydrator,
@@ -123,6 +132,8 @@ class Mount:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         try:
             self.cache.flush_access_times()
             self.cache.close()
@@ -215,6 +226,10 @@ class Mount:
             nursery.start_soon(self._signals)
             if self.writeback is not None:
                 await nursery.start(self.writeback.run)
+            if self.cfg.import_interval:
+                from .importer import sweep_loop
+
+                nursery.start_soon(sweep_loop, self.namespace, self.cfg.import_interval)
             await self._start_control(nursery)
             nursery.start_soon(self._announce_live, on_live)
             await pyfuse3.main(min_tasks=4, max_tasks=256)
@@ -265,6 +280,16 @@ class Mount:
 
         self.control = ControlOps(self)
         await nursery.start(self.control.serve)
+
+    def _status_from_any_thread(self) -> dict[str, Any]:
+        """The status dict, read on the loop (scrapes arrive on prometheus_client's thread)."""
+        if self._trio_token is None:
+            return self.status()
+        try:
+            result: dict[str, Any] = trio.from_thread.run_sync(self.status, trio_token=self._trio_token)
+            return result
+        except trio.RunFinishedError:
+            return self.status()
 
     # -- status -----------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,6 +28,7 @@ import botocore.config
 import botocore.exceptions
 
 from .errors import AccessDenied, NotFound, PreconditionFailed, StoreError, Unavailable
+from .metrics import S3_LATENCY
 
 
 @dataclass(frozen=True)
@@ -193,10 +195,13 @@ class S3ObjectStore:
 
     def _call(self, op: str, **kwargs: Any) -> Any:
         self._count(op)
+        started = time.perf_counter()
         try:
             return getattr(self._client, op)(Bucket=self.bucket, **kwargs)
-        except Exception as exc:
+        except Exception as exc:  # every failure is classified; none escapes as a botocore type
             raise map_error(exc, f"{op} {kwargs.get('Key', kwargs.get('Prefix', ''))}") from exc
+        finally:
+            S3_LATENCY.labels(op).observe(time.perf_counter() - started)
 
     # -- reads -------------------------------------------------------------------------------------
 
@@ -276,7 +281,11 @@ class S3ObjectStore:
 
     def _crt_get_range(self, key: str, start: int, length: int, if_match: str | None) -> GetResult:
         self._count("get_object")
-        data, _, headers = self._crt.get(key, start, length, if_match)
+        started = time.perf_counter()
+        try:
+            data, _, headers = self._crt.get(key, start, length, if_match)
+        finally:
+            S3_LATENCY.labels("get_object").observe(time.perf_counter() - started)
         with self._lock:
             self.bytes_fetched += len(data)
         total = headers.get("content-range", "").rsplit("/", 1)[-1]

@@ -1,0 +1,180 @@
+"""Prometheus metrics for one mount (``--metrics-addr HOST:PORT``).
+
+The mount already counts everything in its status dict (the same numbers ``tierfs status``
+shows), so this module keeps no counters of its own: a custom collector calls
+``status_fn`` on every scrape and translates the dict. Counting twice would let the two
+views drift apart. The one thing the status dict cannot express is a latency
+distribution, so the S3 request histogram :data:`S3_LATENCY` lives here and the object
+store observes it around each call.
+
+Everything is registered on private registries, never on prometheus_client's global
+one, so several mounts (or tests) in one process do not collide.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from threading import Thread
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+log = logging.getLogger(__name__)
+
+StatusFn = Callable[[], Mapping[str, Any]]
+
+#: Private registry of the process-wide S3 latency histogram (one object store per process).
+S3_REGISTRY = CollectorRegistry(auto_describe=True)
+
+#: Wall time of one S3 API call, retries included, by operation (``get_object``, ...).
+#: Buckets span a warm loopback GET (ms) up to the default request timeout (30 s).
+S3_LATENCY = Histogram(
+    "tierfs_s3_request_seconds",
+    "Duration of S3 API calls, retries included, by operation",
+    ["op"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+    registry=S3_REGISTRY,
+)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """How one scalar status key becomes one metric."""
+
+    key: str
+    name: str
+    help: str
+    counter: bool  # monotonic since mount start; else a gauge
+
+
+_SCALARS: tuple[_Spec, ...] = (
+    _Spec("cache_hits", "tierfs_cache_hits", "Block reads served from the chunk cache", True),
+    _Spec("cache_misses", "tierfs_cache_misses", "Block reads that had to fetch from S3", True),
+    _Spec("evictions", "tierfs_cache_evictions", "Chunks evicted by size, free-space or age limits", True),
+    _Spec("s3_bytes_fetched", "tierfs_s3_fetched_bytes", "Bytes received from S3 GETs", True),
+    _Spec("errors", "tierfs_errors", "Operations that failed with an I/O error", True),
+    _Spec("conflicts", "tierfs_conflicts", "Uploads that lost a race (saved as .conflict)", True),
+    _Spec("uploads_done", "tierfs_uploads_done", "Write-back operations completed", True),
+    _Spec("uploads_failed", "tierfs_uploads_failed", "Write-back operations that failed", True),
+    _Spec("bytes_uploaded", "tierfs_uploaded_bytes", "Bytes uploaded by write-back", True),
+    _Spec("prefetched_blocks", "tierfs_prefetched_blocks", "Blocks fetched by read-ahead", True),
+    _Spec("hidden_keys", "tierfs_hidden_keys", "Keys hidden because they are not valid POSIX names", True),
+    _Spec("shadowed_keys", "tierfs_shadowed_keys", "Objects shadowed by a directory of the same name", True),
+    _Spec("cache_bytes", "tierfs_cache_bytes", "Logical bytes held in the chunk cache", False),
+    _Spec("cache_bytes_on_disk", "tierfs_cache_disk_bytes", "Bytes the chunk cache uses on disk", False),
+    _Spec("cache_limit_bytes", "tierfs_cache_limit_bytes", "Configured cache size cap", False),
+    _Spec("cache_free_disk_bytes", "tierfs_cache_free_disk_bytes", "Free bytes on the cache disk", False),
+    _Spec("chunks_cached", "tierfs_cache_chunks", "Chunks in the cache", False),
+    _Spec("pinned_bytes", "tierfs_cache_pinned_bytes", "Bytes on disk of pinned objects", False),
+    _Spec("compression_ratio", "tierfs_cache_compression_ratio", "Logical / on-disk cache bytes", False),
+    _Spec("dirty_files", "tierfs_dirty_files", "Files written locally and not yet uploaded", False),
+    _Spec("dirty_bytes", "tierfs_dirty_bytes", "Bytes written locally and not yet uploaded", False),
+    _Spec("uploads_pending", "tierfs_uploads_pending", "Write-back operations queued", False),
+    _Spec("uptime_seconds", "tierfs_uptime_seconds", "Seconds since the mount started", False),
+)
+
+
+class StatusCollector(Collector):
+    """Reads the mount's status dict at scrape time and yields it as Prometheus metric families.
+
+    Keys missing from the dict, or ``None`` (e.g. no cache cap), are left out rather than
+    reported as 0: an absent series is honest, a fake zero is not.
+    """
+
+    def __init__(self, status_fn: StatusFn) -> None:
+        self._status_fn = status_fn
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("tierfs_up", "1 if the mount answered the status query of this scrape")
+        try:
+            status = self._status_fn()
+        except Exception as exc:  # a failing scrape must not take the HTTP thread down
+            log.warning("metrics: status query failed: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from _requests_family(status)
+        yield from _read_bytes_family(status)
+        for spec in _SCALARS:
+            value = status.get(spec.key)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            family = (CounterMetricFamily if spec.counter else GaugeMetricFamily)(spec.name, spec.help)
+            family.add_metric([], float(value))
+            yield family
+
+
+def _requests_family(status: Mapping[str, Any]) -> Iterator[Metric]:
+    requests = status.get("s3_requests")
+    if not isinstance(requests, Mapping):
+        return
+    family = CounterMetricFamily("tierfs_s3_requests", "S3 API calls by operation", labels=["op"])
+    for op, count in sorted(requests.items()):
+        family.add_metric([str(op)], float(count))
+    yield family
+
+
+def _read_bytes_family(status: Mapping[str, Any]) -> Iterator[Metric]:
+    family = CounterMetricFamily("tierfs_read_bytes", "Bytes served to readers, by source", labels=["source"])
+    found = False
+    for source, key in (("cache", "bytes_from_cache"), ("s3", "bytes_from_s3")):
+        value = status.get(key)
+        if isinstance(value, int | float):
+            family.add_metric([source], float(value))
+            found = True
+    if found:
+        yield family
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all interfaces) -> (host, port)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"invalid metrics address {addr!r} (expected HOST:PORT)")
+    host = host.removeprefix("[").removesuffix("]")
+    return host or "0.0.0.0", int(port)
+
+
+class MetricsServer:
+    """A running metrics endpoint; :meth:`close` stops it. ``port`` is the bound one (useful with 0)."""
+
+    def __init__(self, server: WSGIServer, thread: Thread) -> None:
+        self._server = server
+        self._thread = thread
+        self.host: str = str(server.server_address[0])
+        self.port: int = int(server.server_address[1])
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5.0)
+
+
+def build_registry(status_fn: StatusFn) -> CollectorRegistry:
+    """One mount's registry: its status collector plus the process-wide S3 latency histogram."""
+    registry = CollectorRegistry(auto_describe=False)  # describing would call status_fn at registration
+    registry.register(StatusCollector(status_fn))
+    registry.register(S3_REGISTRY)
+    return registry
+
+
+def serve(addr: str, status_fn: StatusFn) -> MetricsServer:
+    """Serve ``/metrics`` on ``addr`` from a daemon thread of prometheus_client; return a handle.
+
+    ``status_fn`` runs in the HTTP thread on every scrape; if it must read state owned by an
+    event loop, have it hop onto the loop (e.g. ``trio.from_thread.run_sync``). Raises
+    OSError if the address cannot be bound, so a typo fails the mount instead of silently
+    serving nothing.
+    """
+    host, port = split_addr(addr)
+    server, thread = start_http_server(port, host, registry=build_registry(status_fn))
+    handle = MetricsServer(server, thread)
+    log.info("serving Prometheus metrics on %s:%d/metrics", host, handle.port)
+    return handle
