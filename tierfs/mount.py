@@ -234,6 +234,9 @@ class Mount:
             nursery.start_soon(self._announce_live, on_live)
             await pyfuse3.main(min_tasks=4, max_tasks=256)
             log.info("unmounted; shutting down")
+            from . import sdnotify
+
+            sdnotify.stopping()
             nursery.cancel_scope.cancel()
         self._nursery = None
 
@@ -244,7 +247,7 @@ class Mount:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("signal %d: flushing write-back, then unmounting", signum)
-                sdnotify.stopping()
+                sdnotify.stopping("flushing write-back")
                 if self.writeback is not None:
                     with trio.move_on_after(SIGNAL_FLUSH_SECONDS):
                         await self.writeback.flush_all()
