@@ -26,6 +26,8 @@ T = TypeVar("T")
 
 
 def errno_for(exc: BaseException) -> int:
+    if isinstance(exc, BaseExceptionGroup):
+        return errno_for(exc.exceptions[0])
     if isinstance(exc, pyfuse3.FUSEError):
         return exc.errno
     if isinstance(exc, NotFound):
@@ -61,7 +63,7 @@ def fuse_errors(counter: ErrorCounter) -> Callable[[Handler[P, T]], Handler[P, T
                 return await handler(*args, **kwargs)
             except pyfuse3.FUSEError:
                 raise
-            except (StoreError, OSError) as exc:
+            except (StoreError, OSError, ExceptionGroup) as exc:
                 code = errno_for(exc)
                 if code != errno.ENOENT:
                     counter.count += 1

@@ -83,6 +83,21 @@ class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
 
 
+def contiguous_runs(indices: list[int], max_run: int) -> list[list[int]]:
+    """Split block indices into sorted runs of consecutive blocks, each at most ``max_run`` long.
+
+    A ranged GET covers one run; handing it a list with a gap would put each block's
+    neighbour's bytes in its place, so every fetch goes through here.
+    """
+    runs: list[list[int]] = []
+    for i in sorted(set(indices)):
+        if runs and runs[-1][-1] == i - 1 and len(runs[-1]) < max_run:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
 class HotBlocks:
     """Bounded LRU of recently used blocks in memory, keyed by chunk digest.
 
@@ -208,7 +223,7 @@ class Hydrator:
             )
             todo = [i for i in wanted if i not in set(have)]
             if todo:
-                await self._fetch_run_shared(obj, todo)
+                await self._fetch_blocks(obj, todo)
             if on_bytes is not None:
                 on_bytes(min(obj.size, (start + step) * self.block_size) - start * self.block_size)
 
@@ -246,23 +261,14 @@ class Hydrator:
     ) -> list[int]:
         """Fetch runs of missing blocks in parallel; blocks already in flight are awaited, not refetched."""
         waits: list[_Flight] = []
-        runs: list[list[int]] = []
+        todo: list[int] = []
         for i in missing:
             flight = self._inflight.get(self.chunk_key(obj, i).digest())
             if flight is not None:
                 waits.append(flight)
-            elif runs and runs[-1][-1] == i - 1 and len(runs[-1]) < self.max_run:
-                runs[-1].append(i)
             else:
-                runs.append([i])
-        results: dict[int, bytes] = {}
-
-        async def fetch(run: list[int]) -> None:
-            results.update(await self._fetch_run_shared(obj, run))
-
-        async with trio.open_nursery() as nursery:
-            for run in runs:
-                nursery.start_soon(fetch, run)
+                todo.append(i)
+        results = await self._fetch_blocks(obj, todo)
         for flight in waits:
             await flight.done.wait()
         still: list[int] = []
@@ -276,7 +282,34 @@ class Hydrator:
                 out[i] = data
         return still
 
+    async def _fetch_blocks(self, obj: ObjectVersion, indices: list[int]) -> dict[int, bytes]:
+        """Fetch any set of blocks: one ranged GET per contiguous run, runs in parallel.
+
+        Failures are collected rather than left to the nursery, so callers see the
+        StoreError itself (EIO/ENOENT mapping) and never an ExceptionGroup.
+        """
+        runs = contiguous_runs(indices, self.max_run)
+        if len(runs) <= 1:
+            return await self._fetch_run_shared(obj, runs[0]) if runs else {}
+        results: dict[int, bytes] = {}
+        failures: list[StoreError] = []
+
+        async def fetch(run: list[int]) -> None:
+            try:
+                results.update(await self._fetch_run_shared(obj, run))
+            except StoreError as exc:
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for run in runs:
+                nursery.start_soon(fetch, run)
+        if failures:
+            raise failures[0]
+        return results
+
     async def _fetch_run_shared(self, obj: ObjectVersion, run: list[int]) -> dict[int, bytes]:
+        if run != list(range(run[0], run[0] + len(run))):
+            raise AssertionError(f"not a contiguous run of blocks: {run}")
         flights = {}
         for i in run:
             digest = self.chunk_key(obj, i).digest()
@@ -347,7 +380,7 @@ class Hydrator:
         if not todo:
             return
         try:
-            await self._fetch_run_shared(obj, todo)
+            await self._fetch_blocks(obj, todo)
             self.stats.prefetched_blocks += len(todo)
         except StoreError as exc:
             log.debug("read-ahead of %s failed: %s", obj.key, exc)

@@ -1,0 +1,114 @@
+"""Shared fixtures: real S3 servers on loopback, unique buckets, and tierfs mounts.
+
+The servers are session-scoped because SeaweedFS takes seconds to start; isolation
+between tests comes from a fresh bucket per test instead. Mounts are per test and are
+always removed at teardown, even when the test failed or the daemon hung.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+# ``tools`` (at the repository root) is not an installed package, and test modules import
+# ``mounting`` by its plain name whatever pytest's import mode is.
+for _path in (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from mounting import FUSE_AVAILABLE, Mounter  # noqa: E402  (needs the path above)
+
+from tools.servers import MotoS3, S3Server, SeaweedFS  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "fuse: the test makes a FUSE mount and needs /dev/fuse")
+    # A CI timeout or `kill` sends SIGTERM, which by default ends Python without running
+    # fixture teardown and leaves servers and mounts behind. As KeyboardInterrupt it makes
+    # pytest tear everything down first.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Skip only what cannot run here: FUSE tests on a machine without /dev/fuse."""
+    if FUSE_AVAILABLE:
+        return
+    skip = pytest.mark.skip(reason="/dev/fuse is absent: FUSE mounts cannot be made on this machine")
+    for item in items:
+        if "fuse" in item.keywords or "mounter" in getattr(item, "fixturenames", ()):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """One SeaweedFS for the session. Tests that stop/freeze it must restart/thaw it before returning."""
+    with SeaweedFS(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _restore_seaweed(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test that stopped or froze the session's SeaweedFS (and failed before undoing
+    it), bring the server back so that the failure does not cascade into later tests."""
+    yield
+    if "seaweed" in request.fixturenames:
+        server: SeaweedFS = request.getfixturevalue("seaweed")
+        server.ensure_running()
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[MotoS3]:
+    """moto's S3, for keys SeaweedFS rejects and for tests that need no volume server."""
+    with MotoS3() as server:
+        yield server
+
+
+def _bucket_name(test_name: str) -> str:
+    """A valid, unique bucket name that still says which test made it (handy in server logs)."""
+    stem = re.sub(r"[^a-z0-9]+", "-", test_name.lower()).strip("-")[:40].strip("-")
+    return f"t-{stem}-{uuid.uuid4().hex[:10]}" if stem else f"t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def bucket(request: pytest.FixtureRequest) -> Callable[..., str]:
+    """Factory: ``bucket()`` makes a fresh bucket on SeaweedFS, ``bucket(moto)`` on moto; returns its name."""
+
+    def make(server: S3Server | None = None) -> str:
+        target: S3Server = server if server is not None else request.getfixturevalue("seaweed")
+        name = _bucket_name(request.node.name)
+        target.create_bucket(name)
+        return name
+
+    return make
+
+
+@pytest.fixture
+def mounter(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Mounter]:
+    """Factory: ``mounter("s3://BUCKET", *extra_args, cache_dir=None, foreground=True) -> Mount``.
+
+    The endpoint defaults to the session's SeaweedFS (pass ``endpoint_url=moto.endpoint_url``
+    for moto). Every mount is removed at teardown, and its daemon stopped. Tests using it
+    are skipped where /dev/fuse is absent (see ``pytest_collection_modifyitems``).
+    """
+
+    def seaweed_endpoint() -> str:
+        server: SeaweedFS = request.getfixturevalue("seaweed")
+        return server.endpoint_url
+
+    mounts = Mounter(tmp_path, seaweed_endpoint)
+    try:
+        yield mounts
+    finally:
+        mounts.cleanup()
