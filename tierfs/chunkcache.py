@@ -672,6 +672,17 @@ class ChunkCache:
 
     # ------------------------------------------------------------------ access times
 
+    def touch(self, cks: Iterable[ChunkKey]) -> None:
+        """Record reads served from memory above this cache, so LRU and age-out see them.
+
+        Cheap enough for the event loop: no I/O, one short lock; persisted by
+        :meth:`flush_access_times` like the times recorded by :meth:`get`.
+        """
+        now = self._clock()
+        with self._mem:
+            for ck in cks:
+                self._pending[ck.digest()] = now
+
     def flush_access_times(self) -> None:
         """Write the access times batched by get() in one transaction. Holding ``_write_lock`` from the
         swap to the commit means an eviction scan sees every access time in either place."""

@@ -165,12 +165,21 @@ def unregister(mountpoint: str | os.PathLike[str], pid: int | None = None) -> No
                 path.unlink()
 
 
+class _Denied(Exception):
+    """A registry directory exists but this user may not read it (it belongs to root)."""
+
+
 def _read_record(json_path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(json_path.read_text(encoding="utf-8"))
+    except PermissionError:
+        raise _Denied(str(json_path.parent)) from None
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+DENIED_MESSAGE = "permission denied: only root or the mount's owner may control a tierfs mount"
 
 
 def pid_alive(pid: int) -> bool:
@@ -188,10 +197,16 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def _lookup_normalized(normalized: str) -> dict[str, Any] | None:
+def _lookup_normalized(normalized: str, denied: list[str] | None = None) -> dict[str, Any] | None:
+    """The live record for ``normalized``; registry dirs we may not read are noted in ``denied``."""
     digest = _digest(normalized)
     for directory in _candidate_dirs():
-        record = _read_record(directory / f"{digest}.json")
+        try:
+            record = _read_record(directory / f"{digest}.json")
+        except _Denied as exc:
+            if denied is not None:
+                denied.append(str(exc))
+            continue
         if record is None or record.get("mountpoint") != normalized:
             continue
         pid = record.get("pid")
@@ -201,8 +216,16 @@ def _lookup_normalized(normalized: str) -> dict[str, Any] | None:
 
 
 def lookup(mountpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The live registry record of the mount at ``mountpoint``, or None. Never stats inside the mount."""
-    return _lookup_normalized(normalize_mountpoint(mountpoint))
+    """The live registry record of the mount at ``mountpoint``, or None. Never stats inside the mount.
+
+    Raises ControlError (permission denied) when the record may exist in a registry
+    directory this user cannot read, rather than claiming there is no mount.
+    """
+    denied: list[str] = []
+    record = _lookup_normalized(normalize_mountpoint(mountpoint), denied)
+    if record is None and denied:
+        raise ControlError(DENIED_MESSAGE)
+    return record
 
 
 def find_mount(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
@@ -219,6 +242,7 @@ def find_mount(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
     pending = deque(text.split("/"))
     current = "/"
     links = 0
+    denied: list[str] = []
     while pending:
         part = pending.popleft()
         if part in ("", "."):
@@ -227,7 +251,7 @@ def find_mount(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
             current = os.path.dirname(current)
             continue
         candidate = os.path.join(current, part)
-        record = _lookup_normalized(candidate)
+        record = _lookup_normalized(candidate, denied)
         if record is not None:
             rest = os.path.normpath("/".join(p for p in pending if p))
             if rest != ".." and not rest.startswith("../"):
@@ -245,6 +269,8 @@ def find_mount(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
         pending.extendleft(reversed(target.split("/")))
         if target.startswith("/"):
             current = "/"
+    if denied:
+        raise ControlError(DENIED_MESSAGE)
     raise ControlUnavailable(f"no tierfs mount at {os.fspath(path)}")
 
 

@@ -38,6 +38,7 @@ class CrtRangeReader:
     ) -> None:
         self.bucket = bucket
         self.timeout = timeout
+        self.deadline = timeout * (retries + 1)  # the CRT's retries happen inside one future
         url = urlsplit(endpoint_url or f"https://s3.{region}.amazonaws.com")
         self.host = url.netloc
         self.base = url.path.rstrip("/")
@@ -90,12 +91,12 @@ class CrtRangeReader:
             on_body=on_body,
         )
         try:
-            request.finished_future.result(self.timeout * 2)
+            request.finished_future.result(self.deadline)
         except s3.S3ResponseError as exc:
             raise _map_status(exc.status_code, f"GET {key}: {exc.status_code} {exc}") from None
         except TimeoutError:
             request.cancel()
-            raise Unavailable(f"GET {key}: no answer within {self.timeout * 2:.0f} s") from None
+            raise Unavailable(f"GET {key}: no answer within {self.deadline:.0f} s") from None
         except Exception as exc:  # CRT connection errors arrive as plain exceptions
             raise Unavailable(f"GET {key}: {type(exc).__name__}: {exc}") from None
         return bytes(body), int(response.get("status", 0)), response.get("headers", {})

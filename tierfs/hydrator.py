@@ -49,6 +49,8 @@ class BlockCache(Protocol):
 
     def contains(self, ck: ChunkKey) -> bool: ...
 
+    def touch(self, cks: list[ChunkKey]) -> None: ...
+
 
 @dataclass(frozen=True)
 class ObjectVersion:
@@ -205,6 +207,7 @@ class Hydrator:
         if out:
             self.stats.cache_hits += len(out)
             self.stats.bytes_from_cache += sum(len(b) for b in out.values())
+            self.cache.touch([self.chunk_key(obj, i) for i in out])
         while missing:
             missing = await self._from_disk(obj, missing, out)
             if not missing:
