@@ -121,24 +121,27 @@ def free_port() -> int:
             return port
 
 
-# SeaweedFS opens a gRPC listener at every base port + 10000. Base ports are drawn from
-# 12000..21999 so that both the port and its gRPC twin (22000..31999) lie below Linux's
+# SeaweedFS opens a gRPC listener at every base port + 10000. Its ports are drawn from
+# 12000..21999 so that both a port and its gRPC twin (22000..31999) lie below Linux's
 # ephemeral range (32768+), where an outgoing connection could take them between our
-# check and the server's bind.
+# check and the server's bind, and where a restarted server would have to win them back.
 _GRPC_OFFSET = 10000
-_SEAWEED_PORTS = range(12000, 22000)
+_LOW_PORTS = range(12000, 22000)
+
+
+def _low_port(with_grpc_twin: bool) -> int:
+    for _ in range(1000):
+        port = random.choice(_LOW_PORTS)
+        wanted = (port, port + _GRPC_OFFSET) if with_grpc_twin else (port,)
+        if not _handed_out.intersection(wanted) and all(_bindable(p) for p in wanted):
+            _handed_out.update(wanted)
+            return port
+    raise RuntimeError("no free port below 32000 for SeaweedFS")
 
 
 def seaweed_base_port() -> int:
-    """A free base port whose gRPC twin (port + 10000) is free as well."""
-    for _ in range(1000):
-        port = random.choice(_SEAWEED_PORTS)
-        if port in _handed_out or port + _GRPC_OFFSET in _handed_out:
-            continue
-        if _bindable(port) and _bindable(port + _GRPC_OFFSET):
-            _handed_out.update((port, port + _GRPC_OFFSET))
-            return port
-    raise RuntimeError("no free port pair for SeaweedFS below 32000")
+    """A free base port below the ephemeral range whose gRPC twin (port + 10000) is free as well."""
+    return _low_port(with_grpc_twin=True)
 
 
 # --------------------------------------------------------------------------- processes
@@ -242,7 +245,7 @@ class SeaweedFS:
         self.master_port = seaweed_base_port()
         self.volume_port = seaweed_base_port()
         self.filer_port = seaweed_base_port()
-        self.metrics_port = free_port()
+        self.metrics_port = _low_port(with_grpc_twin=False)
         self._proc: subprocess.Popen[bytes] | None = None
         self._frozen = False
         self._volumes = 0  # volumes the master knew before the last stop
@@ -434,7 +437,7 @@ class SeaweedFS:
     def create_bucket(self, name: str) -> None:
         """Create a bucket and warm it up with one PUT + DELETE.
 
-        SeaweedFS allocates volumes for a bucket on its first PUT, which takes ~5 s; doing it
+        SeaweedFS allocates volumes for a bucket on its first PUT, which can take seconds; doing it
         here keeps that delay out of the tests' own timeouts and measurements.
         """
         client = s3_client(self.endpoint_url, read_timeout=60.0)
