@@ -79,6 +79,19 @@ def run_tierfs(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
+def tierfs_ok(*args: str) -> dict[str, Any]:
+    """Run a tierfs CLI command that must succeed; its --json output (if any) parsed."""
+    result = run_tierfs(*args)
+    assert result.returncode == 0, (
+        f"tierfs {' '.join(args)}: {result.returncode}\n{result.stdout}{result.stderr}"
+    )
+    try:
+        parsed: dict[str, Any] = json.loads(result.stdout)
+    except ValueError:
+        return {}
+    return parsed
+
+
 class Mount:
     """One tierfs mount made by :class:`Mounter`.
 

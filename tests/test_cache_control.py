@@ -12,7 +12,6 @@ and the daemon's in-memory hot blocks, which we cannot.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -23,10 +22,9 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from mounting import Mount, Mounter, MountFailed, run_tierfs
+from mounting import Mount, Mounter, MountFailed, run_tierfs, tierfs_ok
 
 from tierfs.chunkcache import ChunkKey
 from tools.servers import SeaweedFS, child_env, free_port, s3_client
@@ -65,18 +63,6 @@ def read_direct(path: Path) -> bytes:
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def tierfs_ok(*args: str) -> dict[str, Any]:
-    result = run_tierfs(*args)
-    assert result.returncode == 0, (
-        f"tierfs {' '.join(args)}: {result.returncode}\n{result.stdout}{result.stderr}"
-    )
-    try:
-        parsed: dict[str, Any] = json.loads(result.stdout)
-    except ValueError:
-        return {}
-    return parsed
 
 
 class Bucket:

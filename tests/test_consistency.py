@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +20,7 @@ from typing import Any
 import lmdb
 import pytest
 import trio
-from mounting import Mounter, run_tierfs
+from mounting import Mounter, tierfs_ok
 
 from tierfs import importer
 from tierfs.errors import Unavailable
@@ -46,19 +45,6 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
 def read(path: Path) -> bytes:
     with path.open("rb") as f:
         return f.read()
-
-
-def tierfs_ok(*args: str) -> dict[str, Any]:
-    """Run a tierfs CLI command that must succeed; its --json output (if any) parsed."""
-    result = run_tierfs(*args)
-    assert result.returncode == 0, (
-        f"tierfs {' '.join(args)}: {result.returncode}\n{result.stdout}{result.stderr}"
-    )
-    try:
-        parsed: dict[str, Any] = json.loads(result.stdout)
-    except ValueError:
-        return {}
-    return parsed
 
 
 def missing(path: Path) -> bool:

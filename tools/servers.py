@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 import boto3
 import botocore.config
 
+from tierfs.control import pid_alive
 from tierfs.kerneltune import abort_connection, find_mount
 
 if TYPE_CHECKING:
@@ -162,20 +163,6 @@ def terminate_process_group(proc: subprocess.Popen[Any], grace: float = 3.0) -> 
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-
-
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie (exited, not yet reaped by its parent) counts as dead."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 def wait_pid_exit(pid: int, timeout: float) -> bool:
