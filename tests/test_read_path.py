@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import subprocess
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -203,9 +202,7 @@ def test_remount_on_the_same_cache_rereads_without_any_get(
     expected = {rel: hashlib.sha256(body).hexdigest() for rel, body in objects.items()}
     assert read_all(first.path, files) == expected
     inodes = inode_numbers(first.path, files)
-    # The kernel-side unmount, as umount(8) does it. (`tierfs umount` would wait for our unreaped
-    # foreground child as if it were alive: control.pid_alive counts zombies; reported.)
-    subprocess.run(["fusermount3", "-u", str(first.path)], check=True)
+    first.umount()
     assert first.wait_exited(60), first.log_text()
 
     second = mounter(f"s3://{name}", *args, cache_dir=first.cache_dir)
