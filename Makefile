@@ -30,7 +30,7 @@ define apt_install
 	fi
 endef
 
-.PHONY: all deps bench-deps venv .venv lint test demo bench clean
+.PHONY: all deps bench-deps venv .venv lint test demo bench bench-rss clean
 
 all: test
 
@@ -66,7 +66,10 @@ demo: deps $(STAMP)
 	$(PY) -m tools.demo
 
 bench: deps bench-deps $(STAMP)
-	$(PY) -m tools.bench
+	$(PY) -m tools.bench $(BENCH_ARGS)
+
+bench-rss: deps $(STAMP)
+	$(PY) -m tools.bench_rss $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache bench-out *.egg-info

@@ -1,0 +1,808 @@
+"""tierfs benchmark: the same dataset read through local disk, raw boto3, tierfs, s3fs and rclone.
+
+``make bench`` (``python -m tools.bench``) starts a SeaweedFS gateway in a temporary
+directory (or uses ``--endpoint-url``), seeds an ImageNet-like dataset, and measures every
+system in the same run, so that the ratios compare like with like on this machine at
+this moment. The workloads themselves live in :mod:`tools.bench_workloads`; this module
+mounts and unmounts the systems, sequences cold and warm phases, and prints the report.
+
+Cold means: fresh cache directory, fresh mount, page cache dropped. Warm on disk means:
+same cache directory, remounted, page cache dropped. Warm page cache means: read again
+without dropping anything. Numbers are wall-clock (``time.perf_counter``); nothing here
+asserts on them — the PASS/MISS column only compares them with the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tierfs.units import format_bytes, parse_size
+from tools.bench_workloads import (
+    Dataset,
+    Measure,
+    UsageMeter,
+    bench_client,
+    boto3_list,
+    boto3_random,
+    boto3_sequential,
+    boto3_small,
+    dataset_present,
+    download,
+    drop_caches,
+    epoch_one,
+    is_root,
+    loader_pass,
+    log,
+    random_pread,
+    read_sequential,
+    read_small,
+    run_quiet,
+    seed,
+    stat_tree,
+    wait_for,
+)
+from tools.servers import (
+    ACCESS_KEY,
+    REGION,
+    SECRET_KEY,
+    SeaweedFS,
+    child_env,
+    force_unmount,
+    is_fuse_mounted,
+    terminate_process_group,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MOUNT_TIMEOUT = 60.0
+
+# (key, label) in report order; the numbers are the workloads of the issue.
+WORKLOADS: list[tuple[str, str]] = [
+    ("stat_cold", "1 stat every entry, cold"),
+    ("small_cold", "2 small files, cold"),
+    ("large_cold", "3 large sequential, cold"),
+    ("pread_warm", "4 128K random pread, warm"),
+    ("small_warm_disk", "5 small files, warm on disk"),
+    ("large_warm_disk", "6 large seq, warm on disk"),
+    ("small_warm_page", "7 small files, warm page cache"),
+    ("loader_cold", "8a DataLoader procs, cold"),
+    ("loader_warm", "8b DataLoader procs, warm disk"),
+    ("epoch_one", "9 epoch one (lower is better)"),
+]
+SYSTEMS = ("local", "boto3", "tierfs", "s3fs", "rclone")
+
+
+@dataclass(frozen=True)
+class Target:
+    """tierfs's ``workload`` must reach ``factor`` times ``baseline``'s (strictly more if ``strict``)."""
+
+    label: str
+    workload: str
+    baseline: str
+    factor: float
+    strict: bool = False
+
+
+TARGETS = [
+    Target("small warm page cache >= 0.8x local", "small_warm_page", "local", 0.8),
+    Target("small warm on disk >= 0.5x local", "small_warm_disk", "local", 0.5),
+    Target("large seq warm on disk >= 0.7x local", "large_warm_disk", "local", 0.7),
+    Target("random pread warm >= 0.5x local", "pread_warm", "local", 0.5),
+    Target("stat cold >= 0.5x local", "stat_cold", "local", 0.5),
+    Target("small cold >= 3x boto3", "small_cold", "boto3", 3.0),
+    Target("small cold >= 3x rclone", "small_cold", "rclone", 3.0),
+    Target("large seq cold >= 0.9x boto3", "large_cold", "boto3", 0.9),
+    Target("epoch one < download-then-read", "epoch_one", "local", 1.0, strict=True),
+]
+
+
+# --------------------------------------------------------------------------- mounted systems
+
+
+@dataclass
+class Mounted:
+    """A live mount: where it is, which process serves it, and how long mounting took."""
+
+    path: Path
+    pid: int
+    mount_seconds: float
+
+
+class MountSystem:
+    """A FUSE client run as a foreground child in its own session, so we always hold its pid.
+
+    Subclasses say how to build the command; ``fresh`` gives the client an empty cache
+    directory (cold), otherwise the previous one is reused (warm on disk).
+    """
+
+    name = "mount"
+
+    def __init__(self, workdir: Path, endpoint_url: str, bucket: str) -> None:
+        self.workdir = workdir
+        self.endpoint_url = endpoint_url
+        self.bucket = bucket
+        self.mountpoint = workdir / f"mnt-{self.name}"
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        self.log_path = workdir / f"{self.name}.log"
+        self._generation = 0
+        self.cache_dir = self._cache_path()
+
+    def _cache_path(self) -> Path:
+        return self.workdir / f"cache-{self.name}-{self._generation}"
+
+    def _new_cache(self) -> None:
+        """A fresh, empty cache directory; the previous one is deleted so runs do not fill the disk."""
+        shutil.rmtree(self.cache_dir, ignore_errors=True)
+        self._generation += 1
+        self.cache_dir = self._cache_path()
+        self.cache_dir.mkdir(parents=True)
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        return child_env()
+
+    def start(self) -> tuple[subprocess.Popen[bytes], int]:
+        """Launch the client; returns the launched process and the pid of the serving daemon."""
+        with self.log_path.open("ab") as log_file:
+            log_file.write(f"\n=== {' '.join(self.command())}\n".encode())
+            log_file.flush()
+            proc = subprocess.Popen(
+                self.command(),
+                env=self.env(),
+                cwd=REPO_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            wait_for(
+                lambda: is_fuse_mounted(self.mountpoint),
+                MOUNT_TIMEOUT,
+                f"{self.name} mount",
+                alive=lambda: proc.poll() is None,
+            )
+        except RuntimeError as exc:
+            terminate_process_group(proc)
+            raise RuntimeError(f"{exc}\n{self.log_tail()}") from None
+        return proc, proc.pid
+
+    def unmount(self) -> None:
+        run_quiet(["fusermount3", "-u", str(self.mountpoint)])
+
+    def stop(self, proc: subprocess.Popen[bytes], pid: int) -> None:
+        """Unmount (cleanly if possible, forcibly otherwise), then stop the daemon by pid."""
+        with contextlib.suppress(Exception):
+            self.unmount()
+        force_unmount(self.mountpoint)
+        if proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+            terminate_process_group(proc, grace=5.0)
+        if pid != proc.pid:
+            _stop_pid(pid)
+
+    @contextlib.contextmanager
+    def mounted(self, fresh: bool) -> Iterator[Mounted]:
+        if fresh:
+            self._new_cache()
+        start = time.perf_counter()
+        proc, pid = self.start()
+        try:
+            yield Mounted(self.mountpoint, pid, time.perf_counter() - start)
+        finally:
+            self.stop(proc, pid)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def cleanup(self) -> None:
+        force_unmount(self.mountpoint)
+        shutil.rmtree(self.cache_dir, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _stop_pid(pid: int, grace: float = 10.0) -> None:
+    """Wait for a daemon we do not parent to exit; SIGTERM and then SIGKILL it if it lingers."""
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if sig is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not _pid_alive(pid):
+            return
+
+
+class TierfsSystem(MountSystem):
+    """``python -m tierfs mount`` in daemon mode, exactly as a user runs it; read-only for the benchmark."""
+
+    name = "tierfs"
+
+    def __init__(self, workdir: Path, endpoint_url: str, bucket: str, extra_args: Sequence[str] = ()) -> None:
+        super().__init__(workdir, endpoint_url, bucket)
+        self.extra_args = list(extra_args)
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "tierfs",
+            "mount",
+            f"s3://{self.bucket}",
+            str(self.mountpoint),
+            "--endpoint-url",
+            self.endpoint_url,
+            "--cache-dir",
+            str(self.cache_dir),
+            "--log-file",
+            str(self.log_path),
+            "--read-only",
+            *self.extra_args,
+        ]
+
+    def start(self) -> tuple[subprocess.Popen[bytes], int]:
+        """Daemon mode: the command exits 0 once the mount is live; the daemon's pid comes from status."""
+        with self.log_path.open("ab") as log_file:
+            proc = subprocess.Popen(
+                self.command(),
+                env=self.env(),
+                cwd=REPO_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            code = proc.wait(MOUNT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            terminate_process_group(proc)
+            force_unmount(self.mountpoint)
+            raise RuntimeError(
+                f"tierfs mount did not return in {MOUNT_TIMEOUT} s\n{self.log_tail()}"
+            ) from None
+        if code != 0 or not is_fuse_mounted(self.mountpoint):
+            force_unmount(self.mountpoint)
+            raise RuntimeError(f"tierfs mount failed ({code})\n{self.log_tail()}")
+        return proc, self.daemon_pid()
+
+    def daemon_pid(self) -> int:
+        result = self._tierfs("status", str(self.mountpoint), "--json")
+        if result.returncode != 0:
+            raise RuntimeError(f"tierfs status failed: {result.stderr}")
+        return int(json.loads(result.stdout)["pid"])
+
+    def status(self) -> dict[str, Any]:
+        result = self._tierfs("status", str(self.mountpoint), "--json")
+        return dict(json.loads(result.stdout)) if result.returncode == 0 else {}
+
+    def unmount(self) -> None:
+        self._tierfs("umount", str(self.mountpoint))
+
+    def _tierfs(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_quiet([sys.executable, "-m", "tierfs", *args], env=child_env())
+
+
+class S3fsSystem(MountSystem):
+    """s3fs-fuse with its defaults (no local disk cache), path-style requests to the loopback gateway."""
+
+    name = "s3fs"
+    binary = "/usr/bin/s3fs"
+
+    def command(self) -> list[str]:
+        passwd = self.workdir / "s3fs.passwd"
+        passwd.write_text(f"{ACCESS_KEY}:{SECRET_KEY}\n")
+        passwd.chmod(0o600)  # s3fs refuses a credentials file others can read
+        opts = f"url={self.endpoint_url},use_path_request_style,passwd_file={passwd},endpoint={REGION}"
+        return [self.binary, self.bucket, str(self.mountpoint), "-f", "-o", opts]
+
+
+class RcloneSystem(MountSystem):
+    """``rclone mount`` with a full VFS disk cache in our cache directory (its best mode for re-reads)."""
+
+    name = "rclone"
+    binary = "/usr/bin/rclone"
+
+    def command(self) -> list[str]:
+        config = self.workdir / "rclone.conf"
+        config.write_text(
+            "[bench]\ntype = s3\nprovider = Other\n"
+            f"access_key_id = {ACCESS_KEY}\nsecret_access_key = {SECRET_KEY}\n"
+            f"endpoint = {self.endpoint_url}\nregion = {REGION}\nforce_path_style = true\n"
+        )
+        return [
+            self.binary,
+            "mount",
+            f"bench:{self.bucket}",
+            str(self.mountpoint),
+            "--config",
+            str(config),
+            "--vfs-cache-mode",
+            "full",
+            "--cache-dir",
+            str(self.cache_dir),
+            "--read-only",
+        ]
+
+    def env(self) -> dict[str, str]:
+        env = child_env()
+        env.pop("AWS_CA_BUNDLE", None)  # rclone fails to load a proxy bundle even for plain HTTP
+        return env
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Options:
+    threads: int
+    workers: int
+    preads: int
+    loader_systems: tuple[str, ...] = ("local", "tierfs")
+
+
+@dataclass
+class Report:
+    """Everything a run measured; serialised as the JSON output."""
+
+    started: str
+    dataset: dict[str, int]
+    machine: dict[str, Any]
+    options: dict[str, Any]
+    seed_seconds: float | None = None
+    download_seconds: float | None = None
+    results: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    usage: list[dict[str, Any]] = field(default_factory=list)
+    tierfs_status: dict[str, Any] = field(default_factory=dict)
+    targets: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def record(self, workload: str, system: str, measure: Measure) -> None:
+        self.results.setdefault(workload, {})[system] = asdict(measure)
+        log(f"{system:7} {workload:16} {measure.value:>10.1f} {measure.unit} ({measure.seconds:.2f} s)")
+
+    def value(self, workload: str, system: str) -> float | None:
+        entry = self.results.get(workload, {}).get(system)
+        return None if entry is None else float(entry["value"])
+
+
+# Status values that are levels or settings, not counters: reported as they are after the phase.
+_STATUS_LEVELS = frozenset(
+    {
+        "pid",
+        "uptime_seconds",
+        "metadata_ttl",
+        "hit_ratio",
+        "compression_ratio",
+        "cache_limit_bytes",
+        "cache_free_disk_bytes",
+    }
+)
+
+
+def counter_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Status after a phase, with every counter turned into "how much during the phase"."""
+    out: dict[str, Any] = {}
+    for key, value in after.items():
+        prior = before.get(key)
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        counts = is_number and isinstance(prior, int | float) and key not in _STATUS_LEVELS
+        out[key] = value - prior if counts else value
+    return out
+
+
+class Runner:
+    """Runs every workload on every system in one process, against one dataset."""
+
+    def __init__(self, report: Report, dataset: Dataset, opts: Options, client: Any, bucket: str) -> None:
+        self.report = report
+        self.dataset = dataset
+        self.opts = opts
+        self.client = client
+        self.bucket = bucket
+
+    def timed(
+        self,
+        system: str,
+        workload: str,
+        pid: int | None,
+        fn: Callable[[bool], Measure],
+        drop: bool = True,
+        probe: Callable[[], dict[str, Any]] | None = None,
+    ) -> Measure:
+        """Run one workload (dropping the page cache first unless told not to) and meter the daemon.
+
+        ``probe`` (tierfs's status) is sampled around the phase, so the JSON shows how many
+        GETs, LISTs and cache hits each number came from.
+        """
+        dropped = drop_caches() if drop else False
+        before = probe() if probe is not None else {}
+        with UsageMeter(pid) as meter:
+            measure = fn(dropped)
+        self.report.record(workload, system, measure)
+        if meter.usage is not None:
+            self.report.usage.append({"system": system, "phase": workload, **asdict(meter.usage)})
+        if probe is not None:
+            self.report.tierfs_status[workload] = counter_delta(before, probe())
+        return measure
+
+    # -- local ---------------------------------------------------------------------
+
+    def run_local(self, local: Path) -> None:
+        """Local disk: "cold" = page cache dropped; it also stands in for warm-on-disk comparisons."""
+        ds, o = self.dataset, self.opts
+        log("downloading the dataset to local disk (the download-first baseline)")
+        drop_caches()
+        self.report.download_seconds = round(download(self.client, self.bucket, ds, local, o.threads), 3)
+        log(f"download took {self.report.download_seconds:.1f} s")
+        # Read right after the download with the page cache warm, as a job would start after it.
+        epoch_one(local, ds, o.threads, False)
+        read_back = epoch_one(local, ds, o.threads, False)
+        total = self.report.download_seconds + read_back.seconds
+        self.report.record(
+            "epoch_one",
+            "local",
+            Measure(
+                round(total, 3),
+                "s",
+                round(total, 3),
+                read_back.items,
+                read_back.nbytes,
+                False,
+                {"download_seconds": self.report.download_seconds, "read_seconds": read_back.seconds},
+            ),
+        )
+        self.timed("local", "stat_cold", None, lambda d: stat_tree(local, o.threads, d))
+        small = self.timed(
+            "local", "small_cold", None, lambda d: read_small(local, ds.small_keys(), o.threads, d)
+        )
+        self.timed(
+            "local",
+            "small_warm_page",
+            None,
+            lambda d: read_small(local, ds.small_keys(), o.threads, d),
+            drop=False,
+        )
+        large = self.timed("local", "large_cold", None, lambda d: read_sequential(local, ds.shard_keys(), d))
+        self.timed(
+            "local",
+            "pread_warm",
+            None,
+            lambda d: random_pread(local, ds.shard_keys(), ds.shard_size, o.preads, o.threads, d),
+        )
+        # On local disk "warm on disk" is just "page cache dropped".
+        self.report.record("small_warm_disk", "local", small)
+        self.report.record("large_warm_disk", "local", large)
+        if "local" in o.loader_systems:
+            loader = self.timed(
+                "local", "loader_cold", None, lambda d: loader_pass(local, ds.small_keys(), o.workers, d)
+            )
+            self.report.record("loader_warm", "local", loader)
+
+    # -- boto3 ---------------------------------------------------------------------
+
+    def run_boto3(self) -> None:
+        """Raw parallel GETs: the ceiling of a client with no cache; every read goes to the server."""
+        ds, o, c, b = self.dataset, self.opts, self.client, self.bucket
+        self.timed("boto3", "stat_cold", None, lambda d: boto3_list(c, b))
+        self.timed("boto3", "small_cold", None, lambda d: boto3_small(c, b, ds.small_keys(), o.threads))
+        self.timed(
+            "boto3",
+            "large_cold",
+            None,
+            lambda d: boto3_sequential(c, b, ds.shard_keys(), ds.shard_size, streams=8),
+        )
+        self.timed(
+            "boto3",
+            "pread_warm",
+            None,
+            lambda d: boto3_random(c, b, ds.shard_keys(), ds.shard_size, o.preads, o.threads),
+        )
+
+    # -- FUSE mounts ---------------------------------------------------------------
+
+    def run_mount(self, system: MountSystem, epoch: bool) -> None:
+        """The cold / warm-on-disk / warm-page-cache sequence for one FUSE client."""
+        ds, o, name = self.dataset, self.opts, system.name
+        small, shards = ds.small_keys(), ds.shard_keys()
+        probe = system.status if isinstance(system, TierfsSystem) else None
+
+        def timed(workload: str, pid: int, fn: Callable[[bool], Measure], drop: bool = True) -> None:
+            self.timed(name, workload, pid, fn, drop=drop, probe=probe)
+
+        drop_caches()
+        with system.mounted(fresh=True) as m:
+            timed("stat_cold", m.pid, lambda d: stat_tree(m.path, o.threads, d))
+        with system.mounted(fresh=True) as m:
+            timed("small_cold", m.pid, lambda d: read_small(m.path, small, o.threads, d))
+        # Same cache directory: the shards have never been read, so they are still cold.
+        with system.mounted(fresh=False) as m:
+            timed("large_cold", m.pid, lambda d: read_sequential(m.path, shards, d))
+        with system.mounted(fresh=False) as m:
+            timed("small_warm_disk", m.pid, lambda d: read_small(m.path, small, o.threads, d))
+            timed("small_warm_page", m.pid, lambda d: read_small(m.path, small, o.threads, d), drop=False)
+            timed("large_warm_disk", m.pid, lambda d: read_sequential(m.path, shards, d))
+            timed(
+                "pread_warm",
+                m.pid,
+                lambda d: random_pread(m.path, shards, ds.shard_size, o.preads, o.threads, d),
+            )
+        if name in o.loader_systems:
+            with system.mounted(fresh=True) as m:
+                timed("loader_cold", m.pid, lambda d: loader_pass(m.path, small, o.workers, d))
+            with system.mounted(fresh=False) as m:
+                timed("loader_warm", m.pid, lambda d: loader_pass(m.path, small, o.workers, d))
+        if epoch:
+            dropped = drop_caches()  # before mounting, so the mount time is part of the measured epoch
+            with system.mounted(fresh=True) as m:
+                timed(
+                    "epoch_one",
+                    m.pid,
+                    lambda _: epoch_one(m.path, ds, o.threads, dropped, setup_seconds=m.mount_seconds),
+                    drop=False,
+                )
+
+
+# --------------------------------------------------------------------------- report
+
+
+def ratio(report: Report, workload: str, baseline: str, system: str = "tierfs") -> float | None:
+    """How many times better ``system`` did than ``baseline`` (for seconds, the inverse quotient)."""
+    ours, theirs = report.value(workload, system), report.value(workload, baseline)
+    if ours is None or theirs is None or ours <= 0 or theirs <= 0:
+        return None
+    return theirs / ours if workload == "epoch_one" else ours / theirs
+
+
+def evaluate_targets(report: Report) -> None:
+    report.targets = []
+    for t in TARGETS:
+        r = ratio(report, t.workload, t.baseline)
+        verdict = (
+            "n/a" if r is None else ("PASS" if (r > t.factor if t.strict else r >= t.factor) else "MISS")
+        )
+        report.targets.append({**asdict(t), "ratio": None if r is None else round(r, 3), "verdict": verdict})
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if value >= 100 else f"{value:,.2f}" if value < 10 else f"{value:,.1f}"
+
+
+def render(report: Report, systems: Sequence[str]) -> str:
+    """The plain-text report: absolute numbers, ratios of tierfs to each other system, targets."""
+    others = [s for s in systems if s != "tierfs"]
+    head = ["workload", "unit", *systems, *(f"t/{s}" for s in others)]
+    rows = [head]
+    for key, label in WORKLOADS:
+        entries = report.results.get(key, {})
+        if not entries:
+            continue
+        unit = next(iter(entries.values()))["unit"]
+        rows.append(
+            [
+                label,
+                unit,
+                *(_fmt(report.value(key, s)) for s in systems),
+                *(_fmt(ratio(report, key, s)) for s in others),
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i < 2 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append("")
+    lines.append(
+        "t/X = tierfs relative to X (higher is better; for epoch one, X's seconds / tierfs's seconds)"
+    )
+    lines.append("")
+    width = max(len(t["label"]) for t in report.targets) if report.targets else 10
+    lines.append(f"{'target'.ljust(width)}  {'ratio':>7}  verdict")
+    for t in report.targets:
+        lines.append(f"{t['label'].ljust(width)}  {_fmt(t['ratio']):>7}  {t['verdict']}")
+    if report.usage:
+        lines.append("")
+        lines.append("daemon CPU and peak RSS per phase")
+        for u in report.usage:
+            peak = f"{u['peak_rss_mib']:.0f} MiB" + ("" if u["peak_reset"] else " (lifetime)")
+            lines.append(f"  {u['system']:7} {u['phase']:16} cpu {u['cpu_seconds']:7.2f} s   peak RSS {peak}")
+    for w in report.warnings:
+        lines.append(f"WARNING: {w}")
+    for e in report.errors:
+        lines.append(f"ERROR: {e}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--endpoint-url", help="use this S3 endpoint instead of starting SeaweedFS")
+    p.add_argument("--bucket", default="tierfs-bench", help="bucket to seed / reuse (default tierfs-bench)")
+    p.add_argument("--quick", action="store_true", help="smoke-test size: 1000 files, 2 x 64 MiB shards")
+    p.add_argument("--small-files", type=int, help="number of small files (default 5000)")
+    p.add_argument("--small-size", type=parse_size, help="size of a small file (default 110K)")
+    p.add_argument("--shards", type=int, help="number of large shards (default 2)")
+    p.add_argument("--shard-size", type=parse_size, help="size of a shard (default 512M)")
+    p.add_argument("--threads", type=int, default=8, help="reader threads (default 8)")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader-style worker processes (default 8)")
+    p.add_argument("--preads", type=int, help="random 128 KiB preads per run (default 4000; quick 1000)")
+    p.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help="comma list of systems to measure (default: all; s3fs/rclone only if installed)",
+    )
+    p.add_argument(
+        "--tierfs-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for `tierfs mount` (repeatable), e.g. --tierfs-arg=--s3-concurrency=32",
+    )
+    p.add_argument(
+        "--workdir", type=Path, help="where caches, mounts and the local copy go (default: a temp dir)"
+    )
+    p.add_argument("--keep-workdir", action="store_true", help="do not delete the work directory")
+    p.add_argument("--json-out", type=Path, help="JSON output (default bench-out/bench-<timestamp>.json)")
+    args = p.parse_args(argv)
+    defaults = (
+        (1000, 110 * 1024, 2, 64 * 1024 * 1024, 1000)
+        if args.quick
+        else (5000, 110 * 1024, 2, 512 * 1024 * 1024, 4000)
+    )
+    for name, default in zip(
+        ("small_files", "small_size", "shards", "shard_size", "preads"), defaults, strict=True
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    return args
+
+
+def available_systems(requested: str) -> tuple[list[str], list[str]]:
+    """The requested systems that can run here, plus a warning for each that cannot."""
+    chosen, warnings = [], []
+    for name in (s.strip() for s in requested.split(",") if s.strip()):
+        if name not in SYSTEMS:
+            raise SystemExit(f"unknown system {name!r} (choose from {', '.join(SYSTEMS)})")
+        binary = {"s3fs": S3fsSystem.binary, "rclone": RcloneSystem.binary}.get(name)
+        if binary is not None and not os.access(binary, os.X_OK):
+            warnings.append(f"{name} skipped: {binary} not installed")
+            continue
+        chosen.append(name)
+    return chosen, warnings
+
+
+@contextlib.contextmanager
+def s3_endpoint(args: argparse.Namespace, workdir: Path) -> Iterator[str]:
+    """The given endpoint, or a SeaweedFS started for this run and stopped afterwards."""
+    if args.endpoint_url:
+        yield args.endpoint_url
+        return
+    log("starting SeaweedFS")
+    with SeaweedFS(workdir / "seaweed") as server:
+        yield server.endpoint_url
+
+
+def prepare_bucket(client: Any, bucket: str, dataset: Dataset, report: Report) -> None:
+    """Seed the bucket unless it already holds exactly this dataset; refuse to mix datasets."""
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    if bucket in existing:
+        if dataset_present(client, bucket, dataset):
+            log(f"bucket {bucket} already holds this dataset: not re-seeding")
+            return
+        if client.list_objects_v2(Bucket=bucket, MaxKeys=1).get("KeyCount", 0):
+            raise SystemExit(f"bucket {bucket} holds other data; choose another --bucket")
+    else:
+        client.create_bucket(Bucket=bucket)
+    log(
+        f"seeding {dataset.small_files} x {format_bytes(dataset.small_size)} + "
+        f"{dataset.shards} x {format_bytes(dataset.shard_size)}"
+    )
+    report.seed_seconds = round(seed(client, bucket, dataset), 3)
+    log(f"seeded in {report.seed_seconds:.1f} s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    systems, warnings = available_systems(args.systems)
+    dataset = Dataset(args.small_files, args.small_size, args.shards, args.shard_size)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    json_out = args.json_out or REPO_ROOT / "bench-out" / f"bench-{stamp}.json"
+    if not is_root():
+        warnings.append("not root: page cache not dropped, cold and on-disk numbers are optimistic")
+    report = Report(
+        started=stamp,
+        dataset=asdict(dataset),
+        machine={
+            "cpus": os.cpu_count(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+            "root": is_root(),
+            "loadavg_at_start": os.getloadavg(),
+        },
+        options={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        warnings=warnings,
+    )
+    opts = Options(args.threads, args.workers, args.preads)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tierfs-bench-", dir="/var/tmp"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    mounts: list[MountSystem] = []
+    try:
+        with s3_endpoint(args, workdir) as endpoint:
+            client = bench_client(endpoint)
+            prepare_bucket(client, args.bucket, dataset, report)
+            runner = Runner(report, dataset, opts, client, args.bucket)
+            factories: dict[str, Callable[[], MountSystem]] = {
+                "tierfs": lambda: TierfsSystem(workdir, endpoint, args.bucket, args.tierfs_arg),
+                "s3fs": lambda: S3fsSystem(workdir, endpoint, args.bucket),
+                "rclone": lambda: RcloneSystem(workdir, endpoint, args.bucket),
+            }
+            for name in systems:
+                log(f"=== {name}")
+                try:
+                    if name == "local":
+                        runner.run_local(workdir / "local")
+                        shutil.rmtree(workdir / "local", ignore_errors=True)
+                    elif name == "boto3":
+                        runner.run_boto3()
+                    else:
+                        mount = factories[name]()
+                        mounts.append(mount)
+                        runner.run_mount(mount, epoch=name == "tierfs")
+                        mount.cleanup()
+                except Exception as exc:  # one broken system must not lose the others' numbers
+                    report.errors.append(f"{name}: {type(exc).__name__}: {exc}")
+                    log(f"{name} failed: {exc}")
+    finally:
+        for mount in mounts:
+            mount.cleanup()
+        if not args.keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report.machine["loadavg_at_end"] = os.getloadavg()
+    evaluate_targets(report)
+    print(render(report, systems))
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    print(f"\nJSON written to {json_out}")
+    return 1 if report.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
