@@ -68,7 +68,9 @@ class CrtRangeReader:
         if if_match:
             headers.add("if-match", f'"{if_match}"')
         path = f"{self.base}/{self.bucket}/{quote(key, safe='/~')}"
-        body = bytearray()
+        body = bytearray(length)
+        view = memoryview(body)
+        received = 0
         response: dict[str, Any] = {}
 
         def on_headers(status_code: int, headers: list[tuple[str, str]], **_: Any) -> None:
@@ -77,11 +79,10 @@ class CrtRangeReader:
 
         def on_body(chunk: bytes, offset: int, **_: Any) -> None:
             # The CRT reports offsets within the object (from Content-Range), not the body.
+            nonlocal received
             offset -= start
-            end = offset + len(chunk)
-            if len(body) < end:
-                body.extend(b"\0" * (end - len(body)))
-            body[offset:end] = chunk
+            view[offset : offset + len(chunk)] = chunk
+            received = max(received, offset + len(chunk))
 
         request = self._client.make_request(
             type=s3.S3RequestType.DEFAULT,
@@ -99,6 +100,8 @@ class CrtRangeReader:
             raise Unavailable(f"GET {key}: no answer within {self.deadline:.0f} s") from None
         except Exception as exc:  # CRT connection errors arrive as plain exceptions
             raise Unavailable(f"GET {key}: {type(exc).__name__}: {exc}") from None
+        view.release()
+        del body[received:]  # the object may end before the requested range does
         return bytes(body), int(response.get("status", 0)), response.get("headers", {})
 
 

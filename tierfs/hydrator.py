@@ -155,7 +155,7 @@ class Hydrator:
         learn_metadata: MetadataSink | None = None,
         hot_bytes: int = 64 << 20,
         max_run_blocks: int = 8,
-        max_window_blocks: int = 64,
+        max_window_blocks: int = 32,
     ) -> None:
         self.bucket = bucket
         self.store = store
@@ -185,8 +185,8 @@ class Hydrator:
         if offset >= end:
             return b""
         first, last = offset // self.block_size, (end - 1) // self.block_size
-        self._note_access(obj, offset, end, last)
-        blocks = await self.blocks(obj, range(first, last + 1))
+        streaming = self._note_access(obj, offset, end, last) or offset == 0
+        blocks = await self.blocks(obj, range(first, last + 1), widen=streaming)
         if first == last:
             base = first * self.block_size
             return blocks[first][offset - base : end - base]
@@ -194,8 +194,15 @@ class Hydrator:
         base = first * self.block_size
         return data[offset - base : end - base]
 
-    async def blocks(self, obj: ObjectVersion, indices: range | list[int]) -> dict[int, bytes]:
-        """Return the requested blocks, fetching whatever no cache holds."""
+    async def blocks(
+        self, obj: ObjectVersion, indices: range | list[int], *, widen: bool = False
+    ) -> dict[int, bytes]:
+        """Return the requested blocks, fetching whatever no cache holds.
+
+        With ``widen`` (a sequential reader), a miss fetches its whole aligned segment
+        of ``max_run`` blocks in one GET, so the kernel's concurrent read-ahead requests
+        for the neighbouring blocks wait on that GET instead of each sending their own.
+        """
         out: dict[int, bytes] = {}
         missing: list[int] = []
         for i in indices:
@@ -212,7 +219,7 @@ class Hydrator:
             missing = await self._from_disk(obj, missing, out)
             if not missing:
                 break
-            missing = await self._fetch_missing(obj, missing, out)
+            missing = await self._fetch_missing(obj, missing, out, widen=widen)
         return out
 
     async def hydrate(self, obj: ObjectVersion, on_bytes: Callable[[int], None] | None = None) -> None:
@@ -260,7 +267,7 @@ class Hydrator:
         return sorted(still)
 
     async def _fetch_missing(
-        self, obj: ObjectVersion, missing: list[int], out: dict[int, bytes]
+        self, obj: ObjectVersion, missing: list[int], out: dict[int, bytes], *, widen: bool = False
     ) -> list[int]:
         """Fetch runs of missing blocks in parallel; blocks already in flight are awaited, not refetched."""
         waits: list[_Flight] = []
@@ -271,7 +278,7 @@ class Hydrator:
                 waits.append(flight)
             else:
                 todo.append(i)
-        results = await self._fetch_blocks(obj, todo)
+        results = await self._fetch_blocks(obj, self._segments_of(obj, todo) if widen else todo)
         for flight in waits:
             await flight.done.wait()
         still: list[int] = []
@@ -284,6 +291,21 @@ class Hydrator:
             else:
                 out[i] = data
         return still
+
+    def _segments_of(self, obj: ObjectVersion, indices: list[int]) -> list[int]:
+        """``indices`` plus the rest of their aligned segments that nothing holds or fetches yet."""
+        wanted = set(indices)
+        total = self.block_count(obj)
+        for base in {i - i % self.max_run for i in indices}:
+            for j in range(base, min(base + self.max_run, total)):
+                if j in wanted:
+                    continue
+                ck = self.chunk_key(obj, j)
+                digest = ck.digest()
+                if digest in self._inflight or self.hot.get(digest) is not None or self.cache.contains(ck):
+                    continue
+                wanted.add(j)
+        return sorted(wanted)
 
     async def _fetch_blocks(self, obj: ObjectVersion, indices: list[int]) -> dict[int, bytes]:
         """Fetch any set of blocks: one ranged GET per contiguous run, runs in parallel.
@@ -355,24 +377,35 @@ class Hydrator:
         self.cache.put_many([(self.chunk_key(obj, i), block) for i, block in out.items()])
         return out
 
-    def _note_access(self, obj: ObjectVersion, offset: int, end: int, last_block: int) -> None:
-        """Detect a sequential reader and keep a growing read-ahead window in flight."""
+    def _note_access(self, obj: ObjectVersion, offset: int, end: int, last_block: int) -> bool:
+        """Detect a sequential reader and keep a growing read-ahead window in flight.
+
+        The kernel's own read-ahead sends several READs at once, which arrive a little
+        out of order, so "sequential" tolerates a jitter of a few blocks. Read-ahead is
+        scheduled in whole aligned segments (the unit a miss is widened to).
+        """
         state = self._seq.setdefault(obj.ino, _SeqState())
-        sequential = state.next_offset >= 0 and 0 <= offset - state.next_offset <= self.block_size
-        state.next_offset = end
+        jitter = (2 + state.window) * self.block_size
+        sequential = state.next_offset >= 0 and -jitter <= offset - state.next_offset <= 2 * self.block_size
         if not sequential:
+            state.next_offset = end
             state.window = 0
             state.ahead_until = last_block
-            return
-        state.window = min(self.max_window, max(2, state.window * 2))
-        target = min(self.block_count(obj) - 1, last_block + state.window)
+            return False
+        state.next_offset = max(state.next_offset, end)
+        state.window = min(self.max_window, max(self.max_run, state.window * 2))
+        # Round up to a segment end: a steady reader then schedules one whole segment
+        # (one GET) at a time, rather than one block per read.
+        reach = last_block + state.window
+        target = min(self.block_count(obj) - 1, reach - reach % self.max_run + self.max_run - 1)
         begin = max(state.ahead_until, last_block) + 1
         if begin > target:
-            return
+            return True
         state.ahead_until = target
-        for run_start in range(begin, target + 1, self.max_run):
-            run = list(range(run_start, min(run_start + self.max_run, target + 1)))
+        for seg_start in range(begin - begin % self.max_run, target + 1, self.max_run):
+            run = list(range(max(seg_start, begin), min(seg_start + self.max_run, target + 1)))
             self._spawn(functools.partial(self._read_ahead, obj, run))
+        return True
 
     async def _read_ahead(self, obj: ObjectVersion, run: list[int]) -> None:
         todo = [i for i in run if self.chunk_key(obj, i).digest() not in self._inflight]

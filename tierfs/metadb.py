@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from typing import Any
 import lmdb
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 MAP_SIZE = 1 << 38  # 256 GiB of address space; the file only grows as records are written
 SCHEMA_VERSION = b"1"
@@ -51,6 +54,41 @@ class CacheDir:
             mode=0o600,
         )
         self._check_owner(owner_tag)
+        self.index_env: Any = self._open_index_env()
+
+    def _open_index_env(self) -> Any:
+        """The chunk cache's index: its own LMDB environment, committed *without* fsync.
+
+        The index only describes a cache, so an fsync per stored block (one per cold
+        file) buys nothing; it was the cold path's bottleneck. A process crash loses
+        nothing (LMDB's writes are in the page cache). An OS crash may leave it torn,
+        so if the machine rebooted while the index was open we drop the whole cache
+        rather than trust it; the namespace and the journal live in ``meta``, which
+        is fully synced, and are unaffected.
+        """
+        state = self.path / "index.state"
+        boot = _boot_id()
+        try:
+            previous_boot, previous_state = state.read_text().split()
+        except (OSError, ValueError):
+            previous_boot, previous_state = boot, "clean"
+        if previous_state != "clean" and previous_boot != boot:
+            import shutil
+
+            log.warning("the machine went down while the cache was open; dropping the chunk cache")
+            shutil.rmtree(self.path / "index", ignore_errors=True)
+            shutil.rmtree(self.path / "chunks", ignore_errors=True)
+        state.write_text(f"{boot} open\n")
+        return lmdb.open(
+            str(self.path / "index"),
+            map_size=MAP_SIZE,
+            max_dbs=16,
+            sync=False,
+            metasync=False,
+            readahead=False,
+            max_readers=256,
+            mode=0o600,
+        )
 
     @staticmethod
     def _take_lock(lock_path: Path) -> int:
@@ -86,5 +124,15 @@ class CacheDir:
                 raise ConfigError(f"cache dir {self.path} has an unknown format; remove it or use another")
 
     def close(self) -> None:
+        self.index_env.sync(True)
+        self.index_env.close()
+        (self.path / "index.state").write_text(f"{_boot_id()} clean\n")
         self.env.close()
         os.close(self._lock_fd)
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"

@@ -63,7 +63,7 @@ class Mount:
         self.cachedir = CacheDir(cache_root, owner)
         env = self.cachedir.env
         self.cache = ChunkCache(
-            env,
+            self.cachedir.index_env,
             cache_root,
             block_size=cfg.block_size,
             limit_bytes=cfg.cache_size,
@@ -275,6 +275,7 @@ class Mount:
 
     def _maintain_blocking(self) -> None:
         self.cache.flush_access_times()
+        self.cachedir.index_env.sync(True)  # bounds what an OS crash can tear; not needed for safety
         self.cache.sweep_aged()
         self.cache.enforce_limits()
 
