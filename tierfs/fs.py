@@ -8,6 +8,7 @@ in worker threads. Every handler is wrapped by :func:`fuse_errors`, so only
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -180,7 +181,10 @@ class TierOperations(pyfuse3.Operations):
     # -- files ----------------------------------------------------------------------------------------
 
     def _version(self, node: Inode) -> ObjectVersion:
-        return ObjectVersion(node.ino, node.key, node.etag, node.size)
+        """The bytes of ``node`` as the bucket holds them *now*: after a rename, the data stays
+        under the old key until the journaled copy has run (WriteBack.data_key)."""
+        key = self.wb.data_key(node.ino, node.key) if self.wb is not None else node.key
+        return ObjectVersion(node.ino, key, node.etag, node.size)
 
     @handler
     async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
@@ -214,6 +218,9 @@ class TierOperations(pyfuse3.Operations):
             # Written through this handle and uploaded since: read the version the bucket now has.
             node = self._inode(ino)
             version = self._version(node)
+        elif self.wb is not None and (current := self.ns.get(ino)) is not None:
+            # Renamed since the open: follow the data to wherever the bucket has it now.
+            version = dataclasses.replace(version, key=self._version(current).key)
         return await self.hydrator.read(version, off, size)
 
     @handler

@@ -19,6 +19,7 @@ Ops (``Op.kind``):
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -57,10 +58,17 @@ class Journal:
             cur = txn.cursor()
             self._next = int.from_bytes(cur.key(), "big") + 1 if cur.last() else 1
 
-    def append(self, *ops: tuple[str, dict[str, Any]]) -> list[Op]:
-        """Append ops atomically (one transaction); returns them with their sequence numbers."""
+    def append(self, *ops: tuple[str, dict[str, Any]], remove: Iterable[int] = ()) -> list[Op]:
+        """Append ops atomically (one transaction); returns them with their sequence numbers.
+
+        ``remove`` drops entries in the same transaction. Moving an op to the end of the
+        journal (a rename re-orders the upload of a dirty file behind the rename's own
+        ops) is thus one atomic step: a crash can never lose the op or run it twice.
+        """
         out = []
         with self.env.begin(write=True, db=self.db) as txn:
+            for seq in remove:
+                txn.delete(seq.to_bytes(8, "big"))
             for kind, fields in ops:
                 op = Op(seq=self._next, kind=kind, **fields)
                 self._next += 1

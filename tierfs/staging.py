@@ -82,9 +82,6 @@ class Staging:
         finally:
             os.close(fd)
 
-    def read_all(self, ino: int) -> bytes:
-        return self.path(ino).read_bytes()
-
     def remove(self, ino: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path(ino).unlink()

@@ -21,9 +21,10 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -41,6 +42,8 @@ from .staging import Staging
 log = logging.getLogger(__name__)
 
 RunBlocking = Callable[..., Awaitable[Any]]
+_NODE_OPS = ("put", "marker", "meta")  # ops that act on an inode's current key
+RETIRE_BATCH_BLOCKS = 16  # blocks moved from a staging file into the chunk cache per transaction
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
 
 
@@ -83,7 +86,7 @@ class WriteBack:
         run_s3: RunBlocking,
         run_io: RunBlocking,
         delay: float,
-        concurrency: int = 4,
+        concurrency: int = 16,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.bucket = bucket
@@ -100,7 +103,9 @@ class WriteBack:
         self._clock = clock
         self.stats = WriteBackStats()
         self.ops: list[Op] = journal.load()
-        self._running: set[int] = set()
+        # seq -> the key a running put/marker/meta writes, fixed when it starts: a rename
+        # meanwhile moves the node, not the upload in flight (see renamed()).
+        self._running: dict[int, str] = {}
         self._retry_at: dict[int, float] = {}
         self._dirty: dict[int, _Dirty] = {}
         self._sizes: dict[int, int] = {}
@@ -109,10 +114,11 @@ class WriteBack:
         self._wake = trio.Event()
         self._changed = trio.Event()
         self._staging_locks: dict[int, trio.Lock] = {}
+        self._held: dict[int, int] = {}  # ino -> puts on their way into the journal (see _holding)
         self.tombstones: dict[str, int] = {}
+        self._copies: dict[int, list[Op]] = {}  # ino -> its pending rename copies, in journal order
         for op in self.ops:
-            if op.kind == "delete":
-                self._tomb(op.key, +1)
+            self._track(op)
         self.ns.is_tombstoned = self.is_tombstoned
         if self.ops:
             log.info("write-back: replaying %d journaled operations", len(self.ops))
@@ -131,6 +137,16 @@ class WriteBack:
                 return True
             pos = key.find("/", pos + 1)
         return False
+
+    def data_key(self, ino: int, key: str) -> str:
+        """Where the bytes of ``ino`` (now named ``key``) are in the bucket right now.
+
+        A rename of an uploaded file changes its key at once but moves the object only
+        when the journaled server-side copy runs; until then the data is still under
+        the source of the first pending copy, and reads must go there.
+        """
+        pending = self._copies.get(ino)
+        return pending[0].src if pending else key
 
     def is_staged(self, ino: int) -> bool:
         return ino in self._staged
@@ -161,16 +177,68 @@ class WriteBack:
         else:
             self.tombstones.pop(key, None)
 
-    async def _append(self, *ops: tuple[str, dict[str, Any]]) -> None:
-        appended: list[Op] = await self._run_io(self.journal.append, *ops)
+    def _track(self, op: Op) -> None:
+        """Index a journaled op: deletes tombstone their key, copies record where the data still is."""
+        if op.kind == "delete":
+            self._tomb(op.key, +1)
+        elif op.kind == "copy" and op.ino:
+            self._copies.setdefault(op.ino, []).append(op)
+
+    def _untrack(self, op: Op) -> None:
+        if op.kind == "delete":
+            self._tomb(op.key, -1)
+        elif op.kind == "copy" and op.ino:
+            pending = [o for o in self._copies.get(op.ino, ()) if o.seq != op.seq]
+            if pending:
+                self._copies[op.ino] = pending
+            else:
+                self._copies.pop(op.ino, None)
+
+    async def _append(self, *ops: tuple[str, dict[str, Any]], drop: list[Op] | None = None) -> None:
+        """Journal ``ops`` (and forget ``drop``) in one transaction, then wake the executor."""
+        gone = drop or []
+        with self._holding([fields["ino"] for kind, fields in ops if kind == "put"]):
+            appended: list[Op] = await self._run_io(
+                lambda: self.journal.append(*ops, remove=[op.seq for op in gone])
+            )
+        if gone:
+            seqs = {op.seq for op in gone}
+            self.ops = [op for op in self.ops if op.seq not in seqs]
+            for op in gone:
+                self._untrack(op)
         self.ops.extend(appended)
         for op in appended:
-            if op.kind == "delete":
-                self._tomb(op.key, +1)
+            self._track(op)
         self._wake.set()
+
+    def _waiting_puts(self, inos: Callable[[int], bool]) -> list[Op]:
+        """Journaled puts of the matching inodes that have not started yet."""
+        return [op for op in self.ops if op.kind == "put" and op.seq not in self._running and inos(op.ino)]
 
     def _has_pending_put(self, ino: int) -> bool:
         return any(op.kind == "put" and op.ino == ino and op.seq not in self._running for op in self.ops)
+
+    def _put_journaled(self, ino: int) -> bool:
+        """A put of ``ino`` is waiting, running or being journaled: its staging file is still needed."""
+        return ino in self._held or any(op.kind == "put" and op.ino == ino for op in self.ops)
+
+    @contextlib.contextmanager
+    def _holding(self, inos: list[int]) -> Iterator[None]:
+        """Keep the staging files of ``inos`` from being retired while a put for them is on its way.
+
+        Appending to the journal happens in a worker thread; an upload finishing meanwhile
+        must not retire a staging file that the op about to be appended still needs.
+        """
+        for ino in inos:
+            self._held[ino] = self._held.get(ino, 0) + 1
+        try:
+            yield
+        finally:
+            for ino in inos:
+                if self._held[ino] > 1:
+                    self._held[ino] -= 1
+                else:
+                    del self._held[ino]
 
     def _lock(self, ino: int) -> trio.Lock:
         return self._staging_locks.setdefault(ino, trio.Lock())
@@ -195,7 +263,7 @@ class WriteBack:
             await self.mark_dirty(node.ino)
 
     async def _hydrate_into_staging(self, node: Inode) -> None:
-        version = ObjectVersion(node.ino, node.key, node.etag, node.size)
+        version = ObjectVersion(node.ino, self.data_key(node.ino, node.key), node.etag, node.size)
         blocks = await self.hydrator.blocks(version, range(self.hydrator.block_count(version)))
         bs = self.hydrator.block_size
         await self._run_io(
@@ -230,16 +298,17 @@ class WriteBack:
         return data
 
     async def truncate(self, node: Inode, size: int) -> None:
-        if node.ino not in self._staged:
-            async with self._lock(node.ino):
+        """truncate(2) without a writer: under the staging lock, so no retirement can interleave."""
+        async with self._lock(node.ino):
+            if node.ino not in self._staged:
                 if size == 0:
                     await self._run_io(self.staging.create, node.ino)
                 else:
                     await self._hydrate_into_staging(node)
                 self._staged.add(node.ino)
-        await self._run_io(self.staging.truncate, node.ino, size)
-        self._sizes[node.ino] = size
-        await self.mark_dirty(node.ino)
+            await self._run_io(self.staging.truncate, node.ino, size)
+            self._sizes[node.ino] = size
+            await self.mark_dirty(node.ino)
 
     async def mark_dirty(self, ino: int) -> None:
         """Journal a put for ``ino`` unless one is already waiting (not yet running)."""
@@ -276,40 +345,74 @@ class WriteBack:
 
     async def removed(self, node: Inode) -> None:
         """unlink/rmdir: drop pending uploads of the inode and delete its key in the bucket."""
-        drop = [
-            op for op in self.ops if op.kind == "put" and op.ino == node.ino and op.seq not in self._running
-        ]
-        if drop:
-            await self._run_io(self.journal.remove, *[op.seq for op in drop])
-            self.ops = [op for op in self.ops if op not in drop]
-        await self._append(("delete", {"key": node.key}))
+        drop = self._waiting_puts(lambda ino: ino == node.ino)
+        await self._append(("delete", {"key": node.key}), drop=drop)
         if not self._dirty.get(node.ino, _Dirty()).writers:
             await self._discard_staging(node.ino)
 
     async def renamed(self, moved: Inode, old_key: str) -> None:
-        """Journal the bucket side of a rename that the namespace already carried out."""
+        """Journal the bucket side of a rename that the namespace already carried out.
+
+        A waiting put of a moved file is moved to the end of the journal: it writes the
+        file's *new* key, so it must come after everything journaled for that key before
+        (e.g. the delete of a file the rename replaced), and ordering is by journal position.
+        """
         if not moved.is_dir:
-            if moved.flags & Flag.LOCAL and (self._has_pending_put(moved.ino) or not moved.etag):
-                if not self._has_pending_put(moved.ino):
-                    await self._append(("put", {"ino": moved.ino}))
-            else:
-                await self._append(("copy", {"src": old_key, "key": moved.key, "ino": moved.ino}))
-            await self._append(("delete", {"key": old_key}))
+            async with self._lock(moved.ino):  # the staging file must not be retired meanwhile
+                waiting = self._waiting_puts(lambda ino: ino == moved.ino)
+                if moved.ino in self._staged:  # its bytes are here (dirty, or open for writing): upload them
+                    await self._append(
+                        ("put", {"ino": moved.ino}), ("delete", {"key": old_key}), drop=waiting
+                    )
+                else:
+                    await self._append(
+                        ("copy", {"src": old_key, "key": moved.key, "ino": moved.ino}),
+                        ("delete", {"key": old_key}),
+                    )
             return
-        remote = await self._run_s3(lambda: list(self.store.list_tree(old_key)))
-        ops: list[tuple[str, dict[str, Any]]] = []
-        for obj in remote:
-            new_key = moved.key + obj.key[len(old_key) :]
-            local = await self._run_io(self.ns.path_of_key, new_key)
-            if local is not None and self._has_pending_put(local.ino):
-                ops.append(("delete", {"key": obj.key}))
-            else:
-                ops.append(("copy", {"src": obj.key, "key": new_key, "ino": local.ino if local else 0}))
-                ops.append(("delete", {"key": obj.key}))
-        if not any(obj.key == old_key for obj in remote):
-            ops.append(("delete", {"key": old_key}))  # tombstones the old prefix until all below is gone
-        ops.insert(0, ("marker", {"ino": moved.ino}))  # the new directory exists even while empty
-        await self._append(*ops)
+        # Uploads already in flight write under the old name, and may finish before or after
+        # the listing below sees them: do them again under the new name and delete what
+        # they wrote. Their staging files are held until those puts are journaled.
+        by_seq = {op.seq: op for op in self.ops}
+        in_flight = [
+            (by_seq[seq], key)
+            for seq, key in self._running.items()
+            if key.startswith(old_key) and seq in by_seq and by_seq[seq].kind in ("put", "marker")
+        ]
+        with self._holding([op.ino for op, _ in in_flight if op.kind == "put"]):
+            remote = await self._run_s3(lambda: list(self.store.list_tree(old_key)))
+            ops: list[tuple[str, dict[str, Any]]] = [
+                ("marker", {"ino": moved.ino})
+            ]  # exists even while empty
+            for obj in remote:
+                new_key = moved.key + obj.key[len(old_key) :]
+                local = await self._run_io(self.ns.path_of_key, new_key)
+                if local is not None and self._has_pending_put(local.ino):
+                    ops.append(("delete", {"key": obj.key}))
+                elif local is not None and local.is_dir:
+                    # A marker is rewritten, not copied: some servers (SeaweedFS) store ``dir/``
+                    # keys as directories that CopyObject cannot read.
+                    ops.append(("marker", {"ino": local.ino}))
+                    ops.append(("delete", {"key": obj.key}))
+                else:
+                    ops.append(("copy", {"src": obj.key, "key": new_key, "ino": local.ino if local else 0}))
+                    ops.append(("delete", {"key": obj.key}))
+            if not any(obj.key == old_key for obj in remote):
+                ops.append(("delete", {"key": old_key}))  # tombstones the old prefix until all below is gone
+
+            def below(ino: int) -> bool:
+                node = self.ns.get(ino)
+                return node is not None and node.key.startswith(moved.key)
+
+            waiting = self._waiting_puts(below)
+            requeued = {op.ino for op in waiting}
+            ops.extend(("put", {"ino": ino}) for ino in requeued)
+            for op, key in in_flight:
+                if op.ino not in requeued:
+                    requeued.add(op.ino)
+                    ops.append((op.kind, {"ino": op.ino}))
+                ops.append(("delete", {"key": key}))
+            await self._append(*ops, drop=waiting)
 
     async def fsync(self, ino: int) -> None:
         """Upload ``ino`` now and return once the bucket has it (or raise EIO after a failure)."""
@@ -383,8 +486,9 @@ class WriteBack:
             while True:
                 self._wake = trio.Event()
                 for op in self._schedule():
-                    self._running.add(op.seq)
-                    nursery.start_soon(self._execute, op)
+                    node = self.ns.get(op.ino) if op.kind in _NODE_OPS and op.ino else None
+                    self._running[op.seq] = node.key if node is not None else ""
+                    nursery.start_soon(self._execute, op, self._running[op.seq])
                 wait = self._next_deadline() - self._clock()
                 with trio.move_on_after(max(0.05, wait) if not math.isinf(wait) else math.inf):
                     await self._wake.wait()
@@ -418,18 +522,32 @@ class WriteBack:
         keys = {op.key} if op.key else set()
         if op.src:
             keys.add(op.src)
-        if op.kind in ("put", "marker", "meta") and op.ino:
+        if self._running.get(op.seq):
+            keys.add(self._running[op.seq])
+        if op.kind in _NODE_OPS and op.ino:
             node = self.ns.get(op.ino)
             if node is not None:
                 keys.add(node.key)
         return keys
 
     def _schedule(self) -> list[Op]:
+        """The ops to start now: ready, and no earlier op touches one of their keys.
+
+        Runs on every wake-up (each journal append), so the cheap readiness check comes
+        first and keys (an LMDB read per inode op) are resolved only up to the last ready op:
+        a long journal of files still being written costs no key lookups.
+        """
+        if len(self._running) >= self.concurrency:
+            return []
         now = self._clock()
+        last_ready = -1
+        for index, op in enumerate(self.ops):
+            if op.seq not in self._running and self._ready(op, now):
+                last_ready = index
         blocked: set[str] = set()
         earlier: list[str] = []
         start: list[Op] = []
-        for op in self.ops:
+        for op in self.ops[: last_ready + 1]:
             keys = self._op_keys(op)
             waits = bool(keys & blocked) or (
                 op.kind == "delete" and op.key.endswith("/") and any(k.startswith(op.key) for k in earlier)
@@ -444,24 +562,36 @@ class WriteBack:
             blocked |= keys
         return start
 
-    async def _execute(self, op: Op) -> None:
+    async def _execute(self, op: Op, key: str) -> None:
+        log.debug(
+            "write-back: %s #%d %s", op.kind, op.seq, " -> ".join(k for k in (op.src, op.key or key) if k)
+        )
         try:
-            outcome: _Outcome = await self._run_s3(self._execute_blocking, op)
-        except StoreError as exc:
+            outcome: _Outcome = await self._run_s3(self._execute_blocking, op, key)
+        except Exception as exc:
+            # Whatever went wrong, the op stays journaled and is retried: an escaping
+            # exception would take the executor, and with it the whole mount, down.
             self.stats.uploads_failed += 1
-            attempt = self._retry_at.get(op.seq, 0.0)
-            backoff = 1.0 if not attempt else 5.0
+            backoff = 5.0 if op.seq in self._retry_at else 1.0
             self._retry_at[op.seq] = self._clock() + backoff
-            log.warning("write-back %s %s failed (will retry): %s", op.kind, op.key or op.ino, exc)
-            self._running.discard(op.seq)
+            what = f"write-back {op.kind} {op.key or key or op.ino} failed (will retry)"
+            if isinstance(exc, StoreError):
+                log.warning("%s: %s", what, exc)
+            else:
+                log.exception(what)
+            self._running.pop(op.seq, None)
             self._signal()
             return
         except BaseException:
-            self._running.discard(op.seq)
+            self._running.pop(op.seq, None)
             raise
-        await self._finish(op, outcome)
-        self._running.discard(op.seq)
-        self._signal()
+        try:
+            await self._finish(op, outcome)
+        except Exception:  # the bucket has the change; only local bookkeeping failed
+            log.exception("write-back: bookkeeping after %s #%d failed", op.kind, op.seq)
+        finally:
+            self._running.pop(op.seq, None)
+            self._signal()
 
     def _signal(self) -> None:
         self._wake.set()
@@ -472,8 +602,7 @@ class WriteBack:
         await self._run_io(self.journal.remove, op.seq)
         self.ops = [o for o in self.ops if o.seq != op.seq]
         self._retry_at.pop(op.seq, None)
-        if op.kind == "delete":
-            self._tomb(op.key, -1)
+        self._untrack(op)
         if outcome.skipped:
             return
         self.stats.uploads_done += 1
@@ -486,7 +615,7 @@ class WriteBack:
 
     async def _settle(self, ino: int, outcome: _Outcome) -> None:
         """After an upload: record the new ETag; once nothing is pending, retire the staging file."""
-        pending = self._has_pending_put(ino) or any(o.ino == ino and o.kind == "put" for o in self.ops)
+        pending = self._put_journaled(ino)
         state = self._dirty.get(ino)
         writers = state.writers if state else 0
         if outcome.conflict_key:
@@ -511,28 +640,43 @@ class WriteBack:
 
     async def _retire_staging(self, ino: int, key: str, etag: str) -> None:
         async with self._lock(ino):
-            if self._has_pending_put(ino) or (self._dirty.get(ino) and self._dirty[ino].writers):
+            # Re-checked here: a put may have been journaled (or even started) since the
+            # caller looked, e.g. by a rename during the previous upload.
+            if self._put_journaled(ino) or (self._dirty.get(ino) and self._dirty[ino].writers):
                 return
+            # No longer staged from here on, before any await: a rename meanwhile must copy
+            # the uploaded object rather than journal a put of a file that is going away.
+            self._staged.discard(ino)
 
             def move() -> None:
+                """Hand the uploaded bytes to the chunk cache, some blocks at a time (bounded memory)."""
                 bs = self.hydrator.block_size
-                data = self.staging.read_all(ino)
-                blocks = range(0, max(1, (len(data) + bs - 1) // bs))
-                self.cache.put_many(
-                    [(ChunkKey(self.bucket, key, etag, i), data[i * bs : (i + 1) * bs]) for i in blocks]
-                )
+                try:
+                    blocks = max(1, (self.staging.size(ino) + bs - 1) // bs)
+                    for first in range(0, blocks, RETIRE_BATCH_BLOCKS):
+                        batch = range(first, min(blocks, first + RETIRE_BATCH_BLOCKS))
+                        self.cache.put_many(
+                            [
+                                (ChunkKey(self.bucket, key, etag, i), self.staging.pread(ino, i * bs, bs))
+                                for i in batch
+                            ]
+                        )
+                except FileNotFoundError:
+                    return  # unlinked meanwhile; the cache would only have been a convenience
                 self.staging.remove(ino)
 
             if etag:
                 await self._run_io(move)
             else:
                 await self._run_io(self.staging.remove, ino)
-            self._staged.discard(ino)
-            self._sizes.pop(ino, None)
-            self._dirty.pop(ino, None)
+            self._forget_staging(ino)
 
     async def _discard_staging(self, ino: int) -> None:
-        await self._run_io(self.staging.remove, ino)
+        async with self._lock(ino):  # never while a retirement reads the file
+            await self._run_io(self.staging.remove, ino)
+            self._forget_staging(ino)
+
+    def _forget_staging(self, ino: int) -> None:
         self._staged.discard(ino)
         self._sizes.pop(ino, None)
         self._dirty.pop(ino, None)
@@ -546,7 +690,7 @@ class WriteBack:
             )
         )
 
-    def _execute_blocking(self, op: Op) -> _Outcome:
+    def _execute_blocking(self, op: Op, key: str) -> _Outcome:
         if op.kind == "delete":
             with contextlib.suppress(NotFound):
                 self.store.delete(op.key)
@@ -561,6 +705,7 @@ class WriteBack:
             return _Outcome(etag=etag, size=node.size if node else 0)
         if node is None:
             return _Outcome(skipped=True)  # removed since; a later delete op covers the bucket
+        node = node.with_(key=key or node.key)
         if op.kind == "marker":
             etag = self.store.put_bytes(node.key, b"", self._headers(node))
             return _Outcome(etag=etag)
@@ -580,22 +725,39 @@ class WriteBack:
         if not path.exists():
             log.error("journaled upload of %s has no staging file; nothing to upload", node.key)
             return _Outcome(skipped=True)
+        try:
+            return self._upload_staged(node, path)
+        except FileNotFoundError:  # unlinked or replaced while we uploaded; its delete is journaled
+            log.info("staging file of %s went away during its upload", node.key)
+            return _Outcome(skipped=True)
+
+    def _upload_staged(self, node: Inode, path: Path) -> _Outcome:
+        """Replace the object only if it is still the version we started from.
+
+        The PUT itself carries the condition (If-Match our base ETag, If-None-Match for a
+        file new here), so the usual case costs one request; only a refused PUT is
+        followed by a HEAD to tell a remote change (conflict) from a remote delete.
+        """
         size = path.stat().st_size
-        base = node.etag
         headers = self._headers(node)
+        base = node.etag
         try:
-            current = self.store.head(node.key).etag
-        except NotFound:
-            current = ""
-        if current and current != base:
-            return self._upload_conflict(node, path, size, headers, current)
-        try:
-            # A remote delete of our base is no conflict: nothing of theirs can be lost.
-            etag = self.store.put_file(
-                node.key, path, headers, if_match=current or None, if_none_match=not current
-            )
-        except PreconditionFailed:
-            return self._upload_conflict(node, path, size, headers, "?")
+            etag = self.store.put_file(node.key, path, headers, if_match=base or None, if_none_match=not base)
+        except (PreconditionFailed, NotFound):
+            try:
+                current = self.store.head(node.key).etag
+            except NotFound:
+                current = ""
+            if current and current != base:
+                return self._upload_conflict(node, path, size, headers, current)
+            # Deleted remotely (no conflict: nothing of theirs can be lost), or the server
+            # refused an ETag that does match: retry once on what we just saw.
+            try:
+                etag = self.store.put_file(
+                    node.key, path, headers, if_match=current or None, if_none_match=not current
+                )
+            except (PreconditionFailed, NotFound):
+                return self._upload_conflict(node, path, size, headers, "?")
         return _Outcome(etag=etag, size=size)
 
     def _upload_conflict(
