@@ -79,6 +79,15 @@ def run_tierfs(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``check`` every 0.1 s; fail with ``what`` if it never holds within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.1)
+
+
 def tierfs_ok(*args: str) -> dict[str, Any]:
     """Run a tierfs CLI command that must succeed; its --json output (if any) parsed."""
     result = run_tierfs(*args)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from mounting import Mount, Mounter, MountFailed, run_tierfs, tierfs_ok
+from mounting import Mount, Mounter, MountFailed, run_tierfs, tierfs_ok, wait_until
 
 from tierfs.chunkcache import ChunkKey
 from tools.servers import SeaweedFS, child_env, free_port, s3_client
@@ -32,15 +32,6 @@ from tools.servers import SeaweedFS, child_env, free_port, s3_client
 MiB = 1 << 20
 NOBODY = 65534
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="dropping caches and switching uid need root")
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``check`` every 0.1 s; fail with ``what`` if it never holds within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.1)
 
 
 def drop_page_cache() -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import lmdb
 import pytest
 import trio
-from mounting import Mounter, tierfs_ok
+from mounting import Mounter, tierfs_ok, wait_until
 
 from tierfs import importer
 from tierfs.errors import Unavailable
@@ -31,15 +31,6 @@ from tools.servers import MotoS3, SeaweedFS, child_env, free_port, s3_client
 
 TTL = 1.0
 SETTLE = TTL + 3.0  # the TTL, plus a kernel entry timeout, plus slack for a slow CI machine
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``check`` every 0.1 s; fail with ``what`` if it never holds within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.1)
 
 
 def read(path: Path) -> bytes:

@@ -43,16 +43,7 @@ class CacheDir:
         except OSError as exc:
             raise ConfigError(f"cannot create cache dir {path}: {exc.strerror}") from None
         self._lock_fd = self._take_lock(path / "lock")
-        self.env: Any = lmdb.open(
-            str(path / "meta"),
-            map_size=MAP_SIZE,
-            max_dbs=32,
-            sync=True,
-            metasync=False,
-            readahead=False,
-            max_readers=256,
-            mode=0o600,
-        )
+        self.env: Any = _open_env(path / "meta", sync=True)
         self._check_owner(owner_tag)
         self.index_env: Any = self._open_index_env()
 
@@ -79,16 +70,7 @@ class CacheDir:
             shutil.rmtree(self.path / "index", ignore_errors=True)
             shutil.rmtree(self.path / "chunks", ignore_errors=True)
         state.write_text(f"{boot} open\n")
-        return lmdb.open(
-            str(self.path / "index"),
-            map_size=MAP_SIZE,
-            max_dbs=16,
-            sync=False,
-            metasync=False,
-            readahead=False,
-            max_readers=256,
-            mode=0o600,
-        )
+        return _open_env(self.path / "index", sync=False)
 
     @staticmethod
     def _take_lock(lock_path: Path) -> int:
@@ -129,6 +111,20 @@ class CacheDir:
         (self.path / "index.state").write_text(f"{_boot_id()} clean\n")
         self.env.close()
         os.close(self._lock_fd)
+
+
+def _open_env(path: Path, *, sync: bool) -> Any:
+    """An LMDB environment as tierfs uses them; only whether commits fsync differs."""
+    return lmdb.open(
+        str(path),
+        map_size=MAP_SIZE,
+        max_dbs=32,
+        sync=sync,
+        metasync=False,
+        readahead=False,
+        max_readers=256,
+        mode=0o600,
+    )
 
 
 def _boot_id() -> str:

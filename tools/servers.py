@@ -195,6 +195,25 @@ class S3Server(Protocol):
     def create_bucket(self, name: str) -> None: ...
 
 
+class _Service:
+    """A server started and stopped around a ``with`` block (subclasses define start/stop)."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
 class ServerError(RuntimeError):
     """A server failed to start or answer; the message carries the tail of its log."""
 
@@ -214,7 +233,7 @@ _METRIC_LINE = re.compile(r"^SeaweedFS_s3_request_total\{(?P<labels>[^}]*)\}\s+(
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
-class SeaweedFS:
+class SeaweedFS(_Service):
     """``weed server`` (master + volume + filer + S3 gateway) on loopback, in its own process group.
 
     The ports and the data directory are fixed at construction, so :meth:`restart` brings
@@ -450,17 +469,8 @@ class SeaweedFS:
                 total += float(match["value"])
         return int(total)
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-
-class MotoS3:
+class MotoS3(_Service):
     """moto's S3 in a thread of this process, on a kernel-chosen loopback port.
 
     Its state is process-global, so use unique bucket names rather than several instances.
@@ -491,15 +501,6 @@ class MotoS3:
         if self._started:
             self._started = False
             self._server.stop()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 # --------------------------------------------------------------------------- mount table
