@@ -543,14 +543,17 @@ def test_without_allow_other_other_users_are_refused_everything(
 
 
 def test_fstab_example_carries_the_documented_entries() -> None:
-    """packaging/fstab.example and the docs must not drift apart (the docs' lines are tested above)."""
+    """packaging/fstab.example, README.md and the docs must not drift apart (the docs' lines are
+    tested above)."""
 
     def normal(line: str) -> str:
         return " ".join(line.lstrip("#").split())
 
     entries = {normal(line) for line in (PACKAGING / "fstab.example").read_text().splitlines()}
+    readme = {normal(line) for line in (REPO_ROOT / "README.md").read_text().splitlines()}
     for line in fstab_lines():
         assert normal(line) in entries, line
+        assert normal(line) in readme, f"README.md lacks the tested fstab line: {line}"
 
 
 def test_dockerfile_copies_what_the_build_needs() -> None:
