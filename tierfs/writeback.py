@@ -9,7 +9,7 @@ a staging file (tierfs.staging). An executor task carries the journal out:
 - A ``put`` becomes ready ``delay`` seconds after the last writer closed the file, or
   at once on fsync / ``tierfs flush`` / unmount. fsync returns only after the upload.
 - Before replacing an object we make sure it is still the version we started from:
-  HEAD, then a conditional PUT (If-Match / If-None-Match). If someone else changed it,
+  HEAD, then a conditional PUT (If-Match; If-None-Match for new files). If someone else changed it,
   ours is uploaded under ``<key>.conflict-<UTC time>`` and the remote one is kept:
   both survive (docs/writeback.md).
 - Transient failures retry with backoff forever; the op stays in the journal.
@@ -734,13 +734,23 @@ class WriteBack:
     def _upload_staged(self, node: Inode, path: Path) -> _Outcome:
         """Replace the object only if it is still the version we started from.
 
-        The PUT itself carries the condition (If-Match our base ETag, If-None-Match for a
-        file new here), so the usual case costs one request; only a refused PUT is
-        followed by a HEAD to tell a remote change (conflict) from a remote delete.
+        Replacing an existing object costs a HEAD right before the PUT, and the PUT also
+        carries If-Match: servers that ignore conditional writes (older RGW, MinIO or
+        Ozone releases) are still protected, apart from a race in the HEAD-to-PUT gap.
+        A file new here is sent with If-None-Match alone. A refused PUT is followed by a
+        HEAD to tell a remote change (conflict) from a remote delete.
         """
         size = path.stat().st_size
         headers = self._headers(node)
         base = node.etag
+        if base:
+            try:
+                current = self.store.head(node.key).etag
+            except NotFound:
+                current = ""  # deleted remotely: nothing of theirs to lose, upload as new
+            if current and current != base:
+                return self._upload_conflict(node, path, size, headers, current)
+            base = current
         try:
             etag = self.store.put_file(node.key, path, headers, if_match=base or None, if_none_match=not base)
         except (PreconditionFailed, NotFound):
