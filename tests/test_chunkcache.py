@@ -309,6 +309,22 @@ def test_lru_eviction_respects_limit_and_recent_reads(h: Harness) -> None:
     assert not h.chunk_path(ck("obj05")).exists()
 
 
+def test_background_eviction_starts_below_the_hard_limit(h: Harness) -> None:
+    """Maintenance evicts past 95 % of the limit, so readers' puts rarely have to; a put alone does not."""
+    names = [f"obj{i:02d}" for i in range(20)]
+    probe = h.open()
+    per_chunk = fill(probe, h.clock, names[:1])["obj00"]
+    probe.drop_object("bkt", "obj00")
+    limit = 20 * per_chunk
+
+    cache = h.remount(probe, limit_bytes=limit)
+    fill(cache, h.clock, names)  # exactly at the hard limit: no put went over it, none evicted
+    assert cache.stats().disk_bytes == limit and cache.stats().evictions == 0
+    assert cache.enforce_limits() == 2  # past the 95 % high-water mark: down to 90 % = 18 chunks
+    assert cache.stats().disk_bytes <= int(limit * 0.9)
+    assert [n for n in names if not cache.contains(ck(n))] == ["obj00", "obj01"]  # least recently read
+
+
 def test_access_times_survive_remount(h: Harness) -> None:
     cache = h.open()
     sizes = fill(cache, h.clock, ["a", "b", "c"])

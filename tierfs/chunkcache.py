@@ -41,6 +41,9 @@ MAGIC = b"TFSC"
 FORMAT_VERSION = 1
 FLAG_ZSTD = 0x01
 LOW_WATER = 0.90  # eviction stops at this share of the (effective) limit, so it runs in bursts, not per put
+# Background maintenance already starts at this share, so the eviction a reader's put does
+# synchronously (only past the hard limit) stays rare: readers are not the ones who wait.
+HIGH_WATER = 0.95
 MIN_SAVING = 0.05  # store compressed only if that saves at least this share (JPEGs etc. stay raw)
 TMP_PREFIX = ".tmp."
 
@@ -771,10 +774,10 @@ class ChunkCache:
         finally:
             txn.abort()
 
-    def _eviction_target(self) -> int | None:
-        """Bytes on disk to evict down to, or None while under the hard limit. The hard limit is
-        ``limit_bytes`` and, with a free-space floor, whatever keeps ``min_free`` of the filesystem free;
-        the target is the low-water mark of the smaller one."""
+    def _eviction_target(self, trigger: float = 1.0) -> int | None:
+        """Bytes on disk to evict down to, or None while under ``trigger`` times the hard limit. The hard
+        limit is ``limit_bytes`` and, with a free-space floor, whatever keeps ``min_free`` of the filesystem
+        free; the target is the low-water mark of the smaller one."""
         with self._mem:
             disk = self._totals.disk_bytes
             limit, min_free = self._limit_bytes, self._min_free
@@ -782,13 +785,13 @@ class ChunkCache:
         if min_free > 0:
             total, available = self._disk_space(self._root)
             effective = min(effective, disk + available - min_free * total)
-        if disk <= effective:
+        if disk <= effective * trigger:
             return None
         return max(0, int(effective * LOW_WATER))
 
-    def _enforce(self, protect: frozenset[bytes]) -> int:
+    def _enforce(self, protect: frozenset[bytes], trigger: float = 1.0) -> int:
         with self._evict_lock:  # one eviction at a time; the target is recomputed once we get the lock
-            target = self._eviction_target()
+            target = self._eviction_target(trigger)
             if target is None:
                 return 0
             candidates = self._candidates(protect)
@@ -804,11 +807,11 @@ class ChunkCache:
             return self._remove(victims, evicted=True)[0]
 
     def enforce_limits(self, *, protect: Iterable[ChunkKey] = ()) -> int:
-        """Periodic maintenance: if over the hard limit, evict least-recently-read chunks (never pinned or
+        """Periodic maintenance: past the high-water mark, evict least-recently-read chunks (never pinned or
         protected ones) down to the low-water mark. Returns the number evicted."""
         self._check_open()
         self.flush_access_times()
-        return self._enforce(frozenset(ck.digest() for ck in protect))
+        return self._enforce(frozenset(ck.digest() for ck in protect), HIGH_WATER)
 
     def sweep_aged(self, now: float | None = None) -> int:
         """Evict chunks not read for ``max_age`` seconds, except pinned ones. Returns the number evicted."""
