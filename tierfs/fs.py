@@ -14,6 +14,7 @@ import logging
 import os
 import stat
 import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,7 @@ class FileHandle:
     writable: bool = False
 
 
+SERVED_ETAGS_KEPT = 65536
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
@@ -74,7 +76,11 @@ class TierOperations(pyfuse3.Operations):
         self._files: dict[int, FileHandle] = {}
         self._dirs: dict[int, list[tuple[str, int]]] = {}
         self._next_fh = 1
-        self._served_etag: dict[int, str] = {}
+        self._open_count: Counter[int] = Counter()
+        # ETag whose bytes the kernel may hold in its page cache, per inode; bounded so a
+        # million-file epoch does not keep a million entries (forgetting one only means
+        # the page cache is kept, and the change hook invalidates changed inodes anyway).
+        self._served_etag: OrderedDict[int, str] = OrderedDict()
 
     # -- helpers --------------------------------------------------------------------------------------
 
@@ -195,15 +201,25 @@ class TierOperations(pyfuse3.Operations):
         if writable:
             wb = self._writable()
             await wb.open_for_write(node, truncate=bool(flags & os.O_TRUNC))
-        fh = self._new_fh()
-        self._files[fh] = FileHandle(self._version(node), writable)
-        info = pyfuse3.FileInfo(fh=fh)
+        info = pyfuse3.FileInfo(fh=self._register(FileHandle(self._version(node), writable)))
         # Keep the kernel's page cache across opens unless the object changed since we
         # last served it: then the stale pages must go (docs/consistency.md).
         previous = self._served_etag.get(inode)
         info.keep_cache = previous is None or previous == node.etag
-        self._served_etag[inode] = node.etag
+        self._note_served(node)
         return info
+
+    def _register(self, handle: FileHandle) -> int:
+        fh = self._new_fh()
+        self._files[fh] = handle
+        self._open_count[handle.version.ino] += 1
+        return fh
+
+    def _note_served(self, node: Inode) -> None:
+        self._served_etag[node.ino] = node.etag
+        self._served_etag.move_to_end(node.ino)
+        if len(self._served_etag) > SERVED_ETAGS_KEPT:
+            self._served_etag.popitem(last=False)
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -230,8 +246,11 @@ class TierOperations(pyfuse3.Operations):
             return
         if handle.writable and self.wb is not None:
             await self.wb.release_writer(handle.version.ino)
-        if not any(h.version.ino == handle.version.ino for h in self._files.values()):
-            self.hydrator.forget(handle.version.ino)
+        ino = handle.version.ino
+        self._open_count[ino] -= 1
+        if self._open_count[ino] <= 0:
+            del self._open_count[ino]
+            self.hydrator.forget(ino)
 
     async def flush(self, fh: int) -> None:
         """close() uploads later (after --writeback-delay); fsync() is the durable point.
@@ -258,9 +277,8 @@ class TierOperations(pyfuse3.Operations):
         node = await self._new_entry(parent_inode, name, Kind.FILE, stat.S_IFREG | (mode & 0o7777), ctx)
         await wb.created(node)
         await wb.add_writer(node.ino)
-        fh = self._new_fh()
-        self._files[fh] = FileHandle(self._version(node), writable=True)
-        self._served_etag[node.ino] = node.etag
+        fh = self._register(FileHandle(self._version(node), writable=True))
+        self._note_served(node)
         return pyfuse3.FileInfo(fh=fh), self._attrs(node)
 
     async def _new_entry(self, parent_inode: int, name: bytes, kind: Kind, mode: int, ctx: Any) -> Inode:

@@ -670,11 +670,23 @@ class WriteBack:
             else:
                 await self._run_io(self.staging.remove, ino)
             self._forget_staging(ino)
+        self._drop_idle_lock(ino)
 
     async def _discard_staging(self, ino: int) -> None:
         async with self._lock(ino):  # never while a retirement reads the file
             await self._run_io(self.staging.remove, ino)
             self._forget_staging(ino)
+        self._drop_idle_lock(ino)
+
+    def _drop_idle_lock(self, ino: int) -> None:
+        """Forget the staging lock of a file that is no longer staged, unless someone holds or awaits it.
+
+        One lock per file ever written would otherwise stay for the life of the mount.
+        """
+        lock = self._staging_locks.get(ino)
+        idle = lock is not None and not lock.locked() and lock.statistics().tasks_waiting == 0
+        if idle and ino not in self._staged:
+            del self._staging_locks[ino]
 
     def _forget_staging(self, ino: int) -> None:
         self._staged.discard(ino)
