@@ -156,12 +156,12 @@ class MountSystem:
     def env(self) -> dict[str, str]:
         return child_env()
 
-    def start(self) -> tuple[subprocess.Popen[bytes], int]:
-        """Launch the client; returns the launched process and the pid of the serving daemon."""
+    def launch(self) -> subprocess.Popen[bytes]:
+        """Start the mount command in its own session, its output appended to the log."""
         with self.log_path.open("ab") as log_file:
             log_file.write(f"\n=== {' '.join(self.command())}\n".encode())
             log_file.flush()
-            proc = subprocess.Popen(
+            return subprocess.Popen(
                 self.command(),
                 env=self.env(),
                 cwd=REPO_ROOT,
@@ -170,6 +170,10 @@ class MountSystem:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+
+    def start(self) -> tuple[subprocess.Popen[bytes], int]:
+        """Launch the client; returns the launched process and the pid of the serving daemon."""
+        proc = self.launch()
         try:
             wait_for(
                 lambda: is_fuse_mounted(self.mountpoint),
@@ -272,16 +276,7 @@ class TierfsSystem(MountSystem):
 
     def start(self) -> tuple[subprocess.Popen[bytes], int]:
         """Daemon mode: the command exits 0 once the mount is live; the daemon's pid comes from status."""
-        with self.log_path.open("ab") as log_file:
-            proc = subprocess.Popen(
-                self.command(),
-                env=self.env(),
-                cwd=REPO_ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        proc = self.launch()
         try:
             code = proc.wait(MOUNT_TIMEOUT)
         except subprocess.TimeoutExpired:
