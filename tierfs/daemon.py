@@ -47,22 +47,22 @@ def check_mountpoint(path: Path) -> str:
 
 
 def preflight_store(cfg: MountConfig) -> Any:
-    """Build the S3 client and prove the bucket is usable, mapping failures to one line."""
+    """Build the S3 client and prove the bucket is usable, mapping failures to one line.
+
+    The probe uses a short timeout and one retry, so bad input fails fast; the store
+    the mount keeps uses the configured limits.
+    """
     from .objectstore import S3ObjectStore
 
-    store = S3ObjectStore(
-        cfg.source.bucket,
-        endpoint_url=cfg.endpoint_url,
-        region=cfg.region,
-        profile=cfg.profile,
-        timeout=min(cfg.timeout, 15.0),
-        retries=1,
-        max_pool=2,
-        fast_gets=False,
-    )
+    def store(**limits: Any) -> S3ObjectStore:
+        return S3ObjectStore(
+            cfg.source.bucket, endpoint_url=cfg.endpoint_url, region=cfg.region, profile=cfg.profile, **limits
+        )
+
+    probe = store(timeout=min(cfg.timeout, 15.0), retries=1, max_pool=2, fast_gets=False)
     where = cfg.endpoint_url or "the default S3 endpoint"
     try:
-        store.check_bucket()
+        probe.check_bucket()
     except NotFound:
         raise ConfigError(f"bucket {cfg.source.bucket!r} does not exist at {where}") from None
     except AccessDenied as exc:
@@ -71,15 +71,7 @@ def preflight_store(cfg: MountConfig) -> Any:
         ) from None
     except Unavailable as exc:
         raise ConfigError(f"cannot reach {where}: {exc}") from None
-    return S3ObjectStore(
-        cfg.source.bucket,
-        endpoint_url=cfg.endpoint_url,
-        region=cfg.region,
-        profile=cfg.profile,
-        timeout=cfg.timeout,
-        retries=cfg.retries,
-        max_pool=cfg.s3_concurrency + 8,
-    )
+    return store(timeout=cfg.timeout, retries=cfg.retries, max_pool=cfg.s3_concurrency + 8)
 
 
 def setup_logging(cfg: MountConfig, daemonized: bool) -> None:
