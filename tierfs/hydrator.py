@@ -227,11 +227,7 @@ class Hydrator:
         total = self.block_count(obj)
         step = self.max_run
         for start in range(0, total, step):
-            wanted = [i for i in range(start, min(start + step, total))]
-            have = await self._run_io(
-                lambda w=wanted: [i for i in w if self.cache.contains(self.chunk_key(obj, i))]
-            )
-            todo = [i for i in wanted if i not in set(have)]
+            todo = self._not_indexed(obj, range(start, min(start + step, total)))
             if todo:
                 await self._fetch_blocks(obj, todo)
             if on_bytes is not None:
@@ -247,15 +243,22 @@ class Hydrator:
 
     # -- internals ------------------------------------------------------------------------------------
 
+    def _not_indexed(self, obj: ObjectVersion, indices: range | list[int]) -> list[int]:
+        """The blocks the chunk cache's index does not hold.
+
+        An index lookup is a few microseconds of LMDB read, so it runs here on the loop;
+        a thread hop is paid only where there is a block file to read.
+        """
+        return [i for i in indices if not self.cache.contains(self.chunk_key(obj, i))]
+
     async def _from_disk(self, obj: ObjectVersion, missing: list[int], out: dict[int, bytes]) -> list[int]:
-        # The index lookup is a few microseconds of LMDB read: do it here, and pay for a
-        # thread hop only when there is a file to read.
-        indexed = [i for i in missing if self.cache.contains(self.chunk_key(obj, i))]
+        absent = set(self._not_indexed(obj, missing))
+        indexed = [i for i in missing if i not in absent]
         if not indexed:
             return missing
         keys = [self.chunk_key(obj, i) for i in indexed]
         found: list[bytes | None] = await self._run_io(lambda: [self.cache.get(ck) for ck in keys])
-        still: list[int] = [i for i in missing if i not in set(indexed)]
+        still: list[int] = list(absent)
         for i, ck, data in zip(indexed, keys, found, strict=True):
             if data is None:
                 still.append(i)
@@ -408,11 +411,8 @@ class Hydrator:
         return True
 
     async def _read_ahead(self, obj: ObjectVersion, run: list[int]) -> None:
-        todo = [i for i in run if self.chunk_key(obj, i).digest() not in self._inflight]
-        if not todo:
-            return
-        cached = await self._run_io(lambda: [i for i in todo if self.cache.contains(self.chunk_key(obj, i))])
-        todo = [i for i in todo if i not in cached]
+        idle = [i for i in run if self.chunk_key(obj, i).digest() not in self._inflight]
+        todo = self._not_indexed(obj, idle)
         if not todo:
             return
         try:
