@@ -166,13 +166,16 @@ class ControlOps:
         bucket = self.mount.cfg.source.bucket
         freed = 0
 
+        dropped: list[Inode] = []
+
         def drop(node: Inode) -> None:
             nonlocal freed
             freed += self.mount.cache.drop_object(bucket, node.key)
+            dropped.append(node)
 
         result = await self._each_file(args, drop)
-        # Drop the in-memory and kernel copies too, so the next read really goes to S3.
-        async for _, node in self.files(list(args.get("paths", [])), bool(args.get("recursive"))):
+        # Drop the in-memory and kernel copies too (on the loop), so the next read really goes to S3.
+        for node in dropped:
             self.mount.hydrator.discard(ObjectVersion(node.ino, node.key, node.etag, node.size))
             self.mount.queue_invalidation(node.ino)
         return {**result, "freed_bytes": freed}
