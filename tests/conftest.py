@@ -25,7 +25,7 @@ for _path in (Path(__file__).resolve().parent, Path(__file__).resolve().parent.p
 
 from mounting import FUSE_AVAILABLE, Mounter  # noqa: E402  (needs the path above)
 
-from tools.servers import MotoS3, S3Server, SeaweedFS  # noqa: E402
+from tools.servers import MotoS3, S3Server, SeaweedFS, child_env  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -79,6 +79,14 @@ def _bucket_name(test_name: str) -> str:
     """A valid, unique bucket name that still says which test made it (handy in server logs)."""
     stem = re.sub(r"[^a-z0-9]+", "-", test_name.lower()).strip("-")[:40].strip("-")
     return f"t-{stem}-{uuid.uuid4().hex[:10]}" if stem else f"t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def s3_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test servers' credentials and proxy exclusions, for S3 clients made inside the test process."""
+    for key, value in child_env().items():
+        if key.startswith(("AWS_", "NO_PROXY", "no_proxy")):
+            monkeypatch.setenv(key, value)
 
 
 @pytest.fixture

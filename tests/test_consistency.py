@@ -27,7 +27,7 @@ from tierfs.errors import Unavailable
 from tierfs.namespace import Namespace, NamespacePolicy
 from tierfs.objectstore import S3ObjectStore
 from tierfs.records import ROOT_INO, Inode
-from tools.servers import MotoS3, SeaweedFS, child_env, free_port, s3_client
+from tools.servers import MotoS3, SeaweedFS, free_port, s3_client
 
 TTL = 1.0
 SETTLE = TTL + 3.0  # the TTL, plus a kernel entry timeout, plus slack for a slow CI machine
@@ -263,12 +263,7 @@ class Harness:
 
 
 @pytest.fixture
-def harness(
-    moto: MotoS3, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Harness]:
-    for key, value in child_env().items():
-        if key.startswith(("AWS_", "NO_PROXY", "no_proxy")):
-            monkeypatch.setenv(key, value)
+def harness(moto: MotoS3, tmp_path: Path, request: pytest.FixtureRequest, s3_env: None) -> Iterator[Harness]:
     name = f"imp-{request.node.name.lower().replace('_', '-')[:40]}-{os.getpid()}"
     h = Harness(moto, tmp_path, name)
     try:

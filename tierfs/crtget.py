@@ -20,7 +20,7 @@ from urllib.parse import quote, urlsplit
 from awscrt import auth, io, s3
 from awscrt.http import HttpHeaders, HttpRequest
 
-from .errors import AccessDenied, NotFound, PreconditionFailed, StoreError, Unavailable
+from .errors import AccessDenied, NotFound, PreconditionFailed, RangeNotSatisfiable, StoreError, Unavailable
 
 
 class CrtRangeReader:
@@ -112,4 +112,6 @@ def _map_status(status: int, message: str) -> StoreError:
         return PreconditionFailed(message)
     if status == 403:
         return AccessDenied(message)
+    if status == 416:
+        return RangeNotSatisfiable(message)
     return Unavailable(message)

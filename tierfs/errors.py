@@ -33,5 +33,9 @@ class AccessDenied(StoreError):
     """The credentials are wrong or lack permission (403)."""
 
 
+class RangeNotSatisfiable(StoreError):
+    """HTTP 416: the requested range starts at or past the end of the object."""
+
+
 class Unavailable(StoreError):
     """Timeout, connection failure, 5xx or throttling after bounded retries. Never means 'deleted'."""

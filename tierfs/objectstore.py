@@ -27,7 +27,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from .errors import AccessDenied, NotFound, PreconditionFailed, StoreError, Unavailable
+from .errors import AccessDenied, NotFound, PreconditionFailed, RangeNotSatisfiable, StoreError, Unavailable
 from .metrics import S3_LATENCY
 
 
@@ -191,6 +191,11 @@ class S3ObjectStore:
         if fast_gets:
             self._crt = _make_crt_reader(bucket, endpoint_url, self._client, session, timeout, retries)
 
+    @property
+    def fast_gets(self) -> bool:
+        """Whether small ranged GETs go through awscrt (False without awscrt or credentials)."""
+        return self._crt is not None
+
     # -- bookkeeping -------------------------------------------------------------------------------
 
     def _count(self, op: str, nbytes: int = 0) -> None:
@@ -251,8 +256,13 @@ class S3ObjectStore:
         return _info_from_response(key, resp)
 
     def get_range(self, key: str, start: int, length: int, if_match: str | None = None) -> GetResult:
-        if self._crt is not None and length <= CRT_MAX_GET:
-            return self._crt_get_range(key, start, length, if_match)
+        if self._crt is not None and 0 < length <= CRT_MAX_GET:
+            try:
+                return self._crt_get_range(key, start, length, if_match)
+            except RangeNotSatisfiable:
+                if start != 0:
+                    raise
+                return GetResult(b"", self.head(key))  # a zero-byte object has no byte 0
         kwargs: dict[str, Any] = {"Key": key, "Range": f"bytes={start}-{start + length - 1}"}
         if if_match:
             kwargs["IfMatch"] = f'"{if_match}"'
