@@ -11,7 +11,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from tierfs.chunkcache import CacheStats, ChunkCache, ChunkKey
+from tierfs.chunkcache import PAGE, CacheStats, ChunkCache, ChunkKey
 
 BLOCK = 4096
 
@@ -540,3 +540,69 @@ def test_concurrent_get_put_stays_consistent(h: Harness) -> None:
     recounted = h.remount(cache, compression_level=3)
     assert totals(recounted.stats()) == totals(live)
     assert recounted.verify() == 0
+
+
+# ----------------------------------------------------------------------------- partial reads (format 2)
+
+BIG = 4 * PAGE + 1000  # a chunk of four whole pages and a short fifth one
+
+
+def big_block() -> bytes:
+    return random.Random(7).randbytes(BIG)
+
+
+@pytest.mark.parametrize("level", [None, 3])
+@pytest.mark.parametrize(
+    ("start", "length"),
+    [
+        (0, BIG),
+        (0, 1),
+        (PAGE - 1, 2),  # straddles a page boundary
+        (PAGE, PAGE),  # exactly one page
+        (3 * PAGE + 5, 2 * PAGE),  # runs into the short last page and past the end
+        (BIG - 1, 10),
+        (BIG, 10),  # at the end: nothing
+        (BIG + PAGE, 10),  # past the end: nothing
+    ],
+)
+def test_get_range_returns_exactly_the_requested_bytes(
+    h: Harness, level: int | None, start: int, length: int
+) -> None:
+    cache = h.open(block_size=8 * PAGE, compression_level=level)
+    data = big_block()
+    cache.put(ck("big"), data)
+    assert cache.get_range(ck("big"), start, length) == data[start : start + length]
+    assert cache.stats().corrupt == 0
+
+
+def test_partial_read_checks_only_the_pages_it_reads(h: Harness) -> None:
+    cache = h.open(block_size=8 * PAGE)
+    data = big_block()
+    cache.put(ck("big"), data)
+    path = h.chunk_path(ck("big"))
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) - BIG + 3 * PAGE + 17] ^= 0xFF  # damage page 3 of the payload
+    path.write_bytes(bytes(raw))
+
+    assert cache.get_range(ck("big"), 0, 2 * PAGE) == data[: 2 * PAGE]  # pages 0-1: still valid
+    assert cache.stats().corrupt == 0
+    assert cache.get_range(ck("big"), 3 * PAGE, 100) is None  # page 3: caught, file dropped
+    assert cache.stats().corrupt == 1
+    assert not path.exists()
+    assert not cache.contains(ck("big"))
+
+
+def test_cache_of_another_format_is_wiped_at_open(h: Harness) -> None:
+    cache = h.open()
+    cache.put(ck("old"), b"written by another format")
+    cache.close()
+    meta = h.env.open_db(b"cache.meta")
+    with h.env.begin(write=True) as txn:
+        txn.delete(b"format", db=meta)  # what a version-1 cache looks like
+    reopened = h.remount(cache)
+    assert reopened.stats().chunks == 0
+    assert reopened.get(ck("old")) is None
+    assert h.files() == []
+    reopened.put(ck("new"), b"fresh")
+    again = h.remount(reopened)
+    assert again.get(ck("new")) == b"fresh"  # the current format survives a remount

@@ -259,3 +259,41 @@ def test_empty_and_block_aligned_files_read_exactly(
     with (mount.path / "empty.bin").open("rb") as f:
         assert f.read() == b""
     assert mount.status()["errors"] == 0
+
+
+# --------------------------------------------------------------------------- partial reads of cached blocks
+
+
+def test_random_reads_from_the_disk_cache_read_only_their_pages_and_stay_exact(
+    seaweed: SeaweedFS, bucket: Callable[..., str], mounter: Mounter
+) -> None:
+    """After a remount, random preads are served from a few checked 64 KiB pages of a cached block.
+
+    The offsets straddle page and block edges and the file's end; the ranges must still be exact
+    and no GET may be needed, and the status must show that the partial path served them.
+    """
+    name = bucket()
+    size = 7 * MiB // 2  # 3.5 MiB: blocks 0-2 full, block 3 half
+    src = offset_pattern(size, salt=0x9A6E)
+    put(seaweed, name, "data.bin", src)
+    first = mounter(f"s3://{name}")
+    assert read_sequentially(first.path / "data.bin", MiB) == src  # hydrate every block
+    first.umount()
+    assert first.wait_exited(60), first.log_text()
+
+    second = mounter(f"s3://{name}", cache_dir=first.cache_dir)
+    rng = random.Random(11)
+    offsets = [64 * KiB - 5, MiB - 100, MiB + 64 * KiB * 3 + 1, 3 * MiB + 7, size - 20]
+    offsets += [rng.randrange(size) for _ in range(40)]
+    fd = os.open(second.path / "data.bin", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no kernel read-ahead: READs stay small
+        for offset in offsets:
+            length = rng.choice([1, 100, 4 * KiB, 70 * KiB, 200 * KiB])
+            assert os.pread(fd, length, offset) == src[offset : offset + length], (offset, length)
+    finally:
+        os.close(fd)
+    status = second.status()
+    assert status["s3_get_requests"] == 0
+    assert status["partial_reads"] > 0
+    assert status["errors"] == 0

@@ -43,6 +43,8 @@ class BlockCache(Protocol):
 
     def get(self, ck: ChunkKey) -> bytes | None: ...
 
+    def get_range(self, ck: ChunkKey, start: int, length: int) -> bytes | None: ...
+
     def put(self, ck: ChunkKey, data: bytes) -> None: ...
 
     def put_many(self, items: list[tuple[ChunkKey, bytes]]) -> None: ...
@@ -70,6 +72,7 @@ class HydratorStats:
     bytes_from_s3: int = 0
     s3_get_requests: int = 0
     prefetched_blocks: int = 0
+    partial_reads: int = 0  # random reads served from a few pages of a disk-cached block
     errors: int = 0
 
 
@@ -111,6 +114,9 @@ class HotBlocks:
         self.limit = limit_bytes
         self.size = 0
         self._blocks: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def __contains__(self, digest: bytes) -> bool:
+        return digest in self._blocks
 
     def get(self, digest: bytes) -> bytes | None:
         data = self._blocks.get(digest)
@@ -186,6 +192,10 @@ class Hydrator:
             return b""
         first, last = offset // self.block_size, (end - 1) // self.block_size
         streaming = self._note_access(obj, offset, end, last) or offset == 0
+        if first == last and not streaming:
+            part = await self._part_from_disk(obj, first, offset, end)
+            if part is not None:
+                return part
         blocks = await self.blocks(obj, range(first, last + 1), widen=streaming)
         if first == last:
             base = first * self.block_size
@@ -250,6 +260,24 @@ class Hydrator:
         a thread hop is paid only where there is a block file to read.
         """
         return [i for i in indices if not self.cache.contains(self.chunk_key(obj, i))]
+
+    async def _part_from_disk(self, obj: ObjectVersion, index: int, offset: int, end: int) -> bytes | None:
+        """A random read of part of a block that only the disk cache holds: read and check just
+        the pages it covers (a 128 KiB pread then costs 128 KiB of disk, not 1 MiB), and keep it
+        out of memory. None sends the read down the whole-block path (memory, disk, S3)."""
+        base = index * self.block_size
+        if end - offset >= min(self.block_size, obj.size - base):
+            return None  # the whole block is wanted anyway
+        ck = self.chunk_key(obj, index)
+        if ck.digest() in self.hot or not self.cache.contains(ck):
+            return None
+        data: bytes | None = await self._run_io(lambda: self.cache.get_range(ck, offset - base, end - offset))
+        if data is None or len(data) != end - offset:
+            return None
+        self.stats.cache_hits += 1
+        self.stats.partial_reads += 1
+        self.stats.bytes_from_cache += len(data)
+        return data
 
     async def _from_disk(self, obj: ObjectVersion, missing: list[int], out: dict[int, bytes]) -> list[int]:
         absent = set(self._not_indexed(obj, missing))

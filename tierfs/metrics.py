@@ -63,6 +63,7 @@ _SCALARS: tuple[_Spec, ...] = (
     _Spec("uploads_failed", "tierfs_uploads_failed", "Write-back operations that failed", True),
     _Spec("bytes_uploaded", "tierfs_uploaded_bytes", "Bytes uploaded by write-back", True),
     _Spec("prefetched_blocks", "tierfs_prefetched_blocks", "Blocks fetched by read-ahead", True),
+    _Spec("partial_reads", "tierfs_partial_reads", "Random reads served from part of a cached block", True),
     _Spec("hidden_keys", "tierfs_hidden_keys", "Keys hidden because they are not valid POSIX names", True),
     _Spec("shadowed_keys", "tierfs_shadowed_keys", "Objects shadowed by a directory of the same name", True),
     _Spec("cache_bytes", "tierfs_cache_bytes", "Logical bytes held in the chunk cache", False),

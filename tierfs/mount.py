@@ -324,6 +324,7 @@ class Mount:
             "bytes_from_cache": hyd.bytes_from_cache,
             "bytes_from_s3": hyd.bytes_from_s3,
             "prefetched_blocks": hyd.prefetched_blocks,
+            "partial_reads": hyd.partial_reads,
             "s3_get_requests": requests.get("get_object", 0),
             "s3_list_requests": requests.get("list_objects_v2", 0),
             "s3_head_requests": requests.get("head_object", 0),
