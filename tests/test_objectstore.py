@@ -7,11 +7,12 @@ same error vocabulary, because the hydrator cannot tell which one served it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pytest
 
 from tierfs.errors import NotFound, PreconditionFailed
-from tierfs.objectstore import CRT_MAX_GET, S3ObjectStore
+from tierfs.objectstore import CRT_MAX_GET, S3ObjectStore, parse_timestamp
 from tools.servers import MotoS3, s3_client
 
 BODY = bytes(range(256)) * 1000  # 256,000 bytes, every offset distinguishable
@@ -74,3 +75,28 @@ def test_ranges_on_both_sides_of_the_crt_threshold(moto: MotoS3, seeded: str) ->
     assert fast.get_range("big", 0, len(big)).data == big
     assert fast.get_range("big", 0, CRT_MAX_GET).data == big[:CRT_MAX_GET]
     assert fast.requests["get_object"] == 2
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-11-23T15:16:07.000Z",
+        "2026-11-23T15:16:07Z",
+        "2026-11-23T15:16:07+00:00",
+        "Mon, 23 Nov 2026 15:16:07 GMT",
+    ],
+)
+def test_timestamps_parse_to_the_same_aware_instant(text: str) -> None:
+    parsed = parse_timestamp(text)
+    assert parsed == datetime(2026, 11, 23, 15, 16, 7, tzinfo=UTC)
+    assert parsed.utcoffset() is not None
+
+
+def test_listing_and_head_agree_on_size_etag_and_mtime(moto: MotoS3, seeded: str) -> None:
+    fast, _ = stores(moto, seeded)
+    (page,) = list(fast.list_dir("dir/"))
+    (listed,) = page.objects
+    head = fast.head("dir/obj.bin")
+    assert (listed.key, listed.size, listed.etag) == (head.key, head.size, head.etag)
+    assert head.mtime_ns > 0
+    assert abs(listed.mtime_ns - head.mtime_ns) < 1_000_000_000  # HEAD has whole seconds, LIST has ms

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -26,6 +26,8 @@ from typing import Any, BinaryIO, Protocol
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.session
+import botocore.utils
 
 from .errors import AccessDenied, NotFound, PreconditionFailed, RangeNotSatisfiable, StoreError, Unavailable
 from .metrics import S3_LATENCY
@@ -130,6 +132,15 @@ def _make_crt_reader(
     )
 
 
+def parse_timestamp(value: str) -> datetime:
+    """A timestamp from a response: ISO 8601 (LIST bodies) by the stdlib, anything else by botocore."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return botocore.utils.parse_timestamp(value)  # type: ignore[no-any-return]
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
 def normalize_etag(etag: str | None) -> str:
     return (etag or "").strip('"')
 
@@ -167,7 +178,11 @@ class S3ObjectStore:
         self.bucket = bucket
         self.part_size = part_size
         self.multipart_threshold = multipart_threshold
-        session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
+        core = botocore.session.get_session()
+        # botocore parses every LastModified of a LIST page with dateutil: ~0.1 ms per key, which is
+        # half the client CPU of listing. ISO-8601 goes through the stdlib parser instead.
+        core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=parse_timestamp)
+        session = boto3.session.Session(botocore_session=core, profile_name=profile)
         cfg = botocore.config.Config(
             connect_timeout=timeout,
             read_timeout=timeout,
