@@ -72,6 +72,7 @@ MOUNT_TIMEOUT = 60.0
 # (key, label) in report order; the numbers are the workloads of the issue.
 WORKLOADS: list[tuple[str, str]] = [
     ("stat_cold", "1 stat every entry, cold"),
+    ("stat_remount", "1b stat every entry, remount"),
     ("small_cold", "2 small files, cold"),
     ("large_cold", "3 large sequential, cold"),
     ("pread_warm", "4 128K random pread, warm"),
@@ -477,7 +478,8 @@ class Runner:
                 {"download_seconds": self.report.download_seconds, "read_seconds": read_back.seconds},
             ),
         )
-        self.timed("local", "stat_cold", None, lambda d: stat_tree(local, o.threads, d))
+        stat = self.timed("local", "stat_cold", None, lambda d: stat_tree(local, o.threads, d))
+        self.report.record("stat_remount", "local", stat)  # for a local disk there is no difference
         small = self.timed(
             "local", "small_cold", None, lambda d: read_small(local, ds.small_keys(), o.threads, d)
         )
@@ -540,6 +542,9 @@ class Runner:
             timed("stat_cold", m.pid, lambda d: stat_tree(m.path, o.threads, d))
         with system.mounted(fresh=True) as m:
             timed("small_cold", m.pid, lambda d: read_small(m.path, small, o.threads, d))
+        # Same cache directory, remounted within the metadata TTL: what a restarted training job sees.
+        with system.mounted(fresh=False) as m:
+            timed("stat_remount", m.pid, lambda d: stat_tree(m.path, o.threads, d))
         # Same cache directory: the shards have never been read, so they are still cold.
         with system.mounted(fresh=False) as m:
             timed("large_cold", m.pid, lambda d: read_sequential(m.path, shards, d))
