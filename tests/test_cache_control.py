@@ -78,7 +78,7 @@ class Bucket:
         count = 0
         for index in range(blocks):
             name = ChunkKey(self.name, key, etag, index).digest().hex()
-            count += (mount.cache_dir / "chunks" / name[:2] / name[2:4] / name).is_file()
+            count += (mount.cache_dir / "chunks" / name[:2] / name).is_file()
         return count
 
 

@@ -66,7 +66,7 @@ class Harness:
 
     def chunk_path(self, ck: ChunkKey) -> Path:
         name = ck.digest().hex()
-        return self.root / "chunks" / name[:2] / name[2:4] / name
+        return self.root / "chunks" / name[:2] / name
 
     def files(self) -> list[Path]:
         return sorted(p for p in (self.root / "chunks").rglob("*") if p.is_file())

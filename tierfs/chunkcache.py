@@ -315,7 +315,7 @@ class ChunkCache:
         self._closed = False
 
         self._make_dir(str(self._root))
-        self._make_dir(self._chunk_dir)
+        self._make_tree()
         self._open_index()
 
     # ------------------------------------------------------------------ open / close
@@ -348,22 +348,32 @@ class ChunkCache:
             txn.drop(self._chunks, delete=False)
             txn.drop(self._objects, delete=False)
         shutil.rmtree(self._chunk_dir, ignore_errors=True)
+        self._make_tree()
+
+    def _make_tree(self) -> None:
+        """``chunks/`` and its 256 fan-out directories, made once at open rather than per write.
+
+        One level of 256 directories, not two of 65,536: a fresh cache would otherwise pay a
+        mkdir for nearly every block it stores, and a full tree would hold 256 MiB of directory
+        blocks. A few thousand entries per directory is nothing for ext4's or XFS's hashed
+        directories."""
         self._make_dir(self._chunk_dir)
+        for i in range(256):
+            self._make_dir(os.path.join(self._chunk_dir, f"{i:02x}"))
 
     def _reconcile_tree(self) -> None:
         """After an unclean shutdown only: one walk of the tree removes temp files and files the index
         does not know, and drops index entries whose file is gone. After a clean close this walk is
         skipped (a 200k-file walk costs seconds); a missing file is then found lazily by get()."""
         present: set[bytes] = set()
-        for level1 in self._scandirs(self._chunk_dir):
-            for level2 in self._scandirs(level1):
-                with os.scandir(level2) as entries:
-                    for entry in entries:
-                        if entry.name.startswith(TMP_PREFIX):
-                            _unlink_quiet(entry.path)
-                        elif len(entry.name) == 64:
-                            with contextlib.suppress(ValueError):
-                                present.add(bytes.fromhex(entry.name))
+        for fanout in self._scandirs(self._chunk_dir):
+            with os.scandir(fanout) as entries:
+                for entry in entries:
+                    if entry.name.startswith(TMP_PREFIX):
+                        _unlink_quiet(entry.path)
+                    elif len(entry.name) == 64:
+                        with contextlib.suppress(ValueError):
+                            present.add(bytes.fromhex(entry.name))
         with self._env.begin() as txn:
             indexed = set(txn.cursor(db=self._chunks).iternext(values=False))
         for digest in present - indexed:
@@ -413,7 +423,7 @@ class ChunkCache:
 
     def _path(self, digest: bytes) -> str:
         name = digest.hex()
-        return os.path.join(self._chunk_dir, name[0:2], name[2:4], name)
+        return os.path.join(self._chunk_dir, name[0:2], name)
 
     @staticmethod
     def _make_dir(path: str) -> None:
@@ -667,10 +677,8 @@ class ChunkCache:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
             fd = os.open(tmp, flags, 0o600)
-        except FileNotFoundError:
-            level2 = os.path.dirname(path)
-            self._make_dir(os.path.dirname(level2))
-            self._make_dir(level2)
+        except FileNotFoundError:  # its fan-out directory was removed behind our back
+            self._make_tree()
             fd = os.open(tmp, flags, 0o600)
         except FileExistsError:  # left by a crashed writer of the same pid; we hold the stripe
             os.unlink(tmp)
