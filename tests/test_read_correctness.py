@@ -297,3 +297,37 @@ def test_random_reads_from_the_disk_cache_read_only_their_pages_and_stay_exact(
     assert status["s3_get_requests"] == 0
     assert status["partial_reads"] > 0
     assert status["errors"] == 0
+
+
+# --------------------------------------------------------------------------- damaged cache files
+
+
+def test_damaged_cache_files_are_refetched_not_served(
+    seaweed: SeaweedFS, bucket: Callable[..., str], mounter: Mounter
+) -> None:
+    """A flipped byte in a cached block (small objects are checked on the loop, large ones in a
+    thread) is caught by its page digest, counted, and the block is fetched again from S3."""
+    name = bucket()
+    objects = {"small.bin": offset_pattern(100 * KiB, salt=1), "large.bin": offset_pattern(3 * MiB, salt=2)}
+    for rel, body in objects.items():
+        put(seaweed, name, rel, body)
+    first = mounter(f"s3://{name}")
+    for rel, body in objects.items():
+        assert read_sequentially(first.path / rel, MiB) == body
+    first.umount()
+    assert first.wait_exited(60), first.log_text()
+
+    chunk_files = [p for p in (first.cache_dir / "chunks").rglob("*") if p.is_file()]
+    assert len(chunk_files) == 4  # one block of small.bin, three of large.bin
+    for path in chunk_files:
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 0x40
+        path.write_bytes(bytes(raw))
+
+    second = mounter(f"s3://{name}", cache_dir=first.cache_dir)
+    for rel, body in objects.items():
+        assert read_sequentially(second.path / rel, MiB) == body
+    status = second.status()
+    assert status["cache_corrupt"] == 4
+    assert status["s3_get_requests"] >= 2
+    assert status["errors"] == 0

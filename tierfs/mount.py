@@ -317,6 +317,7 @@ class Mount:
             "chunks_cached": cache.chunks,
             "pinned_bytes": cache.pinned_bytes,
             "evictions": cache.evictions,
+            "cache_corrupt": cache.corrupt,
             "compression_ratio": round(cache.compression_ratio, 3),
             "cache_hits": hyd.cache_hits,
             "cache_misses": hyd.cache_misses,
