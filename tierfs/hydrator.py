@@ -392,7 +392,8 @@ class Hydrator:
             raise
         finally:
             for digest, flight in flights.items():
-                self._inflight.pop(digest, None)
+                if self._inflight.get(digest) is flight:  # never retire a flight registered since
+                    del self._inflight[digest]
                 flight.done.set()
 
     def _fetch_run_blocking(self, obj: ObjectVersion, run: list[int]) -> dict[int, bytes]:
