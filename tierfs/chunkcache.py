@@ -327,12 +327,13 @@ class ChunkCache:
             stored_format = txn.get(_META_FORMAT, db=self._meta)
             clean = txn.get(_META_CLEAN, db=self._meta) is not None
             self._pinned = {oid for oid, _ in txn.cursor(db=self._pins)}
-        if (stored_bs is not None and int.from_bytes(stored_bs, "little") != self._block_size) or (
-            stored_format != FORMAT_VERSION.to_bytes(4, "little")
+        if stored_bs is not None and (
+            int.from_bytes(stored_bs, "little") != self._block_size
+            or stored_format != FORMAT_VERSION.to_bytes(4, "little")
         ):
             # Block i means a different byte range under another block size, and files of another
-            # format would all fail validation: everything cached is void. (A new cache has
-            # nothing to wipe.)
+            # format would all fail validation: everything cached is void. (A new cache has no
+            # block size yet, and nothing to wipe.)
             self._wipe()
             clean = True
         if not clean:
@@ -534,8 +535,9 @@ class ChunkCache:
                     raise _Invalid("bad lengths", ident)
                 first, last = (start // PAGE, (end - 1) // PAGE + 1) if start < end else (0, 0)
                 base = first * PAGE
-                payload = _pread_exact(fd, min(logical, last * PAGE) - base, data_at + base)
-                if len(payload) != min(logical, last * PAGE) - base:
+                size = min(logical, last * PAGE) - base
+                payload = _pread_exact(fd, size, data_at + base)
+                if len(payload) != size:
                     raise _Invalid("short payload", ident)
         except OSError as exc:
             raise _Invalid(f"read: {exc}", ident) from exc
@@ -545,7 +547,8 @@ class ChunkCache:
         view = memoryview(data)
         for page in range(first, min(last, pages)):
             at = page * PAGE - base
-            if xxhash.xxh3_64_intdigest(view[at : at + PAGE]) != _DIGEST.unpack_from(table, page * 8)[0]:
+            (expected,) = _DIGEST.unpack_from(table, page * _DIGEST.size)
+            if xxhash.xxh3_64_intdigest(view[at : at + PAGE]) != expected:
                 raise _Invalid("digest mismatch", ident)
         if start >= end:
             return b""
