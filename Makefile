@@ -30,7 +30,7 @@ define apt_install
 	fi
 endef
 
-.PHONY: all deps bench-deps venv .venv lint test demo bench bench-rss clean
+.PHONY: all deps bench-deps venv .venv lint test demo bench bench-rss stress clean
 
 all: test
 
@@ -70,6 +70,13 @@ bench: deps bench-deps $(STAMP)
 
 bench-rss: deps $(STAMP)
 	$(PY) -m tools.bench_rss $(BENCH_ARGS)
+
+# The concurrency stress test of issue 11 at full size: 10 minutes, 16 threads, two busy
+# loops for CPU contention. Override with e.g. STRESS_ARGS='--seconds 60 --delay-faults'.
+STRESS_ARGS ?= --seconds 600 --threads 16 --busy 2
+
+stress: deps $(STAMP)
+	$(PY) -m tools.stress $(STRESS_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache bench-out *.egg-info
