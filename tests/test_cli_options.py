@@ -58,7 +58,9 @@ def test_defaults() -> None:
     assert config.metadata_ttl == 60
     assert config.writeback_delay == 5
     assert config.timeout == 30
+    assert config.flush_timeout == 600  # today's SIGTERM flush bound
     assert not config.read_only and not config.allow_other and not config.foreground
+    assert not config.nonempty
 
 
 def test_long_options() -> None:
@@ -85,6 +87,8 @@ def test_long_options() -> None:
             "--retries", "0",
             "--log-level", "debug",
             "--writeback-delay", "500ms",
+            "--flush-timeout", "2m",
+            "--nonempty",
             "--import-interval", "5m",
             "--metrics-addr", "127.0.0.1:9100",
             "--s3-concurrency", "4",
@@ -108,6 +112,8 @@ def test_long_options() -> None:
     assert config.retries == 0
     assert config.log_level == "DEBUG"
     assert config.writeback_delay == pytest.approx(0.5)
+    assert config.flush_timeout == 120
+    assert config.nonempty
     assert config.import_interval == 300
     assert config.metrics_addr == "127.0.0.1:9100"
     assert config.s3_concurrency == 4
@@ -122,7 +128,7 @@ def test_o_options_carry_every_setting() -> None:
             "-o", "cache_min_free=0.2,cache_max_age=indefinite,cache_compression=zstd,metadata_ttl=90",
             "-o", "uid=12,gid=34,file_mode=0640,dir_mode=0750,timeout=5,retries=7,log_level=warning",
             "-o", "writeback_delay=1m,import_interval=off,metrics_addr=:9100,s3_concurrency=32,debug_fuse",
-            "-o", "foreground,region=us-east-2,profile=prod",
+            "-o", "foreground,region=us-east-2,profile=prod,flush_timeout=90,nonempty",
         ]
     )  # fmt: skip
     assert config.endpoint_url == "http://x:1"
@@ -139,6 +145,7 @@ def test_o_options_carry_every_setting() -> None:
     assert config.metrics_addr == ":9100"
     assert config.s3_concurrency == 32
     assert (config.region, config.profile) == ("us-east-2", "prod")
+    assert config.flush_timeout == 90 and config.nonempty
 
 
 def test_mount8_and_systemd_options_are_ignored() -> None:
@@ -184,6 +191,9 @@ def test_dashes_are_accepted_in_o_names() -> None:
         ("metadata_ttl=soon", "-o metadata_ttl: invalid duration"),
         ("cache_max_age=1y", "-o cache_max_age: invalid duration"),
         ("timeout=0", "--timeout must be positive"),
+        ("flush_timeout=0", "--flush-timeout must be positive"),
+        ("flush_timeout=soon", "-o flush_timeout: invalid duration"),
+        ("nonempty=perhaps", "-o nonempty: invalid boolean"),
         ("file_mode=888", "-o file_mode: invalid mode"),
         ("uid=no-such-user-here", "-o uid: unknown user"),
         ("allow_other=maybe", "-o allow_other: invalid boolean"),
@@ -316,3 +326,33 @@ def test_status_table_is_aligned_with_human_sizes() -> None:
         "metadata_ttl         indefinite",
         "read_only            no",
     ]
+
+
+def test_status_table_lists_failing_files_one_per_line() -> None:
+    """Paths make poor dotted keys: failing files are counted in the table, then listed below it."""
+    lines = format_status(
+        {
+            "dirty_files": 2,
+            "failing": {"w/b.bin": "AccessDenied: PUT\nrefused", "a.txt": "NoSuchBucket: gone"},
+            "conflicts": 0,
+        }
+    )
+    assert lines == [
+        "dirty_files  2",
+        "failing      2",
+        "  a.txt: NoSuchBucket: gone",
+        "  w/b.bin: AccessDenied: PUT refused",
+        "conflicts    0",
+    ]
+    assert format_status({"failing": {}}) == ["failing  0"]
+
+
+def test_flush_and_umount_take_a_positive_timeout(tmp_path: Path) -> None:
+    for args in (
+        ["flush", str(tmp_path), "--timeout", "0"],
+        ["umount", str(tmp_path), "--flush-timeout", "-1"],
+    ):
+        done = run_tierfs(*args)
+        assert done.returncode == 2
+        assert done.stderr.startswith(f"tierfs: error: argument {args[2]}: ")
+        assert len(done.stderr.splitlines()) == 1

@@ -24,6 +24,7 @@ from tierfs.control import (
     ControlClient,
     ControlError,
     ControlServer,
+    ControlTimeout,
     ControlUnavailable,
     Handler,
     ProgressCallback,
@@ -35,6 +36,7 @@ from tierfs.control import (
     registry_paths,
     unregister,
 )
+from tierfs.errors import FlushFailed
 from tierfs.progress import ProgressBar, RateMeter, format_eta, format_rate, render_bar, render_line
 
 NOBODY = 65534
@@ -468,3 +470,142 @@ async def test_umount_flushes_first_and_stops_on_a_failed_flush(tmp_path: Path) 
     assert flushed.returncode == 1
     assert flushed.stderr.splitlines()[-1].startswith("tierfs: error: fusermount3 failed:")
     assert skipped.stderr.splitlines() == [flushed.stderr.splitlines()[-1]]
+
+
+# --------------------------------------------------------------------------- failed and stuck flushes
+
+
+async def test_flush_failed_crosses_the_socket_with_its_files(tmp_path: Path) -> None:
+    """A FlushFailed raised in the daemon is raised again in the client, with every file and error."""
+    failures = {"d/a.bin": "AccessDenied: PUT refused\n(403)", "b": "NoSuchBucket: gone"}
+
+    async def flush(args: dict[str, Any], progress: ProgressCallback) -> Any:
+        raise FlushFailed(failures, "permanent errors")
+
+    sock = tmp_path / "c.sock"
+    async with running(ControlServer(sock, {"flush": flush}, owner_uid=os.getuid())):
+        with pytest.raises(FlushFailed) as info:
+            await call(sock, "flush")
+    assert info.value.reason == "permanent errors"
+    assert info.value.failures == {"d/a.bin": "AccessDenied: PUT refused (403)", "b": "NoSuchBucket: gone"}
+
+
+async def test_concurrent_progress_from_one_handler_all_arrives(tmp_path: Path) -> None:
+    """Tasks of one handler may report at the same moment (a flush's heartbeat beside its uploads)."""
+
+    async def parallel(args: dict[str, Any], progress: ProgressCallback) -> Any:
+        async def reporter(task: int) -> None:
+            for step in range(20):
+                await progress({"task": task, "step": step, "pad": "x" * 4096})
+
+        async with trio.open_nursery() as nursery:
+            for task in range(8):
+                nursery.start_soon(reporter, task)
+        return "done"
+
+    sock = tmp_path / "c.sock"
+    async with running(ControlServer(sock, {"flush": parallel}, owner_uid=os.getuid())):
+        result, seen = await call(sock, "flush")
+    assert result == "done"
+    assert sorted((p["task"], p["step"]) for p in seen) == [(t, s) for t in range(8) for s in range(20)]
+
+
+async def test_a_promised_deadline_bounds_the_wait_and_is_not_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon whose operation runs past the deadline it stated, while it keeps sending progress,
+    cannot keep the client waiting: the client gives up DEADLINE_GRACE after the deadline."""
+    monkeypatch.setattr(control, "DEADLINE_GRACE", 0.5)
+
+    async def stuck(args: dict[str, Any], progress: ProgressCallback) -> Any:
+        await progress({"deadline": 0.5})
+        while True:
+            await progress({"done_files": 0, "total_files": 1})
+            await trio.sleep(0.05)
+
+    sock = tmp_path / "c.sock"
+    async with running(ControlServer(sock, {"flush": stuck}, owner_uid=os.getuid())):
+        started = trio.current_time()
+        with pytest.raises(ControlTimeout, match="did not finish flush by its deadline") as info:
+            await call(sock, "flush")
+        waited = trio.current_time() - started
+    assert not isinstance(info.value, ControlUnavailable)  # umount must not take it for a dead daemon
+    assert 1.0 <= waited < 10.0
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tierfs", *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+async def test_cli_flush_and_umount_name_each_file_that_failed(tmp_path: Path) -> None:
+    """`tierfs flush` and `tierfs umount` exit 1 with one line per failed file; umount then does not
+    unmount (a plain directory: an unmount attempt would fail with a fusermount3 error line)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    seen_args: list[dict[str, Any]] = []
+
+    async def flush(args: dict[str, Any], progress: ProgressCallback) -> Any:
+        seen_args.append(args)
+        await progress({"done_files": 0, "total_files": 2, "done_bytes": 0, "total_bytes": 10})
+        raise FlushFailed(
+            {"d/a.bin": "AccessDenied: denied", "b c": "NoSuchBucket: gone"}, "permanent errors"
+        )
+
+    register(mnt, source="s3://bkt/", cache_dir="/c", uid=0)
+    _, sock = registry_paths(mnt)
+    async with running(ControlServer(sock, {"flush": flush}, owner_uid=os.getuid())):
+        flushed = await trio.to_thread.run_sync(_cli, "flush", str(mnt), "--timeout", "7")
+        unmounted = await trio.to_thread.run_sync(_cli, "umount", str(mnt))
+    assert seen_args == [{"timeout": 7.0}, {}]
+    per_file = [
+        "tierfs: error: flush failed: b c: NoSuchBucket: gone",
+        "tierfs: error: flush failed: d/a.bin: AccessDenied: denied",
+    ]
+    assert flushed.returncode == 1
+    errors = [line for line in flushed.stderr.splitlines() if line.startswith("tierfs: error:")]
+    assert errors == [
+        *per_file,
+        "tierfs: error: flush failed (permanent errors): 2 files not uploaded; it stays staged and "
+        "journaled for a later flush or the next mount",
+    ]
+    assert unmounted.returncode == 1
+    errors = [line for line in unmounted.stderr.splitlines() if line.startswith("tierfs: error:")]
+    assert errors[:2] == per_file
+    assert errors[2].startswith("tierfs: error: flush failed (permanent errors), not unmounting: 2 files")
+    assert "--no-flush" in errors[2]
+    assert len(errors) == 3  # and no fusermount3 line: the unmount was not tried
+
+
+async def test_cli_returns_from_a_stuck_flush_naming_the_failing_files(tmp_path: Path) -> None:
+    """A daemon whose flush never ends (0% for ever) still lets `tierfs flush`/`umount` return, with
+    the files `status` reports as failing; umount does not unmount."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+
+    async def flush(args: dict[str, Any], progress: ProgressCallback) -> Any:
+        await progress({"deadline": 1})
+        while True:
+            await progress({"done_files": 0, "total_files": 1, "done_bytes": 0, "total_bytes": 5})
+            await trio.sleep(0.25)
+
+    async def mount_status(args: dict[str, Any], progress: ProgressCallback) -> Any:
+        return {"dirty_files": 1, "failing": {"w/f1": "Unavailable: 503 SlowDown"}}
+
+    register(mnt, source="s3://bkt/", cache_dir="/c", uid=0)
+    _, sock = registry_paths(mnt)
+    handlers: dict[str, Handler] = {"flush": flush, "status": mount_status}
+    async with running(ControlServer(sock, handlers, owner_uid=os.getuid())):
+        started = trio.current_time()
+        flushed = await trio.to_thread.run_sync(_cli, "flush", str(mnt))
+        flush_seconds = trio.current_time() - started
+        unmounted = await trio.to_thread.run_sync(_cli, "umount", str(mnt))
+    assert flushed.returncode == 1
+    assert "tierfs: error: flush failed: w/f1: Unavailable: 503 SlowDown" in flushed.stderr.splitlines()
+    assert "did not finish flush by its deadline" in flushed.stderr
+    assert flush_seconds < 1 + control.DEADLINE_GRACE + 20  # generous: a subprocess on a busy machine
+    assert unmounted.returncode == 1
+    assert "tierfs: error: flush failed: w/f1: Unavailable: 503 SlowDown" in unmounted.stderr.splitlines()
+    assert "not unmounting" in unmounted.stderr
+    assert "fusermount3" not in unmounted.stderr

@@ -30,15 +30,17 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .config import MountConfig, Source
-from .control import ControlClient, ControlError, ControlUnavailable, find_mount, pid_alive
-from .errors import ConfigError
+from .control import ControlClient, ControlError, ControlTimeout, ControlUnavailable, find_mount, pid_alive
+from .errors import ConfigError, FlushFailed
 from .progress import ProgressBar
 from .units import format_bytes, parse_duration, parse_mode, parse_size
 
 ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 UMOUNT_WAIT = 60.0  # seconds to wait for the daemon to exit after the kernel unmount
-# umount's flush gives up after this long without a progress line, so a hung daemon can't hang umount.
-UMOUNT_FLUSH_SILENCE = 120.0
+# flush/umount give up after this long without a line from the daemon (a flush sends one every few
+# seconds), and past the deadline the daemon states, so a hung daemon hangs neither.
+FLUSH_SILENCE = 30.0
+STATUS_AFTER_TIMEOUT = 5.0  # how long a timed-out flush waits for status, to name the failing files
 
 # mount(8)/systemd options that say nothing to tierfs; they reach us through fstab.
 IGNORED_OPTIONS = frozenset(
@@ -258,6 +260,7 @@ MOUNT_OPTIONS: tuple[MountOption, ...] = (
         "metadata_ttl", "trust listed metadata this long, or 'indefinite' (default 60)", _parse_ttl, "SECONDS"
     ),
     MountOption("read_only", "mount read-only (-o ro does the same)"),
+    MountOption("nonempty", "mount even if MOUNTPOINT is not empty (its entries are hidden while mounted)"),
     MountOption("foreground", "stay in the foreground", short="-f"),
     MountOption("allow_other", "let other users access the mount"),
     MountOption("uid", "owner of objects without POSIX metadata (default: you)", _parse_uid, "UID"),
@@ -273,6 +276,12 @@ MOUNT_OPTIONS: tuple[MountOption, ...] = (
         "upload a written file this long after its last close (default 5s)",
         _parse_duration,
         "DURATION",
+    ),
+    MountOption(
+        "flush_timeout",
+        "flush, umount and SIGTERM give up on uploads that keep failing after this long (default 600)",
+        _parse_duration,
+        "SECONDS",
     ),
     MountOption(
         "import_interval",
@@ -423,9 +432,15 @@ def cmd_umount(ns: argparse.Namespace) -> int:
         record = None  # no live daemon (crashed, or never registered): still unmount the kernel side
     if record is not None and not ns.no_flush:
         try:
-            _call_with_progress(_client(record), "flush", {}, "flush", silence=UMOUNT_FLUSH_SILENCE)
+            _flush(record, ns.flush_timeout)
         except ControlUnavailable:
-            pass  # the daemon is gone or hung: unmounting is still the right thing
+            pass  # the daemon is gone: unmounting is still the right thing
+        except FlushFailed as exc:
+            _print_failures("tierfs", exc)
+            raise ControlError(
+                f"flush failed ({exc.reason}), not unmounting: {_not_uploaded(exc)}; it stays staged and "
+                "journaled (--no-flush unmounts anyway, and the next mount uploads it)"
+            ) from None
         except ControlError as exc:
             raise ControlError(
                 f"flush failed, not unmounting: {exc} (--no-flush unmounts anyway; dirty data stays "
@@ -435,6 +450,37 @@ def cmd_umount(ns: argparse.Namespace) -> int:
     if record is not None:
         _wait_for_exit(int(record["pid"]), ns.wait)
     return 0
+
+
+def _flush(record: Mapping[str, Any], timeout: float | None) -> Any:
+    """Ask the daemon to flush (within ``timeout``, default its --flush-timeout); FlushFailed if not all
+    was uploaded. The wait is bounded even when the daemon is stuck: its failing files then come
+    from ``status``, if it still answers that."""
+    client = _client(record)
+    args = {} if timeout is None else {"timeout": timeout}
+    try:
+        return _call_with_progress(client, "flush", args, "flush", silence=FLUSH_SILENCE)
+    except ControlTimeout as exc:
+        try:
+            status = client.call("status", {}, timeout=STATUS_AFTER_TIMEOUT)
+            failing = status.get("failing") if isinstance(status, Mapping) else None
+        except ControlError:
+            failing = None
+        named = {str(k): str(v) for k, v in failing.items()} if isinstance(failing, Mapping) else {}
+        raise FlushFailed(named, str(exc)) from None
+
+
+def _print_failures(prog: str, exc: FlushFailed) -> None:
+    """One line per file that could not be uploaded, with its last error."""
+    for path, error in sorted(exc.failures.items()):
+        print(f"{prog}: error: flush failed: {path}: {' '.join(error.split())}", file=sys.stderr)
+
+
+def _not_uploaded(exc: FlushFailed) -> str:
+    count = len(exc.failures)
+    if not count:
+        return "changes not uploaded"
+    return f"{count} file{'s' if count != 1 else ''} not uploaded"
 
 
 def _kernel_unmount(path: str, *, lazy: bool) -> None:
@@ -493,9 +539,21 @@ def format_value(key: str, value: Any) -> str:
 
 
 def format_status(status: Mapping[str, Any]) -> list[str]:
-    rows = flatten(status)
+    """Aligned ``key  value`` rows; ``failing`` (path -> last upload error) as a count, then one
+    indented line per file, because paths make poor dotted keys."""
+    failing = status.get("failing")
+    if not isinstance(failing, Mapping):
+        failing = None
+    rows = flatten({k: len(v) if k == "failing" and failing is not None else v for k, v in status.items()})
     width = max((len(k) for k, _ in rows), default=0)
-    return [f"{key.ljust(width)}  {format_value(key, value)}" for key, value in rows]
+    lines: list[str] = []
+    for key, value in rows:
+        lines.append(f"{key.ljust(width)}  {format_value(key, value)}")
+        if key == "failing" and failing is not None:
+            lines.extend(
+                f"  {path}: {' '.join(str(error).split())}" for path, error in sorted(failing.items())
+            )
+    return lines
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
@@ -510,7 +568,7 @@ def cmd_status(ns: argparse.Namespace) -> int:
 
 
 def cmd_flush(ns: argparse.Namespace) -> int:
-    _call_with_progress(_client_for_mountpoint(ns.mountpoint), "flush", {}, "flush")
+    _flush(_mountpoint_record(ns.mountpoint), ns.timeout)
     return 0
 
 
@@ -570,6 +628,13 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tierfs", description="Mount an S3 bucket as POSIX files with a local cache.")
     parser.add_argument("--version", action="version", version=f"tierfs {__version__}")
@@ -590,6 +655,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"wait this long for the daemon to exit (default {UMOUNT_WAIT:g})",
     )
+    umount.add_argument(
+        "--flush-timeout",
+        type=_positive_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="give up the flush after this long (default: the mount's --flush-timeout)",
+    )
     umount.set_defaults(func=cmd_umount)
 
     status = sub.add_parser("status", help="show the state of a mount")
@@ -600,6 +672,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     flush = sub.add_parser("flush", help="upload every dirty file now")
     flush.add_argument("mountpoint", metavar="MOUNTPOINT")
+    flush.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="give up after this long (default: the mount's --flush-timeout)",
+    )
     flush.set_defaults(func=cmd_flush)
 
     path_commands = (
@@ -639,6 +718,14 @@ def _run(prog: str, action: Callable[[], int]) -> int:
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except FlushFailed as exc:
+        _print_failures(prog, exc)
+        print(
+            f"{prog}: error: flush failed ({exc.reason}): {_not_uploaded(exc)}; it stays staged and "
+            "journaled for a later flush or the next mount",
+            file=sys.stderr,
+        )
+        return 1
     except ControlError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1

@@ -70,6 +70,8 @@ class MountConfig:
     log_level: str = "INFO"
     log_file: Path | None = None
     writeback_delay: float = 5.0
+    flush_timeout: float = 600.0  # flush/umount/SIGTERM give up on transient upload errors after this
+    nonempty: bool = False  # mount over a directory that has entries (they are hidden while mounted)
     import_interval: float | None = None
     metrics_addr: str | None = None
     s3_concurrency: int = 16
@@ -90,6 +92,8 @@ class MountConfig:
     def validate(self) -> None:
         if self.timeout <= 0:
             raise ConfigError("--timeout must be positive")
+        if self.flush_timeout <= 0:
+            raise ConfigError("--flush-timeout must be positive")
         if self.cache_size is not None and self.cache_size < 8 * self.block_size:
             raise ConfigError(f"--cache-size must be at least {8 * self.block_size // MiB} MiB")
         if not 0 <= self.cache_min_free < 1:

@@ -24,6 +24,15 @@ Protocol, one request per connection: the client sends ``{"op": ..., "args": {..
 and a newline; the server answers any number of ``{"progress": {...}}`` lines, then
 exactly one ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "one line"}``.
 A client that disconnects cancels its operation.
+
+Bounded waits: a progress update may carry ``"deadline": SECONDS``, the server's promise
+that the final reply comes within that many seconds from now (a flush states its
+``--flush-timeout`` plus slack). The client strips it from what it shows and gives up
+:data:`DEADLINE_GRACE` seconds after it, so even a daemon whose operation is stuck while
+its loop still sends progress cannot keep a CLI command waiting for ever. A failed flush
+answers ``{"ok": false, "error": ..., "reason": ..., "failures": {path: last error}}``,
+which the client raises as :class:`tierfs.errors.FlushFailed`, so the CLI can name each
+file that was not uploaded.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -43,7 +53,7 @@ from typing import Any
 
 import trio
 
-from .errors import TierfsError
+from .errors import FlushFailed, TierfsError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +64,7 @@ RUNTIME_DIR_ENV = "TIERFS_RUNTIME_DIR"
 SYSTEM_REGISTRY = Path("/run/tierfs/mounts")
 MAX_REQUEST_BYTES = 1 << 20
 REQUEST_TIMEOUT = 30.0  # a connected client that never sends a request is dropped after this
+DEADLINE_GRACE = 5.0  # the client waits this long past a deadline the server promised
 _MAX_SYMLINKS = 40  # Linux's MAXSYMLINKS
 _PEERCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
 
@@ -64,6 +75,14 @@ class ControlError(TierfsError):
 
 class ControlUnavailable(ControlError):
     """No daemon answers (not mounted, daemon dead, socket gone): callers such as umount may go on."""
+
+
+class ControlTimeout(ControlError):
+    """The daemon took the request but did not answer in time (hung, or stuck past its own deadline).
+
+    Unlike ControlUnavailable, the daemon is there and may still hold work (umount must not
+    treat it as gone).
+    """
 
 
 # --------------------------------------------------------------------------- registry
@@ -432,11 +451,13 @@ class ControlServer:
         """Run one handler; None if the client disconnected (and the handler was cancelled)."""
         stream = reader.stream
         reply: dict[str, Any] | None = None
+        sending = trio.Lock()  # a handler's tasks may report at once; a stream takes one sender
 
         async def progress(update: dict[str, Any]) -> None:
             # A failed send means the client left: the watcher sees that and cancels us.
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_all(_encode({"progress": update}))
+                async with sending:
+                    await stream.send_all(_encode({"progress": update}))
 
         async def watch_disconnect(scope: trio.CancelScope) -> None:
             try:
@@ -454,6 +475,8 @@ class ControlServer:
             except TierfsError as exc:
                 log.warning("control %s failed: %s", op, exc)
                 reply = {"ok": False, "error": _one_line(str(exc))}
+                if isinstance(exc, FlushFailed):
+                    reply.update(reason=exc.reason, failures=exc.failures)
             except Exception as exc:
                 log.exception("control %s crashed", op)
                 reply = {"ok": False, "error": _one_line(f"{type(exc).__name__}: {exc}")}
@@ -489,6 +512,8 @@ class ControlClient:
 
         ``timeout`` bounds the connect and each wait for the next line (progress keeps a
         long operation alive); None waits forever, for operations that report progress.
+        A deadline the server states in a progress line bounds the whole wait as well
+        (ControlTimeout); a failed flush is raised as FlushFailed.
         """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
@@ -504,27 +529,64 @@ class ControlClient:
             # The server may refuse us before reading the request; its reply is still queued.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 sock.sendall(_encode({"op": op, "args": dict(args or {})}))
-            return self._read_reply(sock, on_progress)
+            return self._read_reply(sock, op, on_progress)
 
-    def _read_reply(self, sock: socket.socket, on_progress: Callable[[dict[str, Any]], None] | None) -> Any:
+    def _read_reply(
+        self, sock: socket.socket, op: str, on_progress: Callable[[dict[str, Any]], None] | None
+    ) -> Any:
+        silence = sock.gettimeout()
+        deadline: float | None = None  # monotonic, once the server has promised one
+        past_deadline = False  # whether the wait that may time out next ends at the deadline
         try:
             with sock.makefile("rb") as lines:
-                for raw in lines:
-                    try:
-                        message = json.loads(raw)
-                    except ValueError:
-                        raise ControlError(f"garbled reply from the tierfs daemon of {self.where}") from None
-                    if not isinstance(message, dict):
-                        raise ControlError(f"garbled reply from the tierfs daemon of {self.where}")
+                while True:
+                    if deadline is not None:
+                        left = deadline - time.monotonic()
+                        past_deadline = silence is None or left <= silence
+                        if left <= 0:
+                            raise TimeoutError
+                        sock.settimeout(left if silence is None else min(silence, left))
+                    raw = lines.readline()
+                    if not raw:
+                        break
+                    message = self._decode(raw)
+                    progress = message.get("progress")
+                    if isinstance(progress, dict):
+                        promised = progress.pop("deadline", None)
+                        if isinstance(promised, int | float) and not isinstance(promised, bool):
+                            deadline = time.monotonic() + float(promised) + DEADLINE_GRACE
+                        if on_progress is not None and progress:
+                            on_progress(progress)
+                        continue
                     if "progress" in message:
-                        if on_progress is not None and isinstance(message["progress"], dict):
-                            on_progress(message["progress"])
                         continue
                     if message.get("ok") is True:
                         return message.get("result")
-                    raise ControlError(_one_line(str(message.get("error") or "unknown error")))
+                    raise self._error(message)
         except TimeoutError:
-            raise ControlError(f"timed out waiting for the tierfs daemon of {self.where}") from None
+            if past_deadline:
+                raise ControlTimeout(
+                    f"the tierfs daemon of {self.where} did not finish {op} by its deadline"
+                ) from None
+            raise ControlTimeout(f"timed out waiting for the tierfs daemon of {self.where}") from None
         except ConnectionResetError:
             pass
         raise ControlError(f"the tierfs daemon of {self.where} closed the connection without answering")
+
+    def _decode(self, raw: bytes) -> dict[str, Any]:
+        try:
+            message = json.loads(raw)
+        except ValueError:
+            raise ControlError(f"garbled reply from the tierfs daemon of {self.where}") from None
+        if not isinstance(message, dict):
+            raise ControlError(f"garbled reply from the tierfs daemon of {self.where}")
+        return message
+
+    @staticmethod
+    def _error(message: Mapping[str, Any]) -> TierfsError:
+        """The exception an error reply stands for: FlushFailed when it names failed files."""
+        failures = message.get("failures")
+        if isinstance(failures, dict):
+            named = {str(path): _one_line(str(error)) for path, error in failures.items()}
+            return FlushFailed(named, _one_line(str(message.get("reason") or "flush failed")))
+        return ControlError(_one_line(str(message.get("error") or "unknown error")))

@@ -37,12 +37,26 @@ def _mounted_at(mountpoint: str) -> bool:
     return any(info is not None and info.mountpoint == mountpoint for info in infos)
 
 
-def check_mountpoint(path: Path) -> str:
+def check_mountpoint(path: Path, *, nonempty: bool = False) -> str:
+    """The absolute mountpoint, refused unless it is an existing directory, not mounted on, and
+    empty (unless ``nonempty``): mounting over files hides them, which is rarely what was meant
+    (a typo'd path, or a mount that already failed once and left data behind), so, as s3fs
+    does, it takes an explicit ``-o nonempty``. Runs before anything is created or locked."""
     mountpoint = os.path.abspath(path)
     if _mounted_at(mountpoint):
         raise ConfigError(f"{mountpoint} is already a mount point")
     if not os.path.isdir(mountpoint):
         raise ConfigError(f"mount point {mountpoint} does not exist or is not a directory")
+    if not nonempty:
+        try:
+            with os.scandir(mountpoint) as entries:
+                occupied = next(entries, None) is not None
+        except OSError as exc:
+            raise ConfigError(f"cannot read mount point {mountpoint}: {exc.strerror or exc}") from None
+        if occupied:
+            raise ConfigError(
+                f"mount point {mountpoint} is not empty (use -o nonempty to mount over its contents)"
+            )
     return mountpoint
 
 
@@ -94,7 +108,7 @@ def run_mount(cfg: MountConfig) -> int:
     """Entry point of ``tierfs mount``. Returns the process exit code."""
     try:
         cfg.validate()
-        cfg.mountpoint = Path(check_mountpoint(cfg.mountpoint))
+        cfg.mountpoint = Path(check_mountpoint(cfg.mountpoint, nonempty=cfg.nonempty))
     except ConfigError as exc:
         print(f"tierfs: error: {exc}", file=sys.stderr)
         return 2
