@@ -12,6 +12,10 @@ Who is the authority for what:
   miss. Per-page digests let a small random read fetch and check only the pages it needs.
 * The running totals live in memory and are rebuilt by one index scan at open; nothing derivable is
   persisted.
+* The cache is an optimisation: a full disk (or a full or failing index) never fails a read. ``put`` then
+  raises OSError and leaves the cache consistent, the caller serves the bytes uncached; a read that finds a
+  bad file still answers "miss" if the index cannot record its removal; and opening or closing the cache
+  on a full disk only logs what it could not record.
 
 Locking, outermost first (never acquired in another order, so no deadlock):
 ``_evict_lock`` -> per-digest stripe locks (sorted) -> ``_write_lock`` (one LMDB write txn at a time, and
@@ -22,7 +26,9 @@ microseconds). Reads of a warm chunk take no stripe and no write lock.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import logging
 import math
 import os
 import shutil
@@ -37,6 +43,8 @@ from typing import Any
 import lmdb
 import xxhash
 import zstandard
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"TFSC"
 # 2: an xxh3-64 digest per PAGE of logical data replaced the CRC32 of the whole block (version 1).
@@ -264,6 +272,17 @@ def _pread_exact(fd: int, size: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
+def _index_error(exc: lmdb.Error) -> OSError:
+    """An index (LMDB) failure as the OSError callers of ``put`` handle: a full map is ENOSPC; a
+    failed commit carries LMDB's errno (a full disk surfaces as EIO from mdb_txn_commit)."""
+    if isinstance(exc, lmdb.MapFullError):
+        return OSError(errno.ENOSPC, f"chunk index full: {exc}")
+    code = getattr(exc, "code", None)
+    return OSError(
+        code if isinstance(code, int) and code in errno.errorcode else errno.EIO, f"chunk index: {exc}"
+    )
+
+
 def _unlink_quiet(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -338,10 +357,16 @@ class ChunkCache:
             clean = True
         if not clean:
             self._reconcile_tree()
-        with self._write_lock, self._env.begin(write=True) as txn:
-            txn.put(_META_BLOCK_SIZE, self._block_size.to_bytes(8, "little"), db=self._meta)
-            txn.put(_META_FORMAT, FORMAT_VERSION.to_bytes(4, "little"), db=self._meta)
-            txn.delete(_META_CLEAN, db=self._meta)  # absent while open: a crash leaves it absent
+        try:
+            with self._write_lock, self._env.begin(write=True) as txn:
+                txn.put(_META_BLOCK_SIZE, self._block_size.to_bytes(8, "little"), db=self._meta)
+                txn.put(_META_FORMAT, FORMAT_VERSION.to_bytes(4, "little"), db=self._meta)
+                txn.delete(_META_CLEAN, db=self._meta)  # absent while open: a crash leaves it absent
+        except lmdb.Error as exc:
+            # A full disk must not keep the mount from starting: reads are then served uncached.
+            # The clean flag may stay set, so a crash now skips the reconcile walk; get() still
+            # treats a missing or stray file as a miss, which is all the walk protects.
+            log.warning("chunk cache opened read-mostly: cannot update its index (%s)", exc)
         self._recount()
 
     def _wipe(self) -> None:
@@ -357,10 +382,16 @@ class ChunkCache:
         One level of 256 directories, not two of 65,536: a fresh cache would otherwise pay a
         mkdir for nearly every block it stores, and a full tree would hold 256 MiB of directory
         blocks. A few thousand entries per directory is nothing for ext4's or XFS's hashed
-        directories."""
-        self._make_dir(self._chunk_dir)
-        for i in range(256):
-            self._make_dir(os.path.join(self._chunk_dir, f"{i:02x}"))
+        directories. On a full disk the tree may stay incomplete: _write_file makes it again
+        when a directory is missing, and a read of a missing file is a miss."""
+        try:
+            self._make_dir(self._chunk_dir)
+            for i in range(256):
+                self._make_dir(os.path.join(self._chunk_dir, f"{i:02x}"))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            log.warning("chunk cache directories incomplete: %s", exc)
 
     def _reconcile_tree(self) -> None:
         """After an unclean shutdown only: one walk of the tree removes temp files and files the index
@@ -412,8 +443,11 @@ class ChunkCache:
         if self._closed:
             return
         self.flush_access_times()
-        with self._write_lock, self._env.begin(write=True) as txn:
-            txn.put(_META_CLEAN, b"1", db=self._meta)
+        try:
+            with self._write_lock, self._env.begin(write=True) as txn:
+                txn.put(_META_CLEAN, b"1", db=self._meta)
+        except lmdb.Error as exc:  # a full disk: the next open treats this close as unclean, which is safe
+            log.warning("chunk cache not marked clean: %s", exc)
         self._closed = True
 
     def _check_open(self) -> None:
@@ -474,7 +508,11 @@ class ChunkCache:
         try:
             data = self._read_validated(self._path(digest), ck, start, length)
         except _Invalid as bad:
-            corrupt = self._discard(digest, bad.ident)
+            try:
+                corrupt = self._discard(digest, bad.ident)
+            except lmdb.Error as exc:  # a full index cannot record the removal: still just a miss
+                log.warning("cannot drop an invalid chunk from the index: %s", exc)
+                corrupt = True
             with self._mem:
                 self._totals.misses += 1
                 self._totals.corrupt += corrupt
@@ -612,8 +650,12 @@ class ChunkCache:
     def put_many(self, items: Iterable[tuple[ChunkKey, bytes]], *, protect: Iterable[ChunkKey] = ()) -> None:
         """Store blocks (e.g. a run fetched by one ranged GET) with one index transaction. If that takes
         the cache over its hard limit, evict LRU chunks synchronously down to the low-water mark; the
-        chunks just stored and those in ``protect`` are never chosen. Raises OSError (e.g. ENOSPC) if a
-        file cannot be written; the cache stays consistent."""
+        chunks just stored and those in ``protect`` are never chosen.
+
+        Raises OSError (ENOSPC, EIO...) if a file cannot be written or the index cannot commit (an
+        LMDB error is raised as OSError too, so callers handle one type); the cache stays consistent:
+        none of the blocks is indexed and their files are gone. Once the blocks are stored, a failing
+        eviction is logged, not raised: the blocks are there, and maintenance evicts later."""
         self._check_open()
         prepared = list({p.digest: p for p in map(self._prepare, items)}.values())
         if not prepared:
@@ -627,9 +669,11 @@ class ChunkCache:
                     self._write_file(p)
                     written.append(p)
                 self._index_new(written)
-            except BaseException:
+            except BaseException as exc:
                 for p in written:
                     _unlink_quiet(self._path(p.digest))
+                if isinstance(exc, lmdb.Error):
+                    raise _index_error(exc) from exc
                 raise
         fresh_digests = {p.digest for p in fresh}
         already = [p.digest for p in prepared if p.digest not in fresh_digests]
@@ -638,7 +682,10 @@ class ChunkCache:
             with self._mem:
                 self._pending.update(dict.fromkeys(already, now))
         keep = {p.digest for p in prepared} | {ck.digest() for ck in protect}
-        self._enforce(frozenset(keep))
+        try:
+            self._enforce(frozenset(keep))
+        except (OSError, lmdb.Error) as exc:
+            log.warning("eviction after a put failed: %s", exc)
 
     def _prepare(self, item: tuple[ChunkKey, bytes]) -> _Prepared:
         ck, data = item
@@ -752,20 +799,26 @@ class ChunkCache:
 
     def flush_access_times(self) -> None:
         """Write the access times batched by get() in one transaction. Holding ``_write_lock`` from the
-        swap to the commit means an eviction scan sees every access time in either place."""
+        swap to the commit means an eviction scan sees every access time in either place.
+
+        If the index cannot be written (a full disk), the batch is dropped: access times only order
+        eviction, and a read (get() flushes past 65,536 pending times) must not fail for them."""
         with self._write_lock:
             with self._mem:
                 pending, self._pending = self._pending, {}
             if not pending:
                 return
-            with self._env.begin(write=True, db=self._chunks) as txn:
-                for digest, atime in pending.items():
-                    raw = txn.get(digest)
-                    if raw is None:
-                        continue  # evicted meanwhile
-                    fields = _RECORD.unpack_from(raw)
-                    if atime > fields[0]:
-                        txn.put(digest, _RECORD.pack(atime, *fields[1:]) + raw[_RECORD.size :])
+            try:
+                with self._env.begin(write=True, db=self._chunks) as txn:
+                    for digest, atime in pending.items():
+                        raw = txn.get(digest)
+                        if raw is None:
+                            continue  # evicted meanwhile
+                        fields = _RECORD.unpack_from(raw)
+                        if atime > fields[0]:
+                            txn.put(digest, _RECORD.pack(atime, *fields[1:]) + raw[_RECORD.size :])
+            except lmdb.Error as exc:
+                log.warning("dropped %d access times: cannot write the chunk index (%s)", len(pending), exc)
 
     # ------------------------------------------------------------------ removal
 

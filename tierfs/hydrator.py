@@ -11,7 +11,17 @@ Invariants:
   one version of an object; if the object changed in the bucket, uncached blocks fail
   with EIO instead of mixing versions (docs/consistency.md).
 - A block is fetched at most once at a time: concurrent readers of the same block wait
-  for the one fetch in flight (``_inflight``).
+  for the one fetch in flight (``_inflight``) and take its bytes or its error from it.
+- Bounded waits: every fetch has a deadline of ``2 x timeout`` (the store's own per-call
+  bound, ``--timeout``), covering the wait for an S3 slot, the GET and one integrity retry,
+  and a reader waiting on someone else's fetch waits no longer than that fetch's deadline.
+  A fetch that failed is remembered for ``FAILURE_MEMORY`` seconds, so the kernel's
+  immediate re-ask for the same pages fails at once instead of doubling the caller's wait.
+- Integrity: a body that fails the store's checksum (IntegrityError) or has the wrong
+  length is never cached or served; the run is fetched once more, then the read fails.
+- The cache is an optimisation, never a reason to fail a read: when storing a fetched
+  block fails (ENOSPC, an LMDB map or disk error) the bytes are served uncached and
+  ``cache_store_failed`` counts it.
 - Sequential readers are detected per inode; each hit doubles a read-ahead window
   (from 2 to ``max_window_blocks``), and the window is fetched in parallel runs by
   background tasks, bounded by the S3 limiter.
@@ -20,8 +30,10 @@ Invariants:
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -30,7 +42,7 @@ from typing import Any, Protocol
 import trio
 
 from .chunkcache import ChunkKey
-from .errors import StoreError
+from .errors import IntegrityError, StoreError, Unavailable
 from .objectstore import GetResult, ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -47,7 +59,9 @@ class BlockCache(Protocol):
 
     def put(self, ck: ChunkKey, data: bytes) -> None: ...
 
-    def put_many(self, items: list[tuple[ChunkKey, bytes]]) -> None: ...
+    def put_many(self, items: list[tuple[ChunkKey, bytes]]) -> None:
+        """Store blocks; raises OSError (ENOSPC, EIO) when they cannot be stored."""
+        ...
 
     def contains(self, ck: ChunkKey) -> bool: ...
 
@@ -73,6 +87,8 @@ class HydratorStats:
     s3_get_requests: int = 0
     prefetched_blocks: int = 0
     partial_reads: int = 0  # random reads served from a few pages of a disk-cached block
+    cache_store_failed: int = 0  # fetched blocks served uncached: the cache could not store them
+    integrity_retries: int = 0  # GETs refused by their checksum or length check and fetched again
     errors: int = 0
 
 
@@ -83,9 +99,38 @@ class _SeqState:
     ahead_until: int = -1  # last block index already scheduled for read-ahead
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity
 class _Flight:
+    """One ranged GET in progress, registered under the digest of each block it fetches.
+
+    Readers of those blocks wait on ``done`` (never past ``deadline``) and then take the
+    bytes or the error from here, not from the memory LRU or the disk: those may not hold
+    the blocks (evicted, or a full disk), and refetching them would make the wait unbounded.
+    """
+
+    deadline: float
     done: trio.Event = field(default_factory=trio.Event)
+    blocks: dict[int, bytes] = field(default_factory=dict)
+    error: StoreError | None = None
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    """What the worker thread hands back: the blocks, and why the cache could not store them."""
+
+    blocks: dict[int, bytes]
+    store_error: str | None
+
+
+def _again(error: StoreError) -> StoreError:
+    """A fresh copy of an error that one fetch hands to several readers: re-raising one instance
+    from many tasks would keep extending its traceback. The class (EIO, ENOENT...) is kept."""
+    try:
+        copy = type(error)(*error.args)
+    except TypeError:  # a subclass with another constructor
+        return Unavailable(str(error))
+    copy.__cause__ = error.__cause__
+    return copy
 
 
 def contiguous_runs(indices: list[int], max_run: int) -> list[list[int]]:
@@ -147,6 +192,12 @@ class HotBlocks:
 # Objects up to this size are read from the disk cache on the trio thread (see _from_disk):
 # small file I/O, like the LMDB reads the loop already does, not the big I/O kept off it.
 LOOP_READ_MAX = 256 * 1024
+# After a failed fetch the kernel asks again for the same pages within milliseconds (the
+# read-ahead request failed, then the reader's own page read). Answering that re-ask from
+# memory keeps a frozen server's EIO within one fetch deadline per caller; a second later,
+# a new read tries the server again.
+FAILURE_MEMORY = 1.0
+FAILURES_KEPT = 4096  # bound on remembered failures (one entry per block)
 MetadataSink = Callable[[int, ObjectInfo], None]  # (ino, info) -> None, blocking, called in a thread
 
 
@@ -165,7 +216,11 @@ class Hydrator:
         hot_bytes: int = 64 << 20,
         max_run_blocks: int = 8,
         max_window_blocks: int = 32,
+        timeout: float | None = None,
     ) -> None:
+        """``timeout`` is the store's bound on one call (``--timeout``); a fetch then gets
+        ``2 x timeout`` in total, slot wait and integrity retry included. None: unbounded
+        (the store's own bound still applies to each call)."""
         self.bucket = bucket
         self.store = store
         self.cache = cache
@@ -178,7 +233,9 @@ class Hydrator:
         self.max_run = max_run_blocks
         self.max_window = max_window_blocks
         self.stats = HydratorStats()
+        self.timeout = timeout if timeout is not None else math.inf
         self._inflight: dict[bytes, _Flight] = {}
+        self._failed: OrderedDict[bytes, tuple[float, StoreError]] = OrderedDict()  # digest -> (until, error)
         self._seq: dict[int, _SeqState] = {}
 
     # -- public ---------------------------------------------------------------------------------------
@@ -236,13 +293,18 @@ class Hydrator:
         return out
 
     async def hydrate(self, obj: ObjectVersion, on_bytes: Callable[[int], None] | None = None) -> None:
-        """Make every block of ``obj`` resident in the chunk cache (``tierfs prefetch``)."""
+        """Make every block of ``obj`` resident in the chunk cache (``tierfs prefetch``).
+
+        Raises OSError(ENOSPC) if the cache could not keep the blocks: a prefetch that left
+        nothing resident must not report success."""
         total = self.block_count(obj)
         step = self.max_run
         for start in range(0, total, step):
             todo = self._not_indexed(obj, range(start, min(start + step, total)))
             if todo:
                 await self._fetch_blocks(obj, todo)
+                if self._not_indexed(obj, todo):
+                    raise OSError(errno.ENOSPC, f"the chunk cache could not store {obj.key}")
             if on_bytes is not None:
                 on_bytes(min(obj.size, (start + step) * self.block_size) - start * self.block_size)
 
@@ -309,28 +371,67 @@ class Hydrator:
     async def _fetch_missing(
         self, obj: ObjectVersion, missing: list[int], out: dict[int, bytes], *, widen: bool = False
     ) -> list[int]:
-        """Fetch runs of missing blocks in parallel; blocks already in flight are awaited, not refetched."""
-        waits: list[_Flight] = []
+        """Fetch runs of missing blocks in parallel; blocks already in flight are awaited, not refetched.
+
+        A waited-for fetch hands over its bytes or its error, and is waited for no longer than
+        its own deadline. Returns the blocks still missing (only if a fetch was cancelled).
+        """
+        self._raise_recent_failure(obj, missing)
+        waits: dict[int, _Flight] = {}
         todo: list[int] = []
         for i in missing:
             flight = self._inflight.get(self.chunk_key(obj, i).digest())
             if flight is not None:
-                waits.append(flight)
+                waits[i] = flight
             else:
                 todo.append(i)
         results = await self._fetch_blocks(obj, self._segments_of(obj, todo) if widen else todo)
-        for flight in waits:
-            await flight.done.wait()
+        for waited in dict.fromkeys(waits.values()):
+            await self._wait(obj, waited)
         still: list[int] = []
         for i in missing:
             data = results.get(i)
+            flight = waits.get(i)
+            if data is None and flight is not None:
+                if flight.error is not None:
+                    raise _again(flight.error)
+                data = flight.blocks.get(i)
             if data is None:
-                data = self.hot.get(self.chunk_key(obj, i).digest())
-            if data is None:
-                still.append(i)  # fetched by another task and already pushed out of memory: re-read
+                still.append(i)
             else:
                 out[i] = data
         return still
+
+    async def _wait(self, obj: ObjectVersion, flight: _Flight) -> None:
+        """Wait for another task's fetch, never past the deadline that fetch itself has."""
+        with trio.move_on_at(flight.deadline):
+            await flight.done.wait()
+        if not flight.done.is_set():
+            budget = 2 * self.timeout
+            raise Unavailable(f"GET {obj.key}: the fetch it waited on got no answer within {budget:g} s")
+
+    def _raise_recent_failure(self, obj: ObjectVersion, indices: list[int]) -> None:
+        """Fail at once for a block whose fetch failed less than FAILURE_MEMORY seconds ago."""
+        if not self._failed:
+            return
+        now = trio.current_time()
+        while self._failed:
+            oldest = next(iter(self._failed.values()))
+            if oldest[0] > now:
+                break
+            self._failed.popitem(last=False)
+        for i in indices:
+            remembered = self._failed.get(self.chunk_key(obj, i).digest())
+            if remembered is not None:
+                raise _again(remembered[1])
+
+    def _remember_failure(self, digests: list[bytes], error: StoreError) -> None:
+        until = trio.current_time() + FAILURE_MEMORY
+        for digest in digests:
+            self._failed.pop(digest, None)
+            self._failed[digest] = (until, error)
+        while len(self._failed) > FAILURES_KEPT:
+            self._failed.popitem(last=False)
 
     def _segments_of(self, obj: ObjectVersion, indices: list[int]) -> list[int]:
         """``indices`` plus the rest of their aligned segments that nothing holds or fetches yet."""
@@ -373,40 +474,87 @@ class Hydrator:
         return results
 
     async def _fetch_run_shared(self, obj: ObjectVersion, run: list[int]) -> dict[int, bytes]:
+        """Fetch one run under a flight that concurrent readers of its blocks wait on."""
         if run != list(range(run[0], run[0] + len(run))):
             raise AssertionError(f"not a contiguous run of blocks: {run}")
-        flights = {}
-        for i in run:
-            digest = self.chunk_key(obj, i).digest()
-            flights[digest] = self._inflight[digest] = _Flight()
+        flight = _Flight(deadline=trio.current_time() + 2 * self.timeout)
+        digests = [self.chunk_key(obj, i).digest() for i in run]
+        for digest in digests:
+            self._inflight[digest] = flight
         try:
-            out: dict[int, bytes] = await self._run_s3(self._fetch_run_blocking, obj, run)
+            fetched = await self._fetch_run_checked(obj, run, flight.deadline)
             self.stats.s3_get_requests += 1
             self.stats.cache_misses += len(run)
-            self.stats.bytes_from_s3 += sum(len(b) for b in out.values())
-            for i, block in out.items():
+            self.stats.bytes_from_s3 += sum(len(b) for b in fetched.blocks.values())
+            if fetched.store_error is not None:
+                self._note_store_failure(obj, len(fetched.blocks), fetched.store_error)
+            for i, block in fetched.blocks.items():
                 self.hot.put(self.chunk_key(obj, i).digest(), block)
-            return out
-        except StoreError:
+            flight.blocks = fetched.blocks
+            return fetched.blocks
+        except StoreError as exc:
             self.stats.errors += 1
+            flight.error = exc
+            self._remember_failure(digests, exc)
+            raise
+        except BaseException:
+            flight.error = Unavailable(f"GET {obj.key}: the fetch was cancelled")
             raise
         finally:
-            for digest, flight in flights.items():
+            for digest in digests:
                 if self._inflight.get(digest) is flight:  # never retire a flight registered since
                     del self._inflight[digest]
-                flight.done.set()
+            flight.done.set()
 
-    def _fetch_run_blocking(self, obj: ObjectVersion, run: list[int]) -> dict[int, bytes]:
-        """One ranged GET for a run of blocks, then one cache write per block.
+    async def _fetch_run_checked(self, obj: ObjectVersion, run: list[int], deadline: float) -> _Fetched:
+        """The GET of one run within ``deadline``: a body that fails its check is fetched once more.
+
+        A GET must start by ``deadline - timeout`` (it may then take ``timeout``), so waiting
+        for an S3 slot is cut short there; the integrity retry only runs if a whole call
+        still fits. Nothing of a refused body has been cached (see _fetch_run_blocking).
+        """
+        start_by = deadline - self.timeout if math.isfinite(self.timeout) else math.inf
+        retried = False
+        while True:
+            with trio.move_on_at(start_by):
+                try:
+                    fetched: _Fetched = await self._run_s3(self._fetch_run_blocking, obj, run)
+                    return fetched
+                except IntegrityError as exc:
+                    if retried or trio.current_time() > start_by:
+                        raise
+                    retried = True
+                    self.stats.integrity_retries += 1
+                    log.warning("%s; fetching it again", exc)
+                    continue
+            raise Unavailable(f"GET {obj.key}: no S3 slot free within {self.timeout:g} s")
+
+    def _note_store_failure(self, obj: ObjectVersion, blocks: int, error: str) -> None:
+        """Count blocks served uncached; log the first failure and then every 1,000th, not each."""
+        if self.stats.cache_store_failed % 1000 == 0:
+            log.warning(
+                "cannot store %s in the chunk cache (%s): serving it uncached (%d blocks so far)",
+                obj.key,
+                error,
+                self.stats.cache_store_failed + blocks,
+            )
+        self.stats.cache_store_failed += blocks
+
+    def _fetch_run_blocking(self, obj: ObjectVersion, run: list[int]) -> _Fetched:
+        """One ranged GET for a run of blocks, then one cache write for the run.
 
         Runs in a worker thread, so it touches neither ``self.hot`` nor ``self.stats``.
+        The body is checked before anything is stored: the store verifies checksums
+        (IntegrityError), and a body of another length than asked (the object's end
+        included) is refused the same way, so a truncated body is never cached or served.
+        A cache that cannot store the blocks (a full disk) does not fail the read.
         """
         start = run[0] * self.block_size
         length = min(obj.size, (run[-1] + 1) * self.block_size) - start
         result: GetResult = self.store.get_range(obj.key, start, length, if_match=obj.etag or None)
         data = result.data
         if len(data) != length:
-            raise StoreError(f"short read of {obj.key}: wanted {length} bytes at {start}, got {len(data)}")
+            raise IntegrityError(f"GET {obj.key}: wanted {length} bytes at {start}, got {len(data)}")
         if self._learn is not None:
             self._learn(obj.ino, result.info)
         out: dict[int, bytes] = {}
@@ -415,8 +563,11 @@ class Hydrator:
             out[i] = bytes(view[n * self.block_size : (n + 1) * self.block_size])
         # One index transaction per run; the run's own blocks are protected from the
         # eviction that storing them may trigger.
-        self.cache.put_many([(self.chunk_key(obj, i), block) for i, block in out.items()])
-        return out
+        try:
+            self.cache.put_many([(self.chunk_key(obj, i), block) for i, block in out.items()])
+        except OSError as exc:
+            return _Fetched(out, str(exc))
+        return _Fetched(out, None)
 
     def _note_access(self, obj: ObjectVersion, offset: int, end: int, last_block: int) -> bool:
         """Detect a sequential reader and keep a growing read-ahead window in flight.
