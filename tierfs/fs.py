@@ -36,8 +36,17 @@ handler = fuse_errors(_errors)
 
 @dataclass
 class FileHandle:
+    """One open file. ``version`` pins the bucket version seen at open (docs/consistency.md).
+
+    A handle *follows* the inode instead once the inode is changed here (it was opened
+    while staged, or a write, truncate or create touched it since): reads must see the
+    last acknowledged write, and after its upload that is the node's new version, never
+    the one pinned at open.
+    """
+
     version: ObjectVersion
     writable: bool = False
+    follow: bool = False
 
 
 SERVED_ETAGS_KEPT = 65536
@@ -77,6 +86,7 @@ class TierOperations(pyfuse3.Operations):
         self._dirs: dict[int, list[tuple[str, int]]] = {}
         self._next_fh = 1
         self._open_count: Counter[int] = Counter()
+        self._handles_of: dict[int, set[int]] = {}  # ino -> its open fhs (to make them follow)
         # ETag whose bytes the kernel may hold in its page cache, per inode; bounded so a
         # million-file epoch does not keep a million entries (forgetting one only means
         # the page cache is kept, and the change hook invalidates changed inodes anyway).
@@ -200,8 +210,10 @@ class TierOperations(pyfuse3.Operations):
         writable = bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND))
         if writable:
             wb = self._writable()
+            self._follow_local(inode)
             await wb.open_for_write(node, truncate=bool(flags & os.O_TRUNC))
-        info = pyfuse3.FileInfo(fh=self._register(FileHandle(self._version(node), writable)))
+        follow = writable or (self.wb is not None and self.wb.is_staged(inode))
+        info = pyfuse3.FileInfo(fh=self._register(FileHandle(self._version(node), writable, follow)))
         # Keep the kernel's page cache across opens unless the object changed since we
         # last served it: then the stale pages must go (docs/consistency.md).
         previous = self._served_etag.get(inode)
@@ -213,7 +225,13 @@ class TierOperations(pyfuse3.Operations):
         fh = self._new_fh()
         self._files[fh] = handle
         self._open_count[handle.version.ino] += 1
+        self._handles_of.setdefault(handle.version.ino, set()).add(fh)
         return fh
+
+    def _follow_local(self, ino: int) -> None:
+        """A local change of ``ino`` begins: every handle open on it now follows the inode."""
+        for fh in self._handles_of.get(ino, ()):
+            self._files[fh].follow = True
 
     def _note_served(self, node: Inode) -> None:
         self._served_etag[node.ino] = node.etag
@@ -228,9 +246,11 @@ class TierOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         ino = handle.version.ino
         if self.wb is not None and self.wb.is_staged(ino):
-            return await self.wb.read(ino, off, size)
+            staged = await self.wb.read(ino, off, size)
+            if staged is not None:
+                return staged
         version = handle.version
-        if handle.writable or not version.etag:
+        if handle.follow or not version.etag:
             # Written through this handle and uploaded since: read the version the bucket now has.
             node = self._inode(ino)
             version = self._version(node)
@@ -244,13 +264,15 @@ class TierOperations(pyfuse3.Operations):
         handle = self._files.pop(fh, None)
         if handle is None:
             return
-        if handle.writable and self.wb is not None:
-            await self.wb.release_writer(handle.version.ino)
         ino = handle.version.ino
+        self._handles_of[ino].discard(fh)  # before any await: _follow_local walks these
         self._open_count[ino] -= 1
         if self._open_count[ino] <= 0:
             del self._open_count[ino]
+            del self._handles_of[ino]
             self.hydrator.forget(ino)
+        if handle.writable and self.wb is not None:
+            await self.wb.release_writer(ino)
 
     async def flush(self, fh: int) -> None:
         """close() uploads later (after --writeback-delay); fsync() is the durable point.
@@ -275,9 +297,8 @@ class TierOperations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         wb = self._writable()
         node = await self._new_entry(parent_inode, name, Kind.FILE, stat.S_IFREG | (mode & 0o7777), ctx)
-        await wb.created(node)
-        await wb.add_writer(node.ino)
-        fh = self._register(FileHandle(self._version(node), writable=True))
+        await wb.created(node, open_writer=True)
+        fh = self._register(FileHandle(self._version(node), writable=True, follow=True))
         self._note_served(node)
         return pyfuse3.FileInfo(fh=fh), self._attrs(node)
 
@@ -324,8 +345,10 @@ class TierOperations(pyfuse3.Operations):
         if node.kind is not Kind.SYMLINK:
             raise pyfuse3.FUSEError(errno.EINVAL)
         if self.wb is not None and self.wb.is_staged(inode):
-            return await self.wb.read(inode, 0, 1 << 16)
-        return await self.hydrator.read(self._version(node), 0, node.size)
+            staged = await self.wb.read(inode, 0, 1 << 16)
+            if staged is not None:
+                return staged
+        return await self.hydrator.read(self._version(self._inode(inode)), 0, node.size)
 
     @handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
@@ -412,6 +435,7 @@ class TierOperations(pyfuse3.Operations):
         if fields.update_size:
             if node.is_dir:
                 raise pyfuse3.FUSEError(errno.EISDIR)
+            self._follow_local(inode)
             await wb.truncate(node, attr.st_size)
         changes: dict[str, Any] = {}
         if fields.update_mode:

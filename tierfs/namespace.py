@@ -32,6 +32,7 @@ from . import keys, posixmeta
 from .errors import NotFound, StoreError
 from .objectstore import ObjectInfo, ObjectStore
 from .records import ROOT_INO, Flag, Inode, Kind, dentry_key, ino_key, type_bits
+from .tombstones import Tombstones
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,17 @@ class NamespaceCounters:
     shadowed_keys: int = 0
 
 
+def _local_since(node: Inode, started: float) -> bool:
+    """Whether a listing that started at ``started`` must leave ``node`` alone.
+
+    LOCAL entries belong to write-back. An entry that write-back settled *after* the listing
+    started (``checked`` is set to the settle time) may be newer than what the listing's
+    pages show: applying the page would bring back the version our upload just replaced,
+    or drop a file whose object the page predates.
+    """
+    return bool(node.flags & Flag.LOCAL) or node.checked > started
+
+
 class Namespace:
     def __init__(
         self,
@@ -82,8 +94,8 @@ class Namespace:
         self.change_hooks: list[ChangeHook] = []
         self.entry_hooks: list[EntryHook] = []
         self.attr_hooks: list[Callable[[int], None]] = []  # attributes of an inode changed
-        # Write-back's pending deletes: a listing must not resurrect what we already removed.
-        self.is_tombstoned: Callable[[str], bool] = lambda key: False
+        # Keys deleted here (write-back adds and retires them): a listing must not resurrect them.
+        self.tombstones = Tombstones(clock)
         self._listing: dict[int, trio.Event] = {}
         # Listing one level ahead of a walker (see _list_ahead); set by the mount.
         self.spawn: Callable[[Callable[[], Awaitable[None]]], None] | None = None
@@ -207,24 +219,24 @@ class Namespace:
         for page in self.store.list_dir(directory.key):
             with self.env.begin(write=True) as txn:
                 for prefix in page.prefixes:
-                    name = self._visible_name(directory.key, prefix)
+                    name = self._visible_name(directory.key, prefix, started)
                     if name is not None:
-                        self._apply_dir(txn, directory, name, seen, changes)
+                        self._apply_dir(txn, directory, name, seen, changes, started)
                 for obj in page.objects:
                     if obj.key == directory.key:
                         marker = True
                         continue
-                    name = self._visible_name(directory.key, obj.key)
+                    name = self._visible_name(directory.key, obj.key, started)
                     if name is None:
                         continue
                     if name in seen:
                         self._shadowed(obj.key)
                         continue
                     existing = self._child_in(txn, directory.ino, name)
-                    if existing is not None and existing.is_dir and not existing.flags & Flag.LOCAL:
+                    if existing is not None and existing.is_dir and not _local_since(existing, started):
                         deferred_files[name] = obj  # its prefix may come on a later page
                         continue
-                    self._apply_file(txn, directory, name, obj, existing, changes)
+                    self._apply_file(txn, directory, name, obj, existing, changes, started)
                     seen.add(name)
         with self.env.begin(write=True) as txn:
             for name, obj in deferred_files.items():
@@ -232,13 +244,13 @@ class Namespace:
                     self._shadowed(obj.key)
                     continue
                 existing = self._child_in(txn, directory.ino, name)
-                self._apply_file(txn, directory, name, obj, existing, changes)
+                self._apply_file(txn, directory, name, obj, existing, changes, started)
                 seen.add(name)
             for name, ino in list(self._children_in(txn, directory.ino)):
                 if name in seen:
                     continue
                 gone = self._get_in(txn, ino)
-                if gone is None or gone.flags & Flag.LOCAL:
+                if gone is None or _local_since(gone, started):
                     continue
                 self._remove_subtree(txn, directory.ino, name, gone, changes)
             current = self._get_in(txn, directory.ino) or directory
@@ -254,8 +266,8 @@ class Namespace:
                 for entry_hook in self.entry_hooks:
                     entry_hook(directory.ino, name)
 
-    def _visible_name(self, dir_key: str, key: str) -> str | None:
-        if self.is_tombstoned(key):
+    def _visible_name(self, dir_key: str, key: str, started: float) -> str | None:
+        if self.tombstones.hides(key, started):
             return None
         name = keys.child_name(dir_key, key)
         if name is None:
@@ -268,11 +280,17 @@ class Namespace:
         log.warning("object %r is shadowed by a directory of the same name", key)
 
     def _apply_dir(
-        self, txn: Any, parent: Inode, name: str, seen: set[str], changes: list[tuple[Inode, Inode | None]]
+        self,
+        txn: Any,
+        parent: Inode,
+        name: str,
+        seen: set[str],
+        changes: list[tuple[Inode, Inode | None]],
+        started: float,
     ) -> None:
         existing = self._child_in(txn, parent.ino, name)
         if existing is not None and not existing.is_dir:
-            if existing.flags & Flag.LOCAL:
+            if _local_since(existing, started):
                 seen.add(name)
                 return
             if name in seen:
@@ -294,6 +312,7 @@ class Namespace:
         obj: ObjectInfo,
         existing: Inode | None,
         changes: list[tuple[Inode, Inode | None]],
+        started: float,
     ) -> None:
         now = self._clock()
         if existing is None:
@@ -301,7 +320,7 @@ class Namespace:
                 txn, parent.ino, name, Kind.FILE, obj.size, obj.mtime_ns, obj.key, obj.etag, checked=now
             )
             return
-        if existing.flags & Flag.LOCAL:
+        if _local_since(existing, started):
             return
         if existing.is_dir:
             self._remove_subtree(txn, parent.ino, name, existing, changes)
@@ -473,6 +492,13 @@ class Namespace:
             node = node.with_(**changes)
             txn.put(ino_key(ino), node.pack(), db=self.inodes)
             return node
+
+    def settle(self, ino: int, **changes: object) -> Inode | None:
+        """Write-back's update after the bucket took a change: marks the record as settled now.
+
+        A listing that started before this moment leaves the record alone (``_local_since``).
+        """
+        return self.update(ino, checked=self._clock(), **changes)
 
     def remove(self, parent: int, name: str) -> Inode | None:
         """Unlink one entry (a directory must be empty); returns what was removed."""

@@ -43,13 +43,27 @@ class Staging:
         finally:
             os.close(fd)
 
-    def write_blocks(self, ino: int, blocks: Iterator[tuple[int, bytes]], size: int) -> None:
-        """Fill a new staging file from (offset, bytes) pieces; used when hydrating for write."""
-        tmp = self.root / f".{ino}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    def _fill_path(self, ino: int) -> Path:
+        return self.root / f".{ino}.tmp"
+
+    def fill(self, ino: int, offset: int, data: bytes) -> None:
+        """Write one piece of a staging file being hydrated for write (see :meth:`finish_fill`).
+
+        The pieces go to a hidden temporary file, so a crash never leaves a half-hydrated
+        staging file that replay would upload; the caller hands over a few blocks at a time,
+        which bounds memory for files of any size.
+        """
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if offset == 0 else 0)
+        fd = os.open(self._fill_path(ino), flags, 0o600)
         try:
-            for offset, data in blocks:
-                os.pwrite(fd, data, offset)
+            os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+
+    def finish_fill(self, ino: int, size: int) -> None:
+        tmp = self._fill_path(ino)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
             os.ftruncate(fd, size)
         finally:
             os.close(fd)

@@ -1,0 +1,8 @@
+"""Write-back export: the journal, staging files, scheduler and uploader behind ``WriteBack``.
+
+See docs/writeback.md for the state machine these parts follow.
+"""
+
+from .core import WriteBack, WriteBackStats
+
+__all__ = ["WriteBack", "WriteBackStats"]

@@ -1,0 +1,719 @@
+"""Write-back export: local changes become ordinary objects, and a crash loses none of them.
+
+This is the coordinator. It follows the state machine of docs/writeback.md ("The life of
+a key" and "The life of a staged file") and delegates each job to one part:
+
+- journal.Journal: the durable, ordered list of pending ops (committed before an ack);
+- files.StagedFiles: staging files, writers, and when a staging file may retire;
+- schedule.startable: which ops may start (per-key journal order);
+- upload.Uploader: one op against the bucket, with conditions and conflict handling.
+
+Failures: transient ones (timeouts, 5xx, 429, connection errors) retry with backoff and
+stay journaled; permanent ones (403, 400, a deleted bucket) are not retried during a
+flush, which then fails at once naming the files (errors.FlushFailed). Either way the
+data stays staged and journaled for a later flush or the next mount.
+
+Everything here runs on the trio loop; blocking work goes through ``run_s3``/``run_io``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from ..errors import FlushFailed, Permanent, StoreError
+from ..hydrator import Hydrator, ObjectVersion
+from ..namespace import Namespace
+from ..objectstore import ObjectStore
+from ..records import Flag, Inode, Kind
+from .files import BlockSink, StagedFiles
+from .journal import Journal, Op
+from .schedule import NODE_OPS, startable, target_key
+from .staging import Staging
+from .upload import Outcome, Uploader
+
+log = logging.getLogger("tierfs.writeback")
+
+RunBlocking = Callable[..., Awaitable[Any]]
+Progress = Callable[[dict[str, Any]], Awaitable[None]]
+RETRY_BACKOFF = (1.0, 2.0, 5.0)  # seconds before the 1st, 2nd and later retries of a transient failure
+PERMANENT_BACKOFF = 60.0  # a permanent failure is retried in the background this rarely (creds may be fixed)
+DEFAULT_FLUSH_TIMEOUT = 600.0
+
+@dataclass
+class WriteBackStats:
+    uploads_done: int = 0
+    uploads_failed: int = 0
+    bytes_uploaded: int = 0
+    conflicts: int = 0
+
+
+@dataclass
+class Failure:
+    what: str  # the path or key the op writes
+    error: str
+    permanent: bool
+    attempts: int
+
+
+class WriteBack:
+    def __init__(
+        self,
+        *,
+        bucket: str,
+        namespace: Namespace,
+        store: ObjectStore,
+        hydrator: Hydrator,
+        staging: Staging,
+        journal: Journal,
+        cache: BlockSink,
+        run_s3: RunBlocking,
+        run_io: RunBlocking,
+        delay: float,
+        concurrency: int = 16,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.bucket = bucket
+        self.ns = namespace
+        self.store = store
+        self.hydrator = hydrator
+        self.staging = staging
+        self.journal = journal
+        self.files = StagedFiles(
+            bucket=bucket, staging=staging, hydrator=hydrator, cache=cache, run_io=run_io
+        )
+        self.uploader = Uploader(store, staging.path, record_upload=journal.record_upload)
+        self._run_s3 = run_s3
+        self._run_io = run_io
+        self.delay = delay
+        self.concurrency = concurrency
+        self._clock = clock
+        self.stats = WriteBackStats()
+        self.ops: list[Op] = journal.load()
+        # seq -> the key a running op writes, fixed when it starts: a rename meanwhile moves
+        # the node, not the upload in flight (see renamed()).
+        self._running: dict[int, str] = {}
+        self._started_gen: dict[int, int] = {}  # seq of a running put -> its staging file's gen at start
+        self._retry_at: dict[int, float] = {}
+        self._failures: dict[int, Failure] = {}
+        self._flushing = 0
+        self._wake = trio.Event()
+        self._changed = trio.Event()
+        self._held: dict[int, int] = {}  # ino -> puts on their way into the journal (see _holding)
+        # Ops that must not start: being dropped from the journal, or puts below a directory
+        # whose rename is being journaled (they are re-journaled under the new name).
+        self._dropping: set[int] = set()
+        self._frozen: list[str] = []
+        self._copies: dict[int, list[Op]] = {}  # ino -> its pending rename copies, in journal order
+        for op in self.ops:
+            self._track(op)
+        if self.ops:
+            log.info("write-back: replaying %d journaled operations", len(self.ops))
+
+    # -- queries ----------------------------------------------------------------------------------------
+
+    def data_key(self, ino: int, key: str) -> str:
+        """Where the bytes of ``ino`` (now named ``key``) are in the bucket right now.
+
+        A rename of an uploaded file changes its key at once but moves the object only
+        when the journaled server-side copy runs; until then the data is still under
+        the source of the first pending copy, and reads must go there.
+        """
+        pending = self._copies.get(ino)
+        return pending[0].src if pending else key
+
+    def is_staged(self, ino: int) -> bool:
+        return ino in self.files.staged
+
+    def size_of(self, ino: int) -> int | None:
+        return self.files.size_of(ino)
+
+    def status(self) -> dict[str, Any]:
+        dirty = {op.ino for op in self.ops if op.kind == "put"}
+        return {
+            "dirty_files": len(dirty),
+            "dirty_bytes": sum(self.files.size_of(i) or 0 for i in dirty),
+            "uploads_pending": len(self.ops),
+            "uploads_running": len(self._running),
+            "uploads_done": self.stats.uploads_done,
+            "uploads_failed": self.stats.uploads_failed,
+            "bytes_uploaded": self.stats.bytes_uploaded,
+            "conflicts": self.stats.conflicts,
+            "failing": {f.what: f.error for f in self._failures.values()},
+        }
+
+    def _node_key(self, ino: int) -> str | None:
+        node = self.ns.get(ino)
+        return node.key if node is not None else None
+
+    # -- journal plumbing -------------------------------------------------------------------------------
+
+    def _track(self, op: Op) -> None:
+        """Index a journaled op: deletes tombstone their key, copies record where the data still is."""
+        if op.kind == "delete":
+            self.ns.tombstones.add(op.key)
+        elif op.kind == "copy" and op.ino:
+            self._copies.setdefault(op.ino, []).append(op)
+
+    def _untrack(self, op: Op, *, done: bool) -> None:
+        self._retry_at.pop(op.seq, None)
+        self._failures.pop(op.seq, None)
+        if op.kind == "delete":
+            self.ns.tombstones.remove(op.key, done=done)
+        elif op.kind == "copy" and op.ino:
+            pending = [o for o in self._copies.get(op.ino, ()) if o.seq != op.seq]
+            if pending:
+                self._copies[op.ino] = pending
+            else:
+                self._copies.pop(op.ino, None)
+
+    async def _append(self, *ops: tuple[str, dict[str, Any]], drop: list[Op] | None = None) -> None:
+        """Journal ``ops`` (and forget ``drop``) in one transaction, then wake the executor."""
+        gone = [op for op in drop or [] if op.seq not in self._running]
+        seqs = {op.seq for op in gone}
+        self._dropping |= seqs
+        try:
+            with self._holding([fields["ino"] for kind, fields in ops if kind == "put"]):
+                appended: list[Op] = await self._run_io(
+                    lambda: self.journal.append(*ops, remove=[op.seq for op in gone])
+                )
+        finally:
+            self._dropping -= seqs
+        if gone:
+            self.ops = [op for op in self.ops if op.seq not in seqs]
+            for op in gone:
+                self._untrack(op, done=False)
+        self.ops.extend(appended)
+        for op in appended:
+            self._track(op)
+        self._wake.set()
+
+    def _waiting_puts(self, inos: Callable[[int], bool]) -> list[Op]:
+        """Journaled puts of the matching inodes that have not started yet."""
+        return [op for op in self.ops if op.kind == "put" and op.seq not in self._running and inos(op.ino)]
+
+    def _has_waiting_put(self, ino: int) -> bool:
+        return any(op.kind == "put" and op.ino == ino and op.seq not in self._running for op in self.ops)
+
+    def _put_journaled(self, ino: int, *, besides: int = 0) -> bool:
+        """A put of ``ino`` is waiting, running or being journaled: its staging file is still needed."""
+        return ino in self._held or any(
+            op.kind == "put" and op.ino == ino and op.seq != besides for op in self.ops
+        )
+
+    @contextlib.contextmanager
+    def _holding(self, inos: list[int]) -> Iterator[None]:
+        """Keep the staging files of ``inos`` from being retired while a put for them is on its way.
+
+        Appending to the journal happens in a worker thread; an upload finishing meanwhile
+        must not retire a staging file that the op about to be appended still needs.
+        """
+        for ino in inos:
+            self._held[ino] = self._held.get(ino, 0) + 1
+        try:
+            yield
+        finally:
+            for ino in inos:
+                if self._held[ino] > 1:
+                    self._held[ino] -= 1
+                else:
+                    del self._held[ino]
+
+    def _put(self, node: Inode) -> tuple[str, dict[str, Any]]:
+        return ("put", {"ino": node.ino, "key": node.key})
+
+    # -- the FUSE adapter's calls ----------------------------------------------------------------------
+
+    async def open_for_write(self, node: Inode, *, truncate: bool) -> None:
+        """Make ``node`` writable: stage its content (unless truncating) and count the writer.
+
+        The writer is counted before anything is awaited, so an upload finishing meanwhile
+        cannot retire the staging file under us.
+        """
+        state = self.files.state(node.ino)
+        state.writers += 1
+        try:
+            async with self.files.lock(node.ino):
+                if not truncate:
+                    await self.files.stage(node.ino, self._source(node))
+                else:
+                    await self._truncate_staged(node, 0)
+            if truncate:
+                await self._ensure_waiting_put(node.ino)
+        except BaseException:
+            state.writers -= 1
+            raise
+
+    async def _truncate_staged(self, node: Inode, size: int) -> None:
+        """Under the file's lock: journal the change, then make the staging file ``size`` long."""
+        await self.files.stage(node.ino, None if size == 0 else self._source(node))
+        async with self.files.mutating(node.ino):
+            await self._mark_dirty(node)
+            await self.files.truncate(node.ino, size)
+
+    def _source(self, node: Inode) -> ObjectVersion:
+        return ObjectVersion(node.ino, self.data_key(node.ino, node.key), node.etag, node.size)
+
+    async def created(self, node: Inode, content: bytes = b"", *, open_writer: bool = False) -> None:
+        """A new file, symlink or directory was created here (``open_writer``: by create(2), still open)."""
+        if node.kind is Kind.DIR:
+            await self._append(("marker", {"ino": node.ino}))
+            return
+        if open_writer:
+            self.files.state(node.ino).writers += 1
+        await self.files.create(node.ino, content)
+        await self._append(self._put(node))
+
+    async def write(self, ino: int, offset: int, data: bytes) -> int:
+        node = self.ns.get(ino)
+        if node is None:  # unlinked while open: POSIX keeps it writable, the bucket never sees it
+            return await self.files.write(ino, offset, data)
+        async with self.files.mutating(ino):
+            await self._mark_dirty(node)
+            written = await self.files.write(ino, offset, data)
+        await self._ensure_waiting_put(ino)
+        return written
+
+    async def read(self, ino: int, offset: int, size: int) -> bytes | None:
+        """Read the staging file; None if it retired meanwhile (the bucket version has its bytes)."""
+        return await self.files.read(ino, offset, size)
+
+    async def truncate(self, node: Inode, size: int) -> None:
+        """truncate(2): under the staging lock, so no retirement can interleave."""
+        state = self.files.state(node.ino)
+        state.writers += 1  # held like a writer while it lasts: the staging file must stay
+        try:
+            async with self.files.lock(node.ino):
+                await self._truncate_staged(node, size)
+            await self._ensure_waiting_put(node.ino)
+        finally:
+            state.writers -= 1
+            state.last_close = self._clock()
+
+    async def _mark_dirty(self, node: Inode) -> None:
+        """Journal a put for ``node`` unless one is already waiting (not yet running)."""
+        if not self._has_waiting_put(node.ino):
+            await self._append(self._put(node))
+            flags = node.flags | Flag.LOCAL | Flag.META_KNOWN
+            if flags != node.flags:
+                await self._run_io(self.ns.update, node.ino, flags=flags)
+
+    async def _ensure_waiting_put(self, ino: int) -> None:
+        """After a mutation: if the put journaled before it has started meanwhile, it may have
+        read the file without this change, so journal another one."""
+        if not self._has_waiting_put(ino):
+            node = self.ns.get(ino)
+            if node is not None:
+                await self._append(self._put(node))
+
+    async def release_writer(self, ino: int) -> None:
+        state = self.files.states.get(ino)
+        if state is None:
+            return
+        state.writers = max(0, state.writers - 1)
+        state.last_close = self._clock()
+        node = self.ns.get(ino)
+        if node is None:
+            if not state.writers:  # unlinked while open: the staging file has no one left
+                await self.files.discard(ino)
+            return
+        if not any(op.ino == ino for op in self.ops):
+            if not state.writers and node.etag:
+                # Opened for writing but never written: the staging file equals the object.
+                await self.files.retire(ino, node.key, node.etag, lambda: self._still_needed(ino))
+            return
+        size = self.files.size_of(ino)
+        if size is not None:
+            await self._run_io(self.ns.update, ino, size=size, mtime_ns=time.time_ns())
+        self._wake.set()
+
+    def _still_needed(self, ino: int, besides: int = 0) -> bool:
+        return self._put_journaled(ino, besides=besides) or self.files.writers(ino) > 0
+
+    async def metadata_changed(self, node: Inode) -> None:
+        """chmod/chown/utimens: a pending put carries the headers; otherwise rewrite them in place."""
+        if self._has_waiting_put(node.ino) or (node.flags & Flag.LOCAL and not node.etag):
+            return
+        kind = "marker" if node.is_dir else "meta"
+        await self._append((kind, {"ino": node.ino}))
+
+    async def removed(self, node: Inode) -> None:
+        """unlink/rmdir: drop pending uploads of the inode and delete its key in the bucket."""
+        drop = self._waiting_puts(lambda ino: ino == node.ino)
+        await self._append(("delete", {"key": node.key}), drop=drop)
+        if not self.files.writers(node.ino):
+            await self.files.discard(node.ino)
+
+    async def renamed(self, moved: Inode, old_key: str) -> None:
+        """Journal the bucket side of a rename that the namespace already carried out.
+
+        A waiting put of a moved file is re-journaled at the end, under the new key: it
+        must come after everything journaled for that key before (e.g. the delete of a
+        file the rename replaced), and ordering is by journal position.
+        """
+        if not moved.is_dir:
+            async with self.files.lock(moved.ino):  # the staging file must not be retired meanwhile
+                if moved.ino in self.files.staged:  # its bytes are here (dirty, or open for writing)
+                    # The node's ETag described the old key; the new key has no object of ours yet.
+                    await self._run_io(self.ns.update, moved.ino, etag="")
+                    waiting = self._waiting_puts(lambda ino: ino == moved.ino)
+                    await self._append(self._put(moved), ("delete", {"key": old_key}), drop=waiting)
+                else:
+                    await self._append(
+                        ("copy", {"src": old_key, "key": moved.key, "ino": moved.ino}),
+                        ("delete", {"key": old_key}),
+                    )
+            return
+        await self._renamed_dir(moved, old_key)
+
+    async def _renamed_dir(self, moved: Inode, old_key: str) -> None:
+        """Journal the bucket side of a directory rename.
+
+        Puts below the old name that have not started are frozen until they are re-journaled
+        under the new name. Uploads already in flight write under the old name, and may
+        finish before or after the listing below sees them: do them again under the new
+        name and delete what they wrote. Their staging files are held until then.
+        """
+        self._frozen.append(old_key)
+        try:
+            await self._journal_dir_rename(moved, old_key)
+        finally:
+            self._frozen.remove(old_key)
+            self._wake.set()
+
+    async def _journal_dir_rename(self, moved: Inode, old_key: str) -> None:
+        by_seq = {op.seq: op for op in self.ops}
+        in_flight = [
+            (by_seq[seq], key)
+            for seq, key in self._running.items()
+            if key.startswith(old_key) and seq in by_seq and by_seq[seq].kind in ("put", "marker")
+        ]
+        with self._holding([op.ino for op, _ in in_flight if op.kind == "put"]):
+            remote = await self._run_s3(lambda: list(self.store.list_tree(old_key)))
+            # The moved directory's marker first: it exists even while empty.
+            ops: list[tuple[str, dict[str, Any]]] = [("marker", {"ino": moved.ino})]
+            for obj in remote:
+                new_key = moved.key + obj.key[len(old_key) :]
+                local = await self._run_io(self.ns.path_of_key, new_key)
+                if local is not None and self._has_waiting_put(local.ino):
+                    ops.append(("delete", {"key": obj.key}))
+                elif local is not None and local.is_dir:
+                    # A marker is rewritten, not copied: some servers (SeaweedFS) store ``dir/``
+                    # keys as directories that CopyObject cannot read.
+                    ops.append(("marker", {"ino": local.ino}))
+                    ops.append(("delete", {"key": obj.key}))
+                else:
+                    ops.append(("copy", {"src": obj.key, "key": new_key, "ino": local.ino if local else 0}))
+                    ops.append(("delete", {"key": obj.key}))
+            if not any(obj.key == old_key for obj in remote):
+                ops.append(("delete", {"key": old_key}))  # tombstones the old prefix until all below is gone
+
+            def below(ino: int) -> bool:
+                node = self.ns.get(ino)
+                return node is not None and node.key.startswith(moved.key)
+
+            waiting = self._waiting_puts(below)
+            requeued: set[int] = set()
+            for op in waiting + [op for op, _ in in_flight if op.kind == "put"]:
+                node = self.ns.get(op.ino)
+                if node is not None and op.ino not in requeued:
+                    requeued.add(op.ino)
+                    await self._run_io(self.ns.update, op.ino, etag="")
+                    ops.append(self._put(node))
+            for op, key in in_flight:
+                if op.kind == "marker" and op.ino not in requeued:
+                    requeued.add(op.ino)
+                    ops.append(("marker", {"ino": op.ino}))
+                ops.append(("delete", {"key": key}))
+            await self._append(*ops, drop=waiting)
+
+    async def fsync(self, ino: int) -> None:
+        """Upload ``ino`` now and return once the bucket has it (or raise after a failure)."""
+        def mine() -> list[Op]:
+            return [op for op in self.ops if op.ino == ino and op.kind in NODE_OPS]
+
+        if not mine():
+            return
+        state = self.files.state(ino)
+        state.forced = True
+        for op in mine():
+            self._retry_at.pop(op.seq, None)
+        self._wake.set()
+        try:
+            while pending := mine():
+                failed = [self._failures[op.seq] for op in pending if op.seq in self._failures]
+                if failed and not any(op.seq in self._running for op in pending):
+                    kind = Permanent if failed[0].permanent else StoreError
+                    raise kind(f"upload of {failed[0].what} failed ({failed[0].error}); it stays journaled")
+                await self._changed_wait()
+        finally:
+            state.forced = False
+
+    async def _changed_wait(self) -> None:
+        event = self._changed
+        await event.wait()
+
+    async def flush_all(
+        self, progress: Progress | None = None, *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Carry out the whole journal now (``tierfs flush`` / umount), reporting progress.
+
+        Returns once the journal is empty. Raises FlushFailed, naming every path still
+        pending with its last error, as soon as nothing but permanently failed ops (and
+        the ops queued behind them) is left, or when ``timeout`` seconds have passed.
+        """
+        self._flushing += 1
+        self._retry_at.clear()
+        self._failures.clear()
+        self._wake.set()
+        started = time.monotonic()
+        deadline = started + (DEFAULT_FLUSH_TIMEOUT if timeout is None else timeout)
+        start_done, start_bytes = self.stats.uploads_done, self.stats.bytes_uploaded
+        total = len(self.ops)
+        total_bytes = sum(self.files.size_of(op.ino) or 0 for op in self.ops if op.kind == "put")
+        try:
+            while self.ops:
+                if progress is not None:
+                    await progress(
+                        {
+                            "done_files": self.stats.uploads_done - start_done,
+                            "total_files": max(total, self.stats.uploads_done - start_done + len(self.ops)),
+                            "done_bytes": self.stats.bytes_uploaded - start_bytes,
+                            "total_bytes": total_bytes,
+                        }
+                    )
+                if self._stuck_on_permanent():
+                    raise FlushFailed(self._pending_failures(), "permanent errors, not retrying")
+                if time.monotonic() >= deadline:
+                    raise FlushFailed(
+                        self._pending_failures(), f"flush timeout ({deadline - started:.0f} s) passed"
+                    )
+                with trio.move_on_after(min(0.25, max(0.0, deadline - time.monotonic()))):
+                    await self._changed_wait()
+        finally:
+            self._flushing -= 1
+            later = self._clock() + PERMANENT_BACKOFF
+            for seq, at in self._retry_at.items():
+                if math.isinf(at):  # not retried during this flush; in the background, now and then
+                    self._retry_at[seq] = later
+        return {
+            "uploaded_files": self.stats.uploads_done - start_done,
+            "uploaded_bytes": self.stats.bytes_uploaded - start_bytes,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+
+    def _stuck_on_permanent(self) -> bool:
+        """Nothing runs or can start, and a permanent failure is why."""
+        if self._running or not any(f.permanent for f in self._failures.values()):
+            return False
+        return not startable(self.ops, self._running, self._ready, self._node_key, self.concurrency)
+
+    def _pending_failures(self) -> dict[str, str]:
+        """Every pending op, named by path, with its last error (or what it waits for)."""
+        out = {f.what: f.error for f in self._failures.values()}
+        for op in self.ops:
+            what = self._what(op)
+            out.setdefault(what, "running" if op.seq in self._running else "waiting behind a failed upload")
+        return out
+
+    def _what(self, op: Op, key: str = "") -> str:
+        """An op named as a user knows it: the path under the mount of the key it writes."""
+        key = key or self._running.get(op.seq) or target_key(op, self._node_key) or op.key
+        if not key:
+            return f"inode {op.ino}"
+        prefix = self.ns.policy.root_prefix
+        return key[len(prefix) :] if prefix and key.startswith(prefix) else key
+
+    # -- the executor ----------------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """After a restart: abort multipart uploads a crash left, and size staged files from disk."""
+        for seq, key, upload_id in await self._run_io(self.journal.open_uploads):
+            try:
+                await self._run_s3(self.store.abort_multipart, key, upload_id)
+                await self._run_io(self.journal.forget_upload, seq)
+                log.info("write-back: aborted multipart upload %s of %s left by a crash", upload_id, key)
+            except StoreError as exc:
+                log.warning("write-back: could not abort multipart upload %s of %s: %s", upload_id, key, exc)
+        for ino in sorted(self.files.staged):
+            size = await self._run_io(self.staging.size, ino)
+            self.files.state(ino).size = size
+            node = await self._run_io(self.ns.update, ino, size=size)
+            if node is None or not any(op.ino == ino for op in self.ops):
+                await self.files.discard(ino)  # unlinked, or uploaded just before the crash
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        await self.recover()
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                self._wake = trio.Event()
+                for op in startable(self.ops, self._running, self._ready, self._node_key, self.concurrency):
+                    key = target_key(op, self._node_key) or ""
+                    self._running[op.seq] = key
+                    if op.kind == "put":
+                        self._started_gen[op.seq] = self.files.gen(op.ino)
+                    nursery.start_soon(self._execute, op, key)
+                wait = self._next_deadline() - self._clock()
+                with trio.move_on_after(max(0.05, wait) if not math.isinf(wait) else math.inf):
+                    await self._wake.wait()
+
+    def _ready(self, op: Op) -> bool:
+        now = self._clock()
+        if self._retry_at.get(op.seq, 0.0) > now or op.seq in self._dropping:
+            return False
+        if self._frozen and op.kind == "put" and any(op.key.startswith(p) for p in self._frozen):
+            return False
+        if op.kind != "put":
+            return True
+        state = self.files.states.get(op.ino)
+        if state is None:
+            return True  # replayed after a restart, or never opened: nobody is writing
+        if self._flushing or state.forced:
+            return True
+        return state.writers == 0 and now - state.last_close >= self.delay
+
+    def _next_deadline(self) -> float:
+        deadline = math.inf
+        for op in self.ops:
+            if op.seq in self._running:
+                continue
+            retry = self._retry_at.get(op.seq)
+            if retry is not None:
+                deadline = min(deadline, retry)
+            state = self.files.states.get(op.ino) if op.kind == "put" else None
+            if state is not None and state.writers == 0:
+                deadline = min(deadline, state.last_close + self.delay)
+        return deadline
+
+    async def _execute(self, op: Op, key: str) -> None:
+        log.debug("write-back: %s #%d %s", op.kind, op.seq, " -> ".join(k for k in (op.src, key) if k))
+        try:
+            outcome: Outcome = await self._run_s3(self._execute_blocking, op, key)
+        except Exception as exc:
+            # Whatever went wrong, the op stays journaled and is retried: an escaping
+            # exception would take the executor, and with it the whole mount, down.
+            self._failed(op, key, exc)
+            self._running.pop(op.seq, None)
+            self._started_gen.pop(op.seq, None)
+            self._signal()
+            return
+        except BaseException:
+            self._running.pop(op.seq, None)
+            self._started_gen.pop(op.seq, None)
+            raise
+        try:
+            await self._finish(op, key, outcome)
+        except Exception:  # the bucket has the change; only local bookkeeping failed
+            log.exception("write-back: bookkeeping after %s #%d failed", op.kind, op.seq)
+        finally:
+            self._running.pop(op.seq, None)
+            self._started_gen.pop(op.seq, None)
+            self._signal()
+
+    def _failed(self, op: Op, key: str, exc: Exception) -> None:
+        self.stats.uploads_failed += 1
+        permanent = isinstance(exc, Permanent)
+        previous = self._failures.get(op.seq)
+        attempts = previous.attempts + 1 if previous else 1
+        what = self._what(op, key)
+        self._failures[op.seq] = Failure(what, f"{type(exc).__name__}: {exc}", permanent, attempts)
+        if permanent:
+            backoff = math.inf if self._flushing else PERMANENT_BACKOFF
+        else:
+            backoff = RETRY_BACKOFF[min(attempts, len(RETRY_BACKOFF)) - 1]
+        self._retry_at[op.seq] = self._clock() + backoff
+        message = f"write-back {op.kind} {what} failed ({'permanent' if permanent else 'will retry'})"
+        if isinstance(exc, StoreError):
+            log.warning("%s: %s", message, exc)
+        else:
+            log.exception(message)
+
+    def _signal(self) -> None:
+        self._wake.set()
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+
+    def _execute_blocking(self, op: Op, key: str) -> Outcome:
+        """One op against the bucket (worker thread): what to write, and on which base."""
+        if op.kind == "delete":
+            return self.uploader.delete(op)
+        node = self.ns.get(op.ino) if op.ino else None
+        if op.kind == "copy":
+            return self.uploader.copy(op, node.size if node else 0)
+        if node is None:
+            return Outcome(skipped=True)  # removed since; a later delete op covers the bucket
+        token = self.journal.token(op.seq)
+        # The version this op replaces: the node's ETag describes its key once every earlier op
+        # on that key has finished and settled, which per-key ordering guarantees.
+        base = node.etag if node.key == key else ""
+        if op.kind == "marker":
+            return self.uploader.marker(node, key, token)
+        if op.kind == "meta":
+            return self.uploader.meta(node, key, base, token)
+        return self.uploader.put(op, node, key, base, token)
+
+    async def _finish(self, op: Op, key: str, outcome: Outcome) -> None:
+        """Settle the namespace first, then drop the op: a crash between replays an op whose
+        object carries its own name, which the uploader recognises as done."""
+        if not outcome.skipped:
+            self.stats.uploads_done += 1
+            if op.kind == "put":
+                self.stats.bytes_uploaded += outcome.size
+            if outcome.conflict_key:
+                self.stats.conflicts += 1
+            if op.kind in ("put", "meta", "copy", "marker") and op.ino:
+                await self._settle(op, key, outcome)
+        await self._run_io(self.journal.complete, op.seq)
+        self.ops = [o for o in self.ops if o.seq != op.seq]
+        self._untrack(op, done=True)
+        if op.kind == "put" and not outcome.conflict_key and outcome.etag:
+            await self._retire_if_done(op, key, outcome.etag)
+
+    async def _settle(self, op: Op, key: str, outcome: Outcome) -> None:
+        """Record what the bucket now has at ``key``, if ``key`` is still the node's name."""
+        node = self.ns.get(op.ino)
+        if node is None or node.key != key:
+            return  # renamed (or removed) meanwhile: our ETag describes a key that is no longer its name
+        more = self._still_needed(op.ino, besides=op.seq) or any(
+            o.ino == op.ino and o.seq != op.seq for o in self.ops
+        )
+        if outcome.conflict_key:
+            if more:
+                return  # later changes of ours follow; they will find the same conflict
+            # The bucket's version wins the name; ours lives on under the conflict name.
+            await self._run_io(lambda: self.ns.settle(op.ino, etag="", flags=Flag.NONE))
+            await self._run_io(self.ns.update, node.parent, checked=0.0)
+            await self.files.discard(op.ino)
+            return
+        flags = node.flags | Flag.META_KNOWN
+        if not more:
+            flags &= ~Flag.LOCAL
+        changes: dict[str, Any] = {"etag": outcome.etag or node.etag, "flags": flags}
+        if op.kind == "put" and not more:
+            changes["size"] = outcome.size
+        await self._run_io(lambda: self.ns.settle(op.ino, **changes))
+
+    async def _retire_if_done(self, op: Op, key: str, etag: str) -> None:
+        """Once nothing else is pending for the file and it is unchanged since this upload began."""
+        gen = self._started_gen.get(op.seq, -1)
+
+        def still_needed() -> bool:
+            node = self.ns.get(op.ino)
+            return (
+                node is None
+                or node.key != key
+                or node.etag != etag
+                or self._still_needed(op.ino)
+                or not self.files.unchanged_since(op.ino, gen)
+            )
+
+        if not still_needed():
+            await self.files.retire(op.ino, key, etag, still_needed)
