@@ -7,11 +7,15 @@ PUT, multipart, copy) stays on boto3, where per-call cost does not matter.
 
 Credentials are not resolved a second time: the CRT asks boto3's credential object on
 every signing, so environment, profiles, shared files and refreshes behave exactly as
-for boto3. Every request is bounded by ``timeout`` and cancelled when it runs over.
+for boto3. The CRT retries nothing itself: :class:`~tierfs.objectstore.S3ObjectStore`
+retries under one deadline for both clients, and each attempt here is cancelled when it
+runs over the time it was given (the CRT has no read timeout of its own, so a stalled or
+trickling body would otherwise hold the caller forever).
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -20,7 +24,10 @@ from urllib.parse import quote, urlsplit
 from awscrt import auth, io, s3
 from awscrt.http import HttpHeaders, HttpRequest
 
-from .errors import AccessDenied, NotFound, PreconditionFailed, RangeNotSatisfiable, StoreError, Unavailable
+from .errors import Unavailable
+from .objectstore import classify
+
+_CODE = re.compile(rb"<Code>([^<]{1,128})</Code>")
 
 
 class CrtRangeReader:
@@ -33,12 +40,9 @@ class CrtRangeReader:
         endpoint_url: str | None,
         region: str,
         credentials: Any,  # botocore Credentials (possibly refreshable)
-        timeout: float,
-        retries: int,
+        connect_timeout: float = 10.0,
     ) -> None:
         self.bucket = bucket
-        self.timeout = timeout
-        self.deadline = timeout * (retries + 1)  # the CRT's retries happen inside one future
         url = urlsplit(endpoint_url or f"https://s3.{region}.amazonaws.com")
         self.host = url.netloc
         self.base = url.path.rstrip("/")
@@ -55,22 +59,32 @@ class CrtRangeReader:
             region=region,
             tls_mode=tls,
             signing_config=s3.create_default_s3_signing_config(region=region, credential_provider=provider),
-            retry_config=s3.S3RetryConfig(max_retries=retries),
-            connect_timeout_ms=int(timeout * 1000),
+            retry_config=s3.S3RetryConfig(max_retries=0),
+            connect_timeout_ms=int(connect_timeout * 1000),
         )
         self._lock = threading.Lock()
 
     def get(
-        self, key: str, start: int, length: int, if_match: str | None
+        self, key: str, start: int, length: int, if_match: str | None, *, whole: bool = False, timeout: float
     ) -> tuple[bytes, int, Mapping[str, str]]:
-        """Return (data, status, lowercase response headers). Raises the tierfs error vocabulary."""
-        headers = HttpHeaders([("host", self.host), ("range", f"bytes={start}-{start + length - 1}")])
+        """Return (data, status, lowercase response headers) within ``timeout`` seconds.
+
+        ``whole`` asks for the whole object (``start`` 0, ``length`` its size) without a
+        Range header, so that the server sends its stored checksum. Raises the tierfs
+        error vocabulary, classified like boto3's answers.
+        """
+        headers = HttpHeaders([("host", self.host)])
+        if not whole:
+            headers.add("range", f"bytes={start}-{start + length - 1}")
         if if_match:
             headers.add("if-match", f'"{if_match}"')
+        if start == 0:  # the answer may be the whole object: ask for its checksum (AWS needs this)
+            headers.add("x-amz-checksum-mode", "ENABLED")
         path = f"{self.base}/{self.bucket}/{quote(key, safe='/~')}"
         body = bytearray(length)
         view = memoryview(body)
         received = 0
+        overflow = False
         response: dict[str, Any] = {}
 
         def on_headers(status_code: int, headers: list[tuple[str, str]], **_: Any) -> None:
@@ -79,8 +93,11 @@ class CrtRangeReader:
 
         def on_body(chunk: bytes, offset: int, **_: Any) -> None:
             # The CRT reports offsets within the object (from Content-Range), not the body.
-            nonlocal received
+            nonlocal received, overflow
             offset -= start
+            if offset + len(chunk) > length:
+                overflow = True  # more than asked (the object is not the pinned version)
+                return
             view[offset : offset + len(chunk)] = chunk
             received = max(received, offset + len(chunk))
 
@@ -92,26 +109,20 @@ class CrtRangeReader:
             on_body=on_body,
         )
         try:
-            request.finished_future.result(self.deadline)
+            request.finished_future.result(max(timeout, 0.0))
         except s3.S3ResponseError as exc:
-            raise _map_status(exc.status_code, f"GET {key}: {exc.status_code} {exc}") from None
+            match = _CODE.search(exc.body or b"")
+            code = match.group(1).decode(errors="replace") if match else ""
+            raise classify(
+                exc.status_code, code, f"GET {key}: {exc.status_code} {code or exc.name}"
+            ) from None
         except TimeoutError:
             request.cancel()
-            raise Unavailable(f"GET {key}: no answer within {self.deadline:.0f} s") from None
-        except Exception as exc:  # CRT connection errors arrive as plain exceptions
-            raise Unavailable(f"GET {key}: {type(exc).__name__}: {exc}") from None
+            raise Unavailable(f"GET {key}: no complete answer within {timeout:.1f} s") from None
+        except Exception as exc:  # CRT connection errors arrive as plain AwsCrtError
+            raise classify(None, "", f"GET {key}: {type(exc).__name__}: {exc}") from None
+        if overflow:
+            raise Unavailable(f"GET {key}: the server sent more than {length} bytes")
         view.release()
         del body[received:]  # the object may end before the requested range does
         return bytes(body), int(response.get("status", 0)), response.get("headers", {})
-
-
-def _map_status(status: int, message: str) -> StoreError:
-    if status == 404:
-        return NotFound(message)
-    if status == 412:
-        return PreconditionFailed(message)
-    if status == 403:
-        return AccessDenied(message)
-    if status == 416:
-        return RangeNotSatisfiable(message)
-    return Unavailable(message)

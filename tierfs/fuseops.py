@@ -16,7 +16,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
-from .errors import AccessDenied, NotFound, PreconditionFailed, StoreError
+from .errors import AccessDenied, NotFound, StoreError
 from .records import Inode, Kind
 
 log = logging.getLogger("tierfs.fuse")
@@ -26,15 +26,18 @@ T = TypeVar("T")
 
 
 def errno_for(exc: BaseException) -> int:
+    """The errno for one failure. Store errors: NotFound -> ENOENT, AccessDenied -> EACCES, and
+    every other StoreError (Permanent, PreconditionFailed, RangeNotSatisfiable, Unavailable and
+    its IntegrityError) -> EIO: a 403 is worth telling apart, the rest only says "try later"."""
     if isinstance(exc, BaseExceptionGroup):
         return errno_for(exc.exceptions[0])
     if isinstance(exc, pyfuse3.FUSEError):
         return exc.errno
     if isinstance(exc, NotFound):
         return errno.ENOENT
-    if isinstance(exc, AccessDenied):
+    if isinstance(exc, AccessDenied):  # before Permanent, its base class
         return errno.EACCES
-    if isinstance(exc, PreconditionFailed | StoreError):
+    if isinstance(exc, StoreError):
         return errno.EIO
     if isinstance(exc, NotADirectoryError):
         return errno.ENOTDIR
