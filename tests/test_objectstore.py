@@ -6,14 +6,16 @@ same error vocabulary, because the hydrator cannot tell which one served it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
 from tierfs.errors import NotFound, PreconditionFailed
-from tierfs.objectstore import CRT_MAX_GET, S3ObjectStore, parse_timestamp
-from tools.servers import MotoS3, s3_client
+from tierfs.objectstore import CRT_MAX_GET, S3ObjectStore, crc32c_b64, parse_timestamp
+from tools.servers import MotoS3, S3Server, SeaweedFS, s3_client
 
 BODY = bytes(range(256)) * 1000  # 256,000 bytes, every offset distinguishable
 
@@ -100,3 +102,104 @@ def test_listing_and_head_agree_on_size_etag_and_mtime(moto: MotoS3, seeded: str
     assert (listed.key, listed.size, listed.etag) == (head.key, head.size, head.etag)
     assert head.mtime_ns > 0
     assert abs(listed.mtime_ns - head.mtime_ns) < 1_000_000_000  # HEAD has whole seconds, LIST has ms
+
+
+# --------------------------------------------------------------------------- uploads and multipart
+
+PART = 5 << 20  # S3's smallest part
+
+
+@pytest.fixture(params=["moto", "seaweed"])
+def server(request: pytest.FixtureRequest, s3_env: None) -> S3Server:
+    """Both servers: expected ETags and multipart bookkeeping must hold on each."""
+    found: S3Server = request.getfixturevalue(request.param)
+    return found
+
+
+def multipart_store(server: S3Server, name: str) -> S3ObjectStore:
+    return S3ObjectStore(
+        name, endpoint_url=server.endpoint_url, timeout=10.0, part_size=PART, multipart_threshold=PART
+    )
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1000, PART - 1, 2 * PART + 1234], ids=["empty", "small", "below", "3-parts"]
+)
+def test_expected_etag_is_what_the_server_gives(
+    server: S3Server, bucket: Callable[..., str], tmp_path: Path, size: int
+) -> None:
+    store = multipart_store(server, bucket(server))
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(size))
+    expected = store.expected_etag(path)
+    assert ("-" in expected) == (size >= PART)
+    assert store.put_file("k", path, {}) == expected
+    assert store.head("k").etag == expected
+
+
+def test_on_upload_id_comes_before_any_part_and_the_upload_completes(
+    server: S3Server, bucket: Callable[..., str], tmp_path: Path
+) -> None:
+    name = bucket(server)
+    store = multipart_store(server, name)
+    path = tmp_path / "f"
+    body = os.urandom(2 * PART + 10)
+    path.write_bytes(body)
+    seen: list[tuple[str, list[tuple[str, str]], int]] = []
+
+    def journal(upload_id: str) -> None:
+        parts = s3_client(server.endpoint_url).list_parts(Bucket=name, Key="dir/k", UploadId=upload_id)
+        seen.append((upload_id, store.list_multipart_uploads("dir/"), len(parts.get("Parts", []))))
+
+    etag = store.put_file("dir/k", path, {"a": "b"}, on_upload_id=journal)
+    ((upload_id, listed, parts_then),) = seen
+    assert listed == [("dir/k", upload_id)] and parts_then == 0
+    assert store.list_multipart_uploads("dir/") == []
+    assert etag.endswith("-3")
+    assert store.get_range("dir/k", 0, len(body)).data == body
+
+
+def test_a_failing_journal_hook_aborts_the_upload(
+    server: S3Server, bucket: Callable[..., str], tmp_path: Path
+) -> None:
+    store = multipart_store(server, bucket(server))
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(PART + 10))
+
+    def refuse(upload_id: str) -> None:
+        raise OSError("journal full")
+
+    with pytest.raises(OSError, match="journal full"):
+        store.put_file("k", path, {}, on_upload_id=refuse)
+    assert store.list_multipart_uploads("") == []
+    with pytest.raises(NotFound):
+        store.head("k")
+
+
+def test_abort_multipart_is_idempotent(server: S3Server, bucket: Callable[..., str]) -> None:
+    """Replay may abort an upload that is already gone (aborted, completed, or never created)."""
+    name = bucket(server)
+    store = multipart_store(server, name)
+    upload_id = s3_client(server.endpoint_url).create_multipart_upload(Bucket=name, Key="k")["UploadId"]
+    assert store.list_multipart_uploads("") == [("k", upload_id)]
+    store.abort_multipart("k", upload_id)
+    assert store.list_multipart_uploads("") == []
+    store.abort_multipart("k", upload_id)
+    store.abort_multipart("k", "no-such-upload-id")
+
+
+def test_uploads_carry_a_crc32c_the_server_keeps(
+    seaweed: SeaweedFS, bucket: Callable[..., str], s3_env: None, tmp_path: Path
+) -> None:
+    """SeaweedFS verifies and stores the CRC32C of each PUT (and of each part: a composite)."""
+    name = bucket()
+    store = multipart_store(seaweed, name)
+    client = s3_client(seaweed.endpoint_url)
+    store.put_bytes("small", BODY, {})
+    head = client.head_object(Bucket=name, Key="small", ChecksumMode="ENABLED")
+    assert head["ChecksumCRC32C"] == crc32c_b64(BODY)
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(PART + 10))
+    store.put_file("big", path, {})
+    head = client.head_object(Bucket=name, Key="big", ChecksumMode="ENABLED")
+    assert head["ChecksumCRC32C"].endswith("-2")
