@@ -219,8 +219,8 @@ class Hydrator:
         timeout: float | None = None,
     ) -> None:
         """``timeout`` is the store's bound on one call (``--timeout``); a fetch then gets
-        ``2 x timeout`` in total, slot wait and integrity retry included. None: unbounded
-        (the store's own bound still applies to each call)."""
+        ``2 x timeout`` in total, slot wait and integrity retry included. None: the store's
+        own ``timeout`` attribute (S3ObjectStore has one), else no bound of our own."""
         self.bucket = bucket
         self.store = store
         self.cache = cache
@@ -233,7 +233,8 @@ class Hydrator:
         self.max_run = max_run_blocks
         self.max_window = max_window_blocks
         self.stats = HydratorStats()
-        self.timeout = timeout if timeout is not None else math.inf
+        bound = timeout if timeout is not None else getattr(store, "timeout", None)
+        self.timeout = float(bound) if isinstance(bound, int | float) and bound > 0 else math.inf
         self._inflight: dict[bytes, _Flight] = {}
         self._failed: OrderedDict[bytes, tuple[float, StoreError]] = OrderedDict()  # digest -> (until, error)
         self._seq: dict[int, _SeqState] = {}
