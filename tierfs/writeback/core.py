@@ -697,7 +697,9 @@ class WriteBack:
         if not more:
             flags &= ~Flag.LOCAL
         changes: dict[str, Any] = {"etag": outcome.etag or node.etag, "flags": flags}
-        if op.kind == "put" and not more:
+        if op.kind == "put":
+            # ETag and size describe one object: once the file is no longer staged, reads go to
+            # the bucket with both. While it is staged, attributes come from the staging file.
             changes["size"] = outcome.size
         await self._run_io(lambda: self.ns.settle(op.ino, **changes))
 
