@@ -2,7 +2,9 @@
 
 Paths arrive relative to the mountpoint and are resolved through the namespace (never
 through the kernel mount, which could be the thing that is hung). Long operations
-report progress at most every 0.25 s.
+report progress at most every 0.25 s. A flush also states its deadline in a progress
+line every few seconds (see :mod:`tierfs.control`), so the CLI waiting for it knows how
+long to wait, and notices a daemon that stopped answering within seconds.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
+FLUSH_HEARTBEAT = 5.0  # seconds between a flush's deadline lines; the CLI's silence bound is larger
 
 
 class ControlOps:
@@ -97,10 +100,32 @@ class ControlOps:
         return result
 
     async def flush(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        writeback = getattr(self.mount, "writeback", None)
-        if writeback is None:
-            return {"uploaded_files": 0, "uploaded_bytes": 0}
-        result: dict[str, Any] = await writeback.flush_all(progress)
+        """Upload everything pending; FlushFailed (names and errors) if that fails or times out.
+
+        ``args["timeout"]`` overrides the mount's --flush-timeout for this call.
+        """
+        raw = args.get("timeout")
+        if raw is not None and (isinstance(raw, bool) or not isinstance(raw, int | float) or raw <= 0):
+            raise control.ControlError(f"invalid flush timeout {raw!r} (expected positive seconds)")
+        timeout = self.mount.cfg.flush_timeout if raw is None else float(raw)
+        deadline = trio.current_time() + self.mount.flush_deadline(timeout)
+
+        async def heartbeat() -> None:
+            while True:
+                await progress({"deadline": round(max(0.0, deadline - trio.current_time()), 3)})
+                await trio.sleep(FLUSH_HEARTBEAT)
+
+        result: dict[str, Any] = {}
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(heartbeat)
+            try:
+                result = await self.mount.flush(progress, timeout=timeout)
+            except Exception as exc:  # raised after the nursery, so it is not wrapped in a group
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
         return result
 
     async def prefetch(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:

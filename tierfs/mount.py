@@ -22,16 +22,17 @@ import trio
 
 from .chunkcache import ChunkCache
 from .config import MountConfig
+from .control import ProgressCallback
 from .daemon import preflight_store, setup_logging
-from .errors import ConfigError
+from .errors import ConfigError, FlushFailed
 from .fs import TierOperations
 from .hydrator import Hydrator
-from .journal import Journal
 from .metadb import CacheDir
 from .namespace import Namespace, NamespacePolicy
 from .records import Inode
-from .staging import Staging
 from .writeback import WriteBack
+from .writeback.journal import Journal
+from .writeback.staging import Staging
 
 log = logging.getLogger("tierfs")
 
@@ -39,7 +40,7 @@ IO_THREADS = 8
 # An inode (data and attributes), ("attr", inode) for attributes only, or (parent inode, name).
 Invalidation = int | tuple[str, int] | tuple[int, str]
 MAINTENANCE_INTERVAL = 5.0
-SIGNAL_FLUSH_SECONDS = 600.0  # systemd's TimeoutStopSec bounds it further
+FLUSH_SLACK = 5.0  # seconds a flush may overrun its deadline and in-flight requests before it is cut off
 
 
 class Mount:
@@ -248,11 +249,39 @@ class Mount:
             async for signum in signals:
                 log.info("signal %d: flushing write-back, then unmounting", signum)
                 sdnotify.stopping("flushing write-back")
-                if self.writeback is not None:
-                    with trio.move_on_after(SIGNAL_FLUSH_SECONDS):
-                        await self.writeback.flush_all()
+                try:
+                    await self.flush()
+                except FlushFailed as exc:  # systemd's TimeoutStopSec may bound it further
+                    log.error("unmounting with changes not uploaded (kept for the next mount): %s", exc)
                 pyfuse3.terminate()
                 return
+
+    def flush_deadline(self, timeout: float) -> float:
+        """Seconds within which a flush bounded by ``timeout`` returns, whatever happens: the
+        flush deadline, plus an S3 request already running when it passes (--timeout bounds
+        one request, retries included, within twice its value), plus slack."""
+        return timeout + 2 * self.cfg.timeout + FLUSH_SLACK
+
+    async def flush(
+        self, progress: ProgressCallback | None = None, *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Upload everything pending within ``timeout`` (default --flush-timeout), or raise FlushFailed.
+
+        WriteBack.flush_all keeps the deadline and names what failed; the hard stop here only
+        guarantees that ``tierfs flush``, ``umount`` and SIGTERM get an answer even if it did not.
+        Nothing is dropped either way: what was not uploaded stays staged and journaled.
+        """
+        if self.writeback is None:
+            return {"uploaded_files": 0, "uploaded_bytes": 0}
+        limit = self.cfg.flush_timeout if timeout is None else timeout
+        with trio.move_on_after(self.flush_deadline(limit)):
+            result: dict[str, Any] = await self.writeback.flush_all(progress, timeout=limit)
+            return result
+        status = self.writeback.status()
+        raise FlushFailed(
+            dict(status.get("failing") or {}),
+            f"flush timeout ({limit:g} s) passed with {status.get('uploads_pending', '?')} changes pending",
+        )
 
     async def _announce_live(self, on_live: Callable[[], None]) -> None:
         from . import kerneltune, sdnotify
@@ -336,5 +365,6 @@ class Mount:
             "errors": self.ops.errors.count + hyd.errors,
             **(self.writeback.status() if self.writeback is not None else {
                 "dirty_files": 0, "dirty_bytes": 0, "uploads_pending": 0, "uploads_failed": 0, "conflicts": 0,
+                "failing": {},
             }),
         }  # fmt: skip
