@@ -330,7 +330,9 @@ def verify_whole_object(what: str, data: bytes, etag: str, headers: Mapping[str,
 # --------------------------------------------------------------------------- helpers
 
 
-def _make_crt_reader(bucket: str, endpoint_url: str | None, client: Any, session: Any) -> Any:
+def _make_crt_reader(
+    bucket: str, endpoint_url: str | None, client: Any, session: Any, connect_timeout: float
+) -> Any:
     """The awscrt fast path for GETs, or None where awscrt or credentials are unavailable."""
     try:
         from .crtget import CrtRangeReader
@@ -344,6 +346,7 @@ def _make_crt_reader(bucket: str, endpoint_url: str | None, client: Any, session
         endpoint_url=endpoint_url or client.meta.endpoint_url,
         region=client.meta.region_name,
         credentials=credentials,
+        connect_timeout=connect_timeout,
     )
 
 
@@ -444,7 +447,7 @@ class S3ObjectStore:
         self._lock = threading.Lock()
         self._crt: Any = None
         if fast_gets:
-            self._crt = _make_crt_reader(bucket, endpoint_url, self._client, session)
+            self._crt = _make_crt_reader(bucket, endpoint_url, self._client, session, timeout)
 
     @property
     def fast_gets(self) -> bool:
@@ -497,7 +500,10 @@ class S3ObjectStore:
                 raise map_error(exc, what) from exc
 
         def attempt(budget: float) -> Any:
-            future = self._pool.submit(work)
+            try:
+                future = self._pool.submit(work)
+            except RuntimeError as exc:  # the pool is shut down (interpreter exit)
+                raise Unavailable(f"{what}: {exc}") from None
             try:
                 return future.result(timeout=max(budget, 0.0))
             except concurrent.futures.TimeoutError:
