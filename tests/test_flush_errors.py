@@ -13,6 +13,7 @@ Servers are real (moto on loopback); nothing in the S3 path is patched.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -23,6 +24,8 @@ from pathlib import Path
 import pytest
 from mounting import REPO_ROOT, Mount, Mounter, run_tierfs, tierfs_command, wait_until
 
+from tools import faultproxy
+from tools.faultproxy import FaultProxy, Rule
 from tools.servers import MotoS3, child_env, s3_client
 
 PAYLOAD = os.urandom(100 * 1024) + b"the last acknowledged write"
@@ -69,12 +72,17 @@ def staged_copies(mount: Mount) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and p.read_bytes() == PAYLOAD]
 
 
-def write_then_lose_bucket(mount: Mount, endpoint: str, bucket: str) -> None:
-    """Write NAME through the mount (not yet uploaded: long --writeback-delay), then delete the bucket."""
+def write_unuploaded(mount: Mount, endpoint: str, bucket: str) -> None:
+    """Write NAME through the mount; a long --writeback-delay keeps it from the bucket until a flush."""
     (mount.path / NAME).write_bytes(PAYLOAD)
-    client = s3_client(endpoint)
-    assert client.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0, "uploaded before the test meant to"
-    client.delete_bucket(Bucket=bucket)
+    listed = s3_client(endpoint).list_objects_v2(Bucket=bucket)
+    assert listed.get("KeyCount", 0) == 0, "uploaded before the test meant to"
+
+
+def write_then_lose_bucket(mount: Mount, endpoint: str, bucket: str) -> None:
+    """Write NAME (not yet uploaded), then delete the bucket: every PUT gets NoSuchBucket."""
+    write_unuploaded(mount, endpoint, bucket)
+    s3_client(endpoint).delete_bucket(Bucket=bucket)
 
 
 def context(mount: Mount, *results: subprocess.CompletedProcess[str]) -> str:
@@ -82,12 +90,36 @@ def context(mount: Mount, *results: subprocess.CompletedProcess[str]) -> str:
     return f"{shown}\n--- mount log ---\n{mount.log_text()[-6000:]}"
 
 
+@pytest.mark.parametrize("fault", ["bucket-deleted", "403-on-put"])
 def test_permanent_error_fails_flush_and_umount_within_seconds_and_keeps_the_data(
-    mounter: Mounter, moto: MotoS3, bucket: Callable[..., str]
+    mounter: Mounter, moto: MotoS3, bucket: Callable[..., str], fault: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The two permanent faults of issue 11's table: the bucket deleted under the mount
+    (NoSuchBucket), and 403 AccessDenied on PUT (from a proxy in front of moto)."""
+    # The proxy labels statuses it has no S3 code for "InternalError", which S3 clients rightly
+    # retry; a real S3 403 says AccessDenied. (The proxy runs in this process.)
+    monkeypatch.setitem(faultproxy._ERROR_CODES, 403, "AccessDenied")
     name = bucket(moto)
-    mount = mounter(f"s3://{name}", "--writeback-delay", "1h", endpoint_url=moto.endpoint_url)
-    write_then_lose_bucket(mount, moto.endpoint_url, name)
+    with FaultProxy(moto.endpoint_url, []) as proxy:
+        endpoint = proxy.endpoint_url if fault == "403-on-put" else moto.endpoint_url
+        mount = mounter(f"s3://{name}", "--writeback-delay", "1h", endpoint_url=endpoint)
+        heal: Callable[[], None]
+        if fault == "bucket-deleted":
+            write_then_lose_bucket(mount, moto.endpoint_url, name)
+            heal = functools.partial(moto.create_bucket, name)
+        else:
+            write_unuploaded(mount, moto.endpoint_url, name)
+            proxy.set_rules([Rule("error", methods={"PUT"}, statuses=(403,))])
+            heal = functools.partial(proxy.set_rules, [])
+        check_permanent_failure_and_recovery(mount, heal)
+        body = s3_client(moto.endpoint_url).get_object(Bucket=name, Key=NAME)["Body"].read()
+        assert body == PAYLOAD
+        mount.umount()
+
+
+def check_permanent_failure_and_recovery(mount: Mount, heal: Callable[[], None]) -> None:
+    """flush and umount fail within seconds naming NAME, status lists it, nothing is lost,
+    and once ``heal`` has removed the fault a plain flush uploads it."""
 
     flushed, flush_seconds = timed_tierfs("flush", str(mount.path))
     assert flushed.returncode == 1, context(mount, flushed)
@@ -109,17 +141,14 @@ def test_permanent_error_fails_flush_and_umount_within_seconds_and_keeps_the_dat
     assert "not unmounting" in error_lines(unmounted)[-1]
     assert mount.mounted, "umount unmounted although the flush failed"
 
-    # Nothing was lost: the mount still serves the bytes, staging holds them, and once the bucket
-    # is back a later flush uploads them.
+    # Nothing was lost: the mount still serves the bytes, staging holds them, and once the fault
+    # is gone a later flush uploads them.
     assert (mount.path / NAME).read_bytes() == PAYLOAD
     assert staged_copies(mount), "the staged copy is gone"
-    moto.create_bucket(name)
+    heal()
     again = run_tierfs("flush", str(mount.path))
     assert again.returncode == 0, context(mount, again)
-    body = s3_client(moto.endpoint_url).get_object(Bucket=name, Key=NAME)["Body"].read()
-    assert body == PAYLOAD
     assert mount.status()["failing"] == {}
-    mount.umount()
 
 
 def test_transient_errors_fail_the_flush_after_flush_timeout(
