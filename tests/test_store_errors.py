@@ -15,8 +15,10 @@ the real server, which can flip a byte of a response or request body or stall a 
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import http.client
+import os
 import threading
 import time
 import zlib
@@ -25,6 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from mounting import Mounter
 
 from tierfs.errors import (
     AccessDenied,
@@ -302,6 +305,52 @@ def test_a_frozen_server_gives_unavailable_within_the_timeout(freezable: Seaweed
             assert elapsed < 1.5 * TIMEOUT, f"{what} took {elapsed:.1f} s with timeout {TIMEOUT} s"
     assert plain.head("small").size == len(SMALL)  # thawed: the same store works again
     assert fast.get_range("small", 0, len(SMALL)).data == SMALL
+
+
+def _timed(call: Callable[[], object]) -> tuple[float, BaseException | None]:
+    """Run ``call`` in a thread (a FUSE call on a hung mount must not hang the test); (seconds, error)."""
+    outcome: list[BaseException | None] = []
+    started = time.monotonic()
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(30.0)
+    assert outcome, "the call was still blocked after 30 s"
+    return time.monotonic() - started, outcome[0]
+
+
+@pytest.mark.fuse
+def test_through_a_mount_a_frozen_server_gives_eio_within_twice_the_timeout(
+    freezable: SeaweedFS, s3_env: None, mounter: Mounter
+) -> None:
+    """The issue's row: with ``--timeout 3`` a cold read took 18-36 s to fail. A cold read must
+    fail with EIO within 2 x ``--timeout`` although the store may retry three times."""
+    name = "t-frozen-mount"
+    freezable.create_bucket(name)
+    client = s3_client(freezable.endpoint_url)
+    for key in ("d/small", "d/large"):
+        client.put_object(Bucket=name, Key=key, Body=LARGE if key == "d/large" else SMALL)
+    mount = mounter(
+        f"s3://{name}", "--timeout", str(TIMEOUT), "-o", "retries=3", endpoint_url=freezable.endpoint_url
+    )
+    assert sorted(os.listdir(mount.path / "d")) == ["large", "small"]  # listed while the server answers
+    calls: list[tuple[str, Callable[[], object]]] = [
+        ("cold read of a small file", lambda: (mount.path / "d" / "small").read_bytes()),
+        ("cold read of a large file", lambda: (mount.path / "d" / "large").read_bytes()),
+    ]
+    with freezable.frozen():
+        for what, call in calls:
+            elapsed, error = _timed(call)
+            assert isinstance(error, OSError) and error.errno == errno.EIO, f"{what}: {error!r}"
+            assert elapsed < 2 * TIMEOUT + 1.0, f"{what}: EIO after {elapsed:.1f} s with --timeout {TIMEOUT}"
+    assert (mount.path / "d" / "small").read_bytes() == SMALL
 
 
 # --------------------------------------------------------------------------- integrity
