@@ -1,5 +1,14 @@
-"""The read path under faults, through real mounts (issue 11): what a reader gets is the object's
-bytes or EIO, never other bytes, never a hang, and never an error that is only the cache's.
+"""The read path under faults (issue 11): what a reader gets is the object's bytes or EIO, never
+other bytes, never a hang, and never an error that is only the cache's.
+
+Hydrator rules, on a real S3 server (moto) through tierfs.faultstore, without FUSE:
+
+- A body that fails its check (IntegrityError, or a length other than asked) is fetched once
+  more, then the read fails; nothing of it is cached or served.
+- A reader waiting on another reader's stalled fetch, or for an S3 slot, gives up at that
+  fetch's deadline (2 x timeout); a failure is remembered for a second, then retried.
+
+Through real mounts:
 
 - A full cache disk never fails a read: the bytes are served uncached (``cache_store_failed``),
   and a remount on the same full disk starts and serves reads too.
@@ -13,20 +22,27 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import random
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
+import trio
 from mounting import Mount, Mounter
+from test_chunkcache import Harness
 
+from tierfs.errors import IntegrityError, Unavailable
+from tierfs.faultstore import FaultStore
+from tierfs.hydrator import FAILURE_MEMORY, Hydrator, ObjectVersion
+from tierfs.objectstore import GetResult, ObjectStore, S3ObjectStore
 from tools.faultproxy import OBJECT_PATH, FaultProxy, Rule
-from tools.servers import SeaweedFS, s3_client
+from tools.servers import MotoS3, SeaweedFS, s3_client
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -36,8 +52,6 @@ MiB = 1 << 20
 # Every GET of these covers the whole object (at most one 8-block run), so its MD5 ETag can be
 # checked; they span the awscrt (<= 2 MiB) and the boto3 GET paths.
 WHOLE_OBJECT_SIZES = (1 * KiB, 110 * KiB, 110 * KiB, 700 * KiB, 1536 * KiB, 3 * MiB, 5 * MiB + 3)
-
-pytestmark = pytest.mark.fuse
 
 
 def put_objects(client: S3Client, bucket: str, sizes: tuple[int, ...], seed: int) -> dict[str, bytes]:
@@ -82,6 +96,207 @@ def listing(mount: Mount, attempts: int = 20) -> set[str]:
         with contextlib.suppress(OSError):
             return set(os.listdir(mount.path))
     return set(os.listdir(mount.path))
+
+
+# --------------------------------------------------------------------------- the hydrator's rules
+
+
+class ShortBodies(FaultStore):
+    """Cuts the body of the next ``cuts`` GETs in half, as a connection closed early might (awscrt
+    returns what arrived), to check that the hydrator's own length check stands behind the store's."""
+
+    def __init__(self, inner: ObjectStore, cuts: int) -> None:
+        super().__init__(inner)
+        self.cuts = cuts
+
+    def get_range(
+        self,
+        key: str,
+        start: int,
+        length: int,
+        if_match: str | None = None,
+        *,
+        object_size: int | None = None,
+    ) -> GetResult:
+        result = super().get_range(key, start, length, if_match, object_size=object_size)
+        if self.cuts <= 0:
+            return result
+        self.cuts -= 1
+        return GetResult(result.data[: len(result.data) // 2], result.info)
+
+
+class Rig:
+    """A Hydrator as the mount builds it, over a fault-injecting store on moto and a real ChunkCache.
+
+    ``slots`` bounds concurrent store calls like ``--s3-concurrency``. Read-ahead tasks are not
+    run (``spawn`` drops them): these tests look at one read at a time.
+    """
+
+    TIMEOUT = 1.0
+
+    def __init__(self, moto: MotoS3, bucket: str, tmp_path: Path, *, cuts: int = 0, slots: int = 8) -> None:
+        self.client = s3_client(moto.endpoint_url)
+        self.bucket = bucket
+        inner = S3ObjectStore(bucket, endpoint_url=moto.endpoint_url, timeout=self.TIMEOUT, retries=0)
+        self.store = ShortBodies(inner, cuts)
+        self.harness = Harness(tmp_path)
+        self.cache = self.harness.open(block_size=MiB)
+        self.limiter = trio.CapacityLimiter(slots)
+        self.hydrator = Hydrator(
+            bucket=bucket,
+            store=self.store,
+            cache=self.cache,
+            run_s3=self.run_s3,
+            run_io=self.run_io,
+            block_size=MiB,
+            spawn=lambda task: None,
+            timeout=self.TIMEOUT,
+        )
+
+    async def run_s3(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=self.limiter)
+
+    async def run_io(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(functools.partial(fn, *args))
+
+    def put(self, key: str, body: bytes) -> ObjectVersion:
+        etag = self.client.put_object(Bucket=self.bucket, Key=key, Body=body)["ETag"].strip('"')
+        return ObjectVersion(len(key), key, etag, len(body))
+
+    def cached(self, obj: ObjectVersion) -> list[bytes | None]:
+        """What the chunk cache holds for each block of ``obj`` (None: nothing)."""
+        return [
+            self.cache.get(self.hydrator.chunk_key(obj, i)) for i in range(self.hydrator.block_count(obj))
+        ]
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+@pytest.fixture
+def make_rig(
+    moto: MotoS3, bucket: Callable[..., str], tmp_path: Path, s3_env: None
+) -> Iterator[Callable[..., Rig]]:
+    """Factory: ``make_rig(cuts=0, slots=8)``; every rig's stalls are released and its cache closed."""
+    made: list[Rig] = []
+
+    def make(**options: int) -> Rig:
+        home = tmp_path / f"rig{len(made)}"
+        home.mkdir()
+        made.append(Rig(moto, bucket(moto), home, **options))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for one in made:
+            one.store.release()
+            one.close()
+
+
+@pytest.fixture
+def rig(make_rig: Callable[..., Rig]) -> Rig:
+    return make_rig()
+
+
+async def read_all(rig: Rig, obj: ObjectVersion) -> bytes:
+    return await rig.hydrator.read(obj, 0, obj.size)
+
+
+async def test_a_body_failing_its_check_is_fetched_once_more_then_the_read_fails(rig: Rig) -> None:
+    body = random.Random(1).randbytes(300 * KiB)
+    first = rig.put("first", body)
+    rig.store.fail("get_range", IntegrityError, nth=1)
+    assert await read_all(rig, first) == body  # the second GET was good
+    assert rig.store.calls["get_range"] == 2
+    assert rig.hydrator.stats.integrity_retries == 1
+    assert rig.cached(first) == [body]
+
+    second = rig.put("second", body[::-1])
+    rig.store.fail("get_range", IntegrityError, nth=[3, 4])
+    with pytest.raises(IntegrityError):
+        await read_all(rig, second)
+    assert rig.store.calls["get_range"] == 4  # once more, not again and again
+    assert rig.cached(second) == [None]
+
+
+@pytest.mark.parametrize("cuts", [1, 2])
+async def test_a_short_body_is_never_cached_or_served(make_rig: Callable[..., Rig], cuts: int) -> None:
+    rig = make_rig(cuts=cuts)
+    body = random.Random(2).randbytes(2 * MiB + 17)  # three blocks, one GET
+    obj = rig.put("object", body)
+    if cuts == 1:
+        assert await read_all(rig, obj) == body  # refetched whole
+    else:
+        with pytest.raises(IntegrityError):
+            await read_all(rig, obj)
+        assert rig.cached(obj) == [None, None, None]
+        assert rig.hydrator.hot.size == 0
+        await trio.sleep(FAILURE_MEMORY + 0.1)
+        assert await read_all(rig, obj) == body  # the store is honest again
+    assert rig.cached(obj) == [body[:MiB], body[MiB : 2 * MiB], body[2 * MiB :]]
+
+
+async def timed(call: Callable[[], Awaitable[object]]) -> tuple[BaseException | None, float]:
+    started = trio.current_time()
+    try:
+        await call()
+    except Exception as exc:
+        return exc, trio.current_time() - started
+    return None, trio.current_time() - started
+
+
+# 2 x timeout of the fetch waited on, plus slack for a loaded 2-core machine.
+WAIT_BOUND = 2 * Rig.TIMEOUT + 1.5
+
+
+async def test_a_reader_waiting_on_a_stalled_fetch_gives_up_at_that_fetchs_deadline(rig: Rig) -> None:
+    body = random.Random(3).randbytes(200 * KiB)
+    obj = rig.put("object", body)
+    rig.store.stall("get_range", bound=60.0, nth=1)
+    first: list[bytes] = []
+
+    async def first_reader() -> None:
+        first.append(await read_all(rig, obj))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first_reader)
+        assert await trio.to_thread.run_sync(rig.store.wait_stalled)
+        error, waited = await timed(lambda: read_all(rig, obj))  # finds the first reader's fetch
+        assert isinstance(error, Unavailable), error
+        assert waited <= WAIT_BOUND, f"waited {waited:.1f} s on a fetch allowed {2 * Rig.TIMEOUT} s"
+        assert rig.store.calls["get_range"] == 1  # it waited; it did not send a GET of its own
+        rig.store.release()
+    assert first == [body]  # the stalled call itself went through once released
+
+
+async def test_a_read_waiting_for_an_s3_slot_gives_up_at_its_deadline(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(slots=1)
+    busy = rig.put("busy", b"b" * 1000)
+    other = rig.put("other", b"o" * 1000)
+    rig.store.stall("get_range", bound=60.0, nth=1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all, rig, busy)
+        assert await trio.to_thread.run_sync(rig.store.wait_stalled)
+        error, waited = await timed(lambda: read_all(rig, other))  # the only slot is taken
+        assert isinstance(error, Unavailable) and "slot" in str(error), error
+        assert waited <= WAIT_BOUND, f"waited {waited:.1f} s for a slot"
+        rig.store.release()
+    assert rig.store.calls["get_range"] == 1
+
+
+async def test_a_failed_fetch_is_remembered_for_a_moment_then_tried_again(rig: Rig) -> None:
+    body = b"remembered" * 1000
+    obj = rig.put("object", body)
+    rig.store.fail("get_range", Unavailable, nth=1)
+    with pytest.raises(Unavailable):
+        await read_all(rig, obj)
+    with pytest.raises(Unavailable):
+        await read_all(rig, obj)  # the kernel's immediate re-ask: answered from memory
+    assert rig.store.calls["get_range"] == 1
+    await trio.sleep(FAILURE_MEMORY + 0.1)
+    assert await read_all(rig, obj) == body
+    assert rig.store.calls["get_range"] == 2
 
 
 # --------------------------------------------------------------------------- full cache disk

@@ -552,7 +552,11 @@ class Hydrator:
         """
         start = run[0] * self.block_size
         length = min(obj.size, (run[-1] + 1) * self.block_size) - start
-        result: GetResult = self.store.get_range(obj.key, start, length, if_match=obj.etag or None)
+        # object_size lets the store ask for a whole object without a Range header, so the
+        # server's stored checksum comes back and the body is checked against it.
+        result: GetResult = self.store.get_range(
+            obj.key, start, length, if_match=obj.etag or None, object_size=obj.size
+        )
         data = result.data
         if len(data) != length:
             raise IntegrityError(f"GET {obj.key}: wanted {length} bytes at {start}, got {len(data)}")
