@@ -203,3 +203,15 @@ def test_uploads_carry_a_crc32c_the_server_keeps(
     store.put_file("big", path, {})
     head = client.head_object(Bucket=name, Key="big", ChecksumMode="ENABLED")
     assert head["ChecksumCRC32C"].endswith("-2")
+
+
+def test_whole_object_reads_by_size_hint_on_both_paths(moto: MotoS3, seeded: str) -> None:
+    """With ``object_size`` the GET has no Range header; the bytes and info must not change."""
+    etag = s3_client(moto.endpoint_url).head_object(Bucket=seeded, Key="dir/obj.bin")["ETag"].strip('"')
+    for store in stores(moto, seeded):
+        whole = store.get_range("dir/obj.bin", 0, len(BODY), etag, object_size=len(BODY))
+        assert whole.data == BODY and whole.info.size == len(BODY)
+        empty = store.get_range("empty", 0, 1, "d41d8cd98f00b204e9800998ecf8427e", object_size=0)
+        assert empty.data == b"" and empty.info.size == 0
+        with pytest.raises(PreconditionFailed):
+            store.get_range("dir/obj.bin", 0, len(BODY), "0" * 32, object_size=len(BODY))

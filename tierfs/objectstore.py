@@ -591,6 +591,8 @@ class S3ObjectStore:
                 data: bytes = resp["Body"].read()
             finally:
                 resp["Body"].close()
+            if len(data) > length:  # un-ranged, yet not the pinned size: not what was asked for
+                raise Unavailable(f"get_object {key}: the server sent {len(data)} bytes, not {length}")
             total = int(resp.get("ContentRange", "/0").rsplit("/", 1)[-1] or 0) or int(
                 resp.get("ContentLength", 0)
             )
