@@ -30,8 +30,8 @@ byte:
 Standalone, it starts its own SeaweedFS on loopback:
 ``python -m tools.stress --seconds 60 --threads 16 [--busy 2] [--delay-faults]``.
 ``--busy N`` runs N busy loops beside the mount (the CPU contention of the issue);
-``--delay-faults`` puts ``tools/faultproxy.py`` (if present) in front of the server with
-30 % of requests delayed by 0.3-1.5 s. The exit status is non-zero on any wrong read,
+``--delay-faults`` puts ``tools/faultproxy.py`` in front of the server with 30 % of
+requests delayed by 0.3-1.5 s. The exit status is non-zero on any wrong read,
 error, bucket mismatch, failed flush or RSS above the limit. ``tests/test_stress.py``
 runs :func:`run_stress` at a small size inside ``make test``; ``make stress`` runs it
 for 10 minutes. Everything started here (mount, server, proxy, busy loops) is torn
@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import importlib
 import os
 import random
 import shutil
@@ -61,6 +60,7 @@ from typing import Any
 
 from tools.bench import TierfsSystem
 from tools.bench_workloads import process_status_kib
+from tools.faultproxy import FaultProxy, Rule
 from tools.servers import SeaweedFS, child_env, s3_client, terminate_process_group
 
 KiB = 1024
@@ -932,20 +932,18 @@ def busy_loops(count: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def delay_proxy(upstream: str, log: Callable[[str], None]) -> Iterator[str | None]:
-    """``tools/faultproxy.py`` in front of ``upstream``, delaying 30 % of requests by 0.3-1.5 s.
+def delay_proxy(upstream: str, seed: int, notes: list[str]) -> Iterator[str]:
+    """``tools/faultproxy.py`` in front of ``upstream``: 30 % of requests delayed by 0.3-1.5 s.
 
-    The proxy is written by another engineer; this uses it only if the module is there
-    (yields None otherwise, and the caller notes that the faults were not injected).
+    Slow requests widen the windows in which a change lands while an upload or copy of
+    the same file is in flight (the issue saw wrong versions most under these faults).
+    What the proxy did is added to ``notes`` when it stops.
     """
-    try:
-        faultproxy: Any = importlib.import_module("tools.faultproxy")
-    except ImportError:
-        log("tools/faultproxy.py is not there: running without delay faults")
-        yield None
-        return
-    with faultproxy.stress_delay_proxy(upstream, probability=0.3, low=0.3, high=1.5) as url:
-        yield str(url)
+    with FaultProxy(upstream, [Rule("delay", 0.3, delay=(0.3, 1.5))], seed=seed) as proxy:
+        try:
+            yield proxy.endpoint_url
+        finally:
+            notes.append(f"fault proxy: {proxy.summary()}")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -993,8 +991,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             with contextlib.ExitStack() as stack:
                 mount_url = None
                 if args.delay_faults:
-                    mount_url = stack.enter_context(delay_proxy(server.endpoint_url, log))
-                notes.append(f"delay faults: {'on' if mount_url else 'off'}")
+                    mount_url = stack.enter_context(delay_proxy(server.endpoint_url, options.seed, notes))
+                notes.append(f"delay faults: {'30% of requests +0.3-1.5 s' if mount_url else 'off'}")
                 report = run_stress(
                     options,
                     endpoint_url=server.endpoint_url,
