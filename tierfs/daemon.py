@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import memory
 from .config import MountConfig
 from .errors import AccessDenied, ConfigError, NotFound, TierfsError, Unavailable
 
@@ -162,6 +163,7 @@ def _serve_reporting(cfg: MountConfig, report: int | None) -> int:
                 os.close(report)
                 report = None
 
+    memory.limit_arenas()  # before any worker thread exists (docs in tierfs/memory.py)
     try:
         from .mount import Mount
 

@@ -20,6 +20,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from . import memory
 from .chunkcache import ChunkCache
 from .config import MountConfig
 from .control import ProgressCallback
@@ -307,6 +308,7 @@ class Mount:
         self.cachedir.index_env.sync(True)  # bounds what an OS crash can tear; not needed for safety
         self.cache.sweep_aged()
         self.cache.enforce_limits()
+        memory.trim()
 
     async def _start_control(self, nursery: trio.Nursery) -> None:
         from .controlops import ControlOps

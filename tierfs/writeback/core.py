@@ -237,6 +237,7 @@ class WriteBack:
         The writer is counted before anything is awaited, so an upload finishing meanwhile
         cannot retire the staging file under us.
         """
+        log.debug("write-back: open for write ino %d %s truncate=%s", node.ino, node.key, truncate)
         state = self.files.state(node.ino)
         state.writers += 1
         try:
@@ -346,6 +347,7 @@ class WriteBack:
 
     async def removed(self, node: Inode) -> None:
         """unlink/rmdir: drop pending uploads of the inode and delete its key in the bucket."""
+        log.debug("write-back: removed ino %d %s", node.ino, node.key)
         drop = self._waiting_puts(lambda ino: ino == node.ino)
         await self._append(("delete", {"key": node.key}), drop=drop)
         if not self.files.writers(node.ino):
@@ -358,6 +360,7 @@ class WriteBack:
         must come after everything journaled for that key before (e.g. the delete of a
         file the rename replaced), and ordering is by journal position.
         """
+        log.debug("write-back: renamed ino %d %s -> %s", moved.ino, old_key, moved.key)
         if not moved.is_dir:
             async with self.files.lock(moved.ino):  # the staging file must not be retired meanwhile
                 if moved.ino in self.files.staged:  # its bytes are here (dirty, or open for writing)
@@ -594,7 +597,8 @@ class WriteBack:
         return deadline
 
     async def _execute(self, op: Op, key: str) -> None:
-        log.debug("write-back: %s #%d %s", op.kind, op.seq, " -> ".join(k for k in (op.src, key) if k))
+        path = " -> ".join(k for k in (op.src, key) if k)
+        log.debug("write-back: %s #%d ino %d %s", op.kind, op.seq, op.ino, path)
         try:
             outcome: Outcome = await self._run_s3(self._execute_blocking, op, key)
         except Exception as exc:
@@ -651,14 +655,19 @@ class WriteBack:
         if node is None:
             return Outcome(skipped=True)  # removed since; a later delete op covers the bucket
         token = self.journal.token(op.seq)
-        # The version this op replaces: the node's ETag describes its key once every earlier op
-        # on that key has finished and settled, which per-key ordering guarantees.
-        base = node.etag if node.key == key else ""
         if op.kind == "marker":
             return self.uploader.marker(node, key, token)
+        # The version this op replaces: the node's ETag describes its key once every earlier op
+        # on that key has finished and settled, which per-key ordering guarantees. A meta runs
+        # before the copy of a rename (which waits for its key), so the ETag is still the old key's.
         if op.kind == "meta":
-            return self.uploader.meta(node, key, base, token)
-        return self.uploader.put(op, node, key, base, token)
+            return self.uploader.meta(node, key, node.etag, token)
+        if node.key != key:
+            # Renamed after this put was scheduled: the rename journaled a put under the new
+            # name and a delete of this one, so uploading here would only be undone.
+            log.debug("write-back: put #%d of %s skipped: renamed to %s", op.seq, key, node.key)
+            return Outcome(skipped=True)
+        return self.uploader.put(op, node, key, node.etag, token)
 
     async def _finish(self, op: Op, key: str, outcome: Outcome) -> None:
         """Settle the namespace first, then drop the op: a crash between replays an op whose
@@ -680,6 +689,10 @@ class WriteBack:
     async def _settle(self, op: Op, key: str, outcome: Outcome) -> None:
         """Record what the bucket now has at ``key``, if ``key`` is still the node's name."""
         node = self.ns.get(op.ino)
+        log.debug(
+            "write-back: settle #%d ino %d at %s: etag %s (node %s, etag %s)",
+            op.seq, op.ino, key, outcome.etag, node.key if node else None, node.etag if node else None,
+        )  # fmt: skip
         if node is None or node.key != key:
             return  # renamed (or removed) meanwhile: our ETag describes a key that is no longer its name
         more = self._still_needed(op.ino, besides=op.seq) or any(
