@@ -134,7 +134,16 @@ class Rig:
 
     TIMEOUT = 1.0
 
-    def __init__(self, moto: MotoS3, bucket: str, tmp_path: Path, *, cuts: int = 0, slots: int = 8) -> None:
+    def __init__(
+        self,
+        moto: MotoS3,
+        bucket: str,
+        tmp_path: Path,
+        *,
+        cuts: int = 0,
+        slots: int = 8,
+        parallel_runs: int = 16,
+    ) -> None:
         self.client = s3_client(moto.endpoint_url)
         self.bucket = bucket
         inner = S3ObjectStore(bucket, endpoint_url=moto.endpoint_url, timeout=self.TIMEOUT, retries=0)
@@ -150,6 +159,7 @@ class Rig:
             run_io=self.run_io,
             block_size=MiB,
             spawn=lambda task: None,
+            max_parallel_runs=parallel_runs,
             timeout=self.TIMEOUT,
         )
 
@@ -282,6 +292,17 @@ async def test_a_read_waiting_for_an_s3_slot_gives_up_at_its_deadline(make_rig: 
         assert isinstance(error, Unavailable) and "slot" in str(error), error
         assert waited <= WAIT_BOUND, f"waited {waited:.1f} s for a slot"
         rig.store.release()
+    assert rig.store.calls["get_range"] == 1
+
+
+async def test_the_first_failed_run_of_a_big_request_cancels_the_runs_not_yet_started(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(parallel_runs=1)  # runs one after the other, so "not yet started" is certain
+    obj = rig.put("big", random.Random(4).randbytes(20 * MiB))  # three runs of at most 8 blocks
+    rig.store.fail("get_range", Unavailable, nth=1)
+    with pytest.raises(Unavailable):
+        await rig.hydrator.blocks(obj, range(20))
     assert rig.store.calls["get_range"] == 1
 
 

@@ -216,6 +216,7 @@ class Hydrator:
         hot_bytes: int = 64 << 20,
         max_run_blocks: int = 8,
         max_window_blocks: int = 32,
+        max_parallel_runs: int = 16,
         timeout: float | None = None,
     ) -> None:
         """``timeout`` is the store's bound on one call (``--timeout``); a fetch then gets
@@ -232,6 +233,7 @@ class Hydrator:
         self.hot = HotBlocks(hot_bytes)
         self.max_run = max_run_blocks
         self.max_window = max_window_blocks
+        self.max_parallel_runs = max_parallel_runs
         self.stats = HydratorStats()
         bound = timeout if timeout is not None else getattr(store, "timeout", None)
         self.timeout = float(bound) if isinstance(bound, int | float) and bound > 0 else math.inf
@@ -453,19 +455,26 @@ class Hydrator:
         """Fetch any set of blocks: one ranged GET per contiguous run, runs in parallel.
 
         Failures are collected rather than left to the nursery, so callers see the
-        StoreError itself (EIO/ENOENT mapping) and never an ExceptionGroup.
+        StoreError itself (EIO/ENOENT mapping) and never an ExceptionGroup. The first
+        failure cancels the runs not yet done: the caller fails anyway, and against a
+        frozen server they would each wait out their own deadline. At most
+        ``max_parallel_runs`` runs start at once, so that a big request (hydrating a
+        whole file) does not queue its own runs past their deadlines for an S3 slot.
         """
         runs = contiguous_runs(indices, self.max_run)
         if len(runs) <= 1:
             return await self._fetch_run_shared(obj, runs[0]) if runs else {}
         results: dict[int, bytes] = {}
         failures: list[StoreError] = []
+        started = trio.CapacityLimiter(self.max_parallel_runs)
 
         async def fetch(run: list[int]) -> None:
             try:
-                results.update(await self._fetch_run_shared(obj, run))
+                async with started:
+                    results.update(await self._fetch_run_shared(obj, run))
             except StoreError as exc:
                 failures.append(exc)
+                nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
             for run in runs:
@@ -605,7 +614,15 @@ class Hydrator:
         return True
 
     async def _read_ahead(self, obj: ObjectVersion, run: list[int]) -> None:
-        idle = [i for i in run if self.chunk_key(obj, i).digest() not in self._inflight]
+        """Fetch blocks a sequential reader will want; not those in flight or failing just now
+        (a reader that wants them will get the remembered error, and the server a rest)."""
+        now = trio.current_time()
+        idle = []
+        for i in run:
+            digest = self.chunk_key(obj, i).digest()
+            failed = self._failed.get(digest)
+            if digest not in self._inflight and (failed is None or failed[0] <= now):
+                idle.append(i)
         todo = self._not_indexed(obj, idle)
         if not todo:
             return
