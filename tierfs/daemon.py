@@ -26,6 +26,7 @@ from typing import Any
 from . import memory
 from .config import MountConfig
 from .errors import AccessDenied, ConfigError, NotFound, TierfsError, Unavailable
+from .metrics import S3_LATENCY
 
 log = logging.getLogger("tierfs")
 
@@ -86,7 +87,12 @@ def preflight_store(cfg: MountConfig) -> Any:
         ) from None
     except Unavailable as exc:
         raise ConfigError(f"cannot reach {where}: {exc}") from None
-    return store(timeout=cfg.timeout, retries=cfg.retries, max_pool=cfg.s3_concurrency + 8)
+    return store(
+        timeout=cfg.timeout,
+        retries=cfg.retries,
+        max_pool=cfg.s3_concurrency + 8,
+        observe=lambda op, seconds: S3_LATENCY.labels(op).observe(seconds),
+    )
 
 
 def setup_logging(cfg: MountConfig, daemonized: bool) -> None:
