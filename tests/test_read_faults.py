@@ -493,13 +493,19 @@ def test_a_byte_flipped_in_transit_is_never_served_nor_cached(
     flipped bytes are served and cached, and this test fails."""
     name = bucket()
     objects = put_objects(s3_client(seaweed.endpoint_url), name, WHOLE_OBJECT_SIZES, 5)
-    flips = [Rule("flip", 0.3, methods={"GET"}, path=OBJECT_PATH)]
+    always = f"^/{name}/f00"
+    flips = [
+        Rule("flip", methods={"GET"}, path=always),  # every GET of f00: its read must be EIO
+        Rule("flip", 0.3, methods={"GET"}, path=OBJECT_PATH),  # and 30% of the others' GETs
+    ]
     with FaultProxy(seaweed.endpoint_url, flips, seed=6) as proxy:
         mount = mounter(f"s3://{name}", endpoint_url=proxy.endpoint_url)
         assert listing(mount) == set(objects)
         good = check_reads(mount, objects, eio_allowed=True)
-        assert proxy.counts["flip"] > 0
-        assert good > 0
+        assert isinstance(read_or_error(mount.path / "f00"), OSError)
+        assert flips[0].fired >= 2, "a body that failed its check was not fetched again"
+        assert flips[1].fired > 0
+        assert 0 < good < len(objects)
 
         proxy.set_rules([])
         mount.umount()  # drops the kernel's page cache; tierfs's chunk cache stays
