@@ -198,6 +198,9 @@ LOOP_READ_MAX = 256 * 1024
 # a new read tries the server again.
 FAILURE_MEMORY = 1.0
 FAILURES_KEPT = 4096  # bound on remembered failures (one entry per block)
+# A round (disk, then fetch or wait) leaves blocks missing only if a fetch it waited on was
+# cancelled; a bound on rounds keeps even that from looping, and each round is bounded in time.
+MAX_ROUNDS = 3
 MetadataSink = Callable[[int, ObjectInfo], None]  # (ino, info) -> None, blocking, called in a thread
 
 
@@ -288,12 +291,14 @@ class Hydrator:
             self.stats.cache_hits += len(out)
             self.stats.bytes_from_cache += sum(len(b) for b in out.values())
             self.cache.touch([self.chunk_key(obj, i) for i in out])
-        while missing:
+        for _ in range(MAX_ROUNDS):
             missing = await self._from_disk(obj, missing, out)
             if not missing:
-                break
+                return out
             missing = await self._fetch_missing(obj, missing, out, widen=widen)
-        return out
+            if not missing:
+                return out
+        raise Unavailable(f"GET {obj.key}: blocks {missing[:4]} still missing after {MAX_ROUNDS} fetches")
 
     async def hydrate(self, obj: ObjectVersion, on_bytes: Callable[[int], None] | None = None) -> None:
         """Make every block of ``obj`` resident in the chunk cache (``tierfs prefetch``).
@@ -377,7 +382,8 @@ class Hydrator:
         """Fetch runs of missing blocks in parallel; blocks already in flight are awaited, not refetched.
 
         A waited-for fetch hands over its bytes or its error, and is waited for no longer than
-        its own deadline. Returns the blocks still missing (only if a fetch was cancelled).
+        its own deadline. Returns the blocks still missing (none in practice: every fetch
+        hands over all of its blocks or an error; see MAX_ROUNDS).
         """
         self._raise_recent_failure(obj, missing)
         waits: dict[int, _Flight] = {}
