@@ -358,8 +358,9 @@ class TierOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        await self._io(self.ns.remove, parent_inode, node.name)
-        await wb.removed(node)
+        with self.ns.tombstones.holding(node.key):
+            await self._io(self.ns.remove, parent_inode, node.name)
+            await wb.removed(node)
 
     @handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
@@ -370,8 +371,9 @@ class TierOperations(pyfuse3.Operations):
         if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         await self.ns.ensure_listed(node.ino)
-        await self._io(self.ns.remove, parent_inode, node.name)
-        await wb.removed(node)
+        with self.ns.tombstones.holding(node.key):
+            await self._io(self.ns.remove, parent_inode, node.name)
+            await wb.removed(node)
 
     @handler
     async def rename(
@@ -403,12 +405,15 @@ class TierOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
             if target.is_dir:
                 await self.ns.ensure_listed(target.ino)
-            await self._io(self.ns.remove, new_parent.ino, new_name)
-            await wb.removed(target)
         if node.is_dir:
             await self._list_subtree(node.ino)
-        moved, old_key = await self._io(self.ns.rename, old_parent, old_name, new_parent, new_name)
-        await wb.renamed(moved, old_key)
+        hidden = (node.key, target.key) if target is not None else (node.key,)
+        with self.ns.tombstones.holding(*hidden):
+            if target is not None:
+                await self._io(self.ns.remove, new_parent.ino, new_name)
+                await wb.removed(target)
+            moved, old_key = await self._io(self.ns.rename, old_parent, old_name, new_parent, new_name)
+            await wb.renamed(moved, old_key)
 
     async def _list_subtree(self, ino: int) -> None:
         """A directory rename moves every key below it; the namespace must know them all first."""

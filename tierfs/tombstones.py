@@ -15,9 +15,10 @@ Thread-safe: write-back updates it on the trio loop, listings read it in worker 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 GRACE = 600.0
 MAX_DONE = 100_000
@@ -50,6 +51,22 @@ class Tombstones:
                     len(self._done) > MAX_DONE or next(iter(self._done.values())) < now - GRACE
                 ):
                     self._done.popitem(last=False)
+
+    @contextlib.contextmanager
+    def holding(self, *keys: str) -> Iterator[None]:
+        """Hide ``keys`` from listings while an unlink or rename is between the namespace and the journal.
+
+        The namespace drops the entry first and the journaled delete (which then hides the
+        key until the bucket has it) comes a thread hop later; a listing in that gap would
+        otherwise bring the old name back from the bucket.
+        """
+        for key in keys:
+            self.add(key)
+        try:
+            yield
+        finally:
+            for key in keys:
+                self.remove(key, done=False)
 
     def pending(self, key: str) -> bool:
         return key in self._pending
