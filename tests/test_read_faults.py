@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import math
 import os
 import random
 import subprocess
@@ -32,11 +33,13 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import lmdb
 import pytest
 import trio
 from mounting import Mount, Mounter
 from test_chunkcache import Harness
 
+from tierfs.chunkcache import ChunkCache, ChunkKey
 from tierfs.errors import IntegrityError, Unavailable
 from tierfs.faultstore import FaultStore
 from tierfs.hydrator import FAILURE_MEMORY, Hydrator, ObjectVersion
@@ -350,6 +353,36 @@ def fill(directory: Path) -> int:
                     assert exc.errno == errno.ENOSPC, exc
                     break
     return written
+
+
+def test_a_full_index_is_an_oserror_of_put_and_leaves_the_cache_consistent(tmp_path: Path) -> None:
+    """LMDB's MapFullError (and any index error) reaches callers as the OSError they handle."""
+    env = lmdb.open(str(tmp_path / "index"), max_dbs=16, map_size=256 * KiB, sync=False)
+    cache = ChunkCache(
+        env,
+        tmp_path / "cache",
+        block_size=MiB,
+        limit_bytes=None,
+        min_free=0.0,
+        max_age=math.inf,
+        compression_level=None,
+    )
+    try:
+        stored: list[ChunkKey] = []
+        with pytest.raises(OSError) as caught:
+            for n in range(100_000):
+                ck = ChunkKey("bucket", f"key-{n:06d}-" + "k" * 200, "etag", 0)
+                cache.put(ck, b"x")
+                stored.append(ck)
+        assert caught.value.errno == errno.ENOSPC, caught.value
+        assert stored, "the index was full before the first chunk"
+        assert cache.get(stored[0]) == b"x" and cache.get(stored[-1]) == b"x"
+        assert cache.stats().chunks == len(stored)
+        chunk_files = [p for p in (tmp_path / "cache" / "chunks").rglob("*") if p.is_file()]
+        assert len(chunk_files) == len(stored), "the refused chunk left its file behind"
+    finally:
+        cache.close()
+        env.close()
 
 
 def test_a_full_cache_disk_never_fails_a_read_not_even_after_a_remount(
