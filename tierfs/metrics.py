@@ -57,6 +57,18 @@ _SCALARS: tuple[_Spec, ...] = (
     _Spec("cache_misses", "tierfs_cache_misses", "Block reads that had to fetch from S3", True),
     _Spec("evictions", "tierfs_cache_evictions", "Chunks evicted by size, free-space or age limits", True),
     _Spec("cache_corrupt", "tierfs_cache_corrupt", "Cached chunks that failed validation", True),
+    _Spec(
+        "cache_store_failed",
+        "tierfs_cache_store_failed",
+        "Fetched blocks served uncached: the cache could not store them",
+        True,
+    ),
+    _Spec(
+        "integrity_retries",
+        "tierfs_integrity_retries",
+        "GETs refused by a checksum or length check and fetched again",
+        True,
+    ),
     _Spec("s3_bytes_fetched", "tierfs_s3_fetched_bytes", "Bytes received from S3 GETs", True),
     _Spec("errors", "tierfs_errors", "Operations that failed with an I/O error", True),
     _Spec("conflicts", "tierfs_conflicts", "Uploads that lost a race (saved as .conflict)", True),

@@ -98,6 +98,8 @@ class Mount:
             block_size=cfg.block_size,
             spawn=self.spawn,
             learn_metadata=self.namespace.learn_metadata,
+            timeout=cfg.timeout,
+            max_parallel_runs=cfg.s3_concurrency,
         )
         self.writeback: WriteBack | None = None
         if not cfg.read_only:
@@ -352,6 +354,8 @@ class Mount:
             "compression_ratio": round(cache.compression_ratio, 3),
             "cache_hits": hyd.cache_hits,
             "cache_misses": hyd.cache_misses,
+            "cache_store_failed": hyd.cache_store_failed,
+            "integrity_retries": hyd.integrity_retries,
             "hit_ratio": round(hyd.cache_hits / lookups, 4) if lookups else None,
             "bytes_from_cache": hyd.bytes_from_cache,
             "bytes_from_s3": hyd.bytes_from_s3,

@@ -211,6 +211,7 @@ class Namespace:
     def _relist(self, directory: Inode) -> None:
         started = self._clock()
         seen: set[str] = set()
+        hidden: set[str] = set()  # names of tombstoned keys: neither added nor removed here
         deferred_files: dict[str, ObjectInfo] = {}
         changes: list[tuple[Inode, Inode | None]] = []
         before = {name for name, _ in self.children(directory.ino)} if directory.checked > 0 else None
@@ -219,14 +220,14 @@ class Namespace:
         for page in self.store.list_dir(directory.key):
             with self.env.begin(write=True) as txn:
                 for prefix in page.prefixes:
-                    name = self._visible_name(directory.key, prefix, started)
+                    name = self._visible_name(directory.key, prefix, started, hidden)
                     if name is not None:
                         self._apply_dir(txn, directory, name, seen, changes, started)
                 for obj in page.objects:
                     if obj.key == directory.key:
                         marker = True
                         continue
-                    name = self._visible_name(directory.key, obj.key, started)
+                    name = self._visible_name(directory.key, obj.key, started, hidden)
                     if name is None:
                         continue
                     if name in seen:
@@ -250,7 +251,7 @@ class Namespace:
                 if name in seen:
                     continue
                 gone = self._get_in(txn, ino)
-                if gone is None or _local_since(gone, started):
+                if gone is None or name in hidden or _local_since(gone, started):
                     continue
                 self._remove_subtree(txn, directory.ino, name, gone, changes)
             current = self._get_in(txn, directory.ino) or directory
@@ -266,8 +267,16 @@ class Namespace:
                 for entry_hook in self.entry_hooks:
                     entry_hook(directory.ino, name)
 
-    def _visible_name(self, dir_key: str, key: str, started: float) -> str | None:
+    def _visible_name(self, dir_key: str, key: str, started: float, hidden: set[str]) -> str | None:
+        """The entry name of ``key``, or None for a key this listing must not apply.
+
+        A tombstoned key is recorded in ``hidden``: the bucket's word on it is out of date in
+        both directions, so the listing neither adds it nor removes a local entry of that name.
+        """
         if self.tombstones.hides(key, started):
+            hidden_name = keys.child_name(dir_key, key)
+            if hidden_name is not None:
+                hidden.add(hidden_name)
             return None
         name = keys.child_name(dir_key, key)
         if name is None:
