@@ -1,0 +1,460 @@
+"""Write-back under faults and races, below the mount (issue 11; docs/writeback.md).
+
+The stack of tests/direct.py (Namespace + ChunkCache + Hydrator + WriteBack, no FUSE) runs on
+moto through tierfs.faultstore.FaultStore, and, where a fault must sit *on the wire* (an
+upload whose body is already sent but not yet answered), through tools/faultproxy.py too.
+Each test then checks what another S3 client sees in the bucket and what is left in the
+journal and the staging area, because those are what a user loses or keeps:
+
+- a PUT the server stored but whose answer was lost is retried and recognised as ours (the
+  ``x-amz-meta-tierfs-op`` header): no ``.conflict-`` object, ``conflicts`` stays 0;
+- overwrite, truncate, rename or delete of a file whose own upload is in flight end with the
+  last acknowledged bytes at the right key, no conflict and no failed upload;
+- a real conflict (another client wrote the key) keeps both versions;
+- permanent errors fail a flush at once, naming the file, and keep it staged and journaled;
+  transient ones fail it at its timeout;
+- a crash in the middle of a multipart upload leaves no orphan upload after replay;
+- bytes written while an upload is in flight never enter the chunk cache under the ETag of
+  the upload that lacked them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from direct import Bucket, MiB, Options, Stack, running, wait_for, wait_stalled
+
+from tierfs.errors import AccessDenied, FlushFailed, Permanent, StoreError, Unavailable
+from tierfs.writeback.upload import OP_TOKEN_HEADER
+from tools.faultproxy import FaultProxy, Rule
+from tools.servers import MotoS3
+
+CONFLICT_NAME = re.compile(r"^(?P<key>.+)\.conflict-\d{8}T\d{6}\.\d{6}Z$")
+PERMANENT_BOUND = 10.0  # "within seconds" on a loaded 2-core machine; a retry loop would take minutes
+SMALL_PARTS = Options(multipart_threshold=5 * MiB, part_size=5 * MiB)  # moto's smallest part is 5 MiB
+
+
+def payload(seed: int, size: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+class World:
+    """One test's bucket on moto, its cache dir, and (on demand) a fault proxy in front of moto."""
+
+    def __init__(self, moto: MotoS3, bucket: str, tmp_path: Path) -> None:
+        self.moto = moto
+        self.name = bucket
+        self.home = tmp_path / "cache"
+        self.bucket = Bucket(moto.endpoint_url, bucket)
+        self.proxy: FaultProxy | None = None
+
+    def wire(self) -> FaultProxy:
+        """A pass-through proxy in front of moto (rules are set by the test)."""
+        if self.proxy is None:
+            self.proxy = FaultProxy(self.moto.endpoint_url, [])
+            self.proxy.start()
+        return self.proxy
+
+    def close(self) -> None:
+        if self.proxy is not None:
+            self.proxy.stop()
+
+
+@pytest.fixture
+def world(moto: MotoS3, bucket: Callable[..., str], tmp_path: Path, s3_env: None) -> Iterator[World]:
+    made = World(moto, bucket(moto), tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+async def assert_clean(stack: Stack, world: World, expected: dict[str, bytes]) -> None:
+    """After a flush: the bucket holds exactly ``expected``, nothing conflicted or failed, and
+    the journal and its multipart records are empty; the staging area empties soon after (a
+    staging file retires after its op left the journal, so a flush may return just before)."""
+    contents = world.bucket.contents()
+    assert sorted(contents) == sorted(expected), (
+        f"bucket keys {sorted(contents)}, expected {sorted(expected)}"
+    )
+    for key, body in expected.items():
+        assert contents[key] == body, f"{key}: the bucket holds other bytes than the last acknowledged write"
+    assert world.bucket.conflict_keys() == []
+    status = stack.wb.status()
+    assert status["conflicts"] == 0, status
+    assert stack.wb.stats.conflicts == 0
+    assert stack.journal_ops() == [], stack.journal_ops()
+    assert stack.journal.open_uploads() == []
+    await wait_for(lambda: not stack.staged_files(), 5.0, f"staging emptied: {stack.staged_files()}")
+
+
+def assert_written_by_us(stack: Stack, world: World, key: str) -> None:
+    token = world.bucket.head(key)["Metadata"].get(OP_TOKEN_HEADER, "")
+    assert token.startswith(f"{stack.journal.cache_id}."), f"{key}: op header {token!r}"
+
+
+# --------------------------------------------------------------------------- lost responses
+
+
+@pytest.mark.parametrize("case", ["new", "overwrite", "multipart"])
+async def test_a_stored_put_whose_answer_was_lost_is_ours_not_a_conflict(world: World, case: str) -> None:
+    """Issue 11's row "a PUT stored by the server whose response was lost": the retried
+    conditional PUT gets 412, and tierfs saved its own bytes again as a ``.conflict-`` object.
+    ``new`` retries an ``If-None-Match: *`` PUT, ``overwrite`` an ``If-Match`` one, ``multipart``
+    a conditional CompleteMultipartUpload."""
+    options = SMALL_PARTS if case == "multipart" else Options()
+    size = 11 * MiB + 5 if case == "multipart" else 100_000
+    async with running(world.home, world.moto.endpoint_url, world.name, options) as stack:
+        final = payload(2, size)
+        if case == "overwrite":
+            await stack.create("f", payload(1, size))
+            await stack.flush()
+            stack.store.act_then_fail("put_file", times=1)
+            await stack.write_open("f", final, truncate=True)
+        else:
+            stack.store.act_then_fail("put_file", times=1)
+            await stack.create("f", final)
+        await stack.flush()
+        assert stack.store.injected["put_file"] == 1, "the lost answer was never injected"
+        # One failed attempt, then a retry that found our own object (by HEAD, or a 412 and HEAD).
+        assert stack.wb.stats.uploads_failed == 1, stack.wb.status()
+        await assert_clean(stack, world, {"f": final})
+        assert_written_by_us(stack, world, "f")
+        assert await stack.read("f") == final
+
+
+async def test_a_lost_marker_answer_is_retried_without_a_conflict(world: World) -> None:
+    """A directory marker goes through ``put_bytes``; its lost answer must not leave a second object."""
+    async with running(world.home, world.moto.endpoint_url, world.name) as stack:
+        stack.store.act_then_fail("put_bytes", times=1)
+        await stack.mkdir("d")
+        await stack.flush()
+        assert stack.store.injected["put_bytes"] == 1
+        await assert_clean(stack, world, {"d/": b""})
+
+
+async def test_replay_after_a_crash_that_lost_the_answer_is_not_a_conflict(world: World) -> None:
+    """The server stored the PUT, the answer was lost, and the daemon died before the retry: the
+    next mount replays the op, gets 412, and must recognise the object as its own (the op's
+    name survives in the journal), not save its own bytes again as a conflict."""
+    data = payload(3, 300_000)
+    async with running(world.home, world.moto.endpoint_url, world.name, Options(delay=0.0)) as stack:
+        stack.store.act_then_fail("put_file", times=1)
+        await stack.create("f", data)
+        await wait_for(lambda: stack.wb.stats.uploads_failed >= 1, 10.0, "the first upload failing")
+        assert world.bucket.get("f") == data  # the server has it; the journal still holds the op
+        assert [op.kind for op in stack.journal_ops()] == ["put"]
+    async with running(world.home, world.moto.endpoint_url, world.name) as replayed:
+        await replayed.flush()
+        await assert_clean(replayed, world, {"f": data})
+        assert await replayed.read("f") == data
+
+
+# --------------------------------------------------------------------------- changes during an upload
+
+CHANGES = [
+    "overwrite",
+    "rewrite-in-place",
+    "truncate",
+    "rename",
+    "rename-onto-uploaded",
+    "overwrite-then-rename",
+    "remove",
+]
+
+
+@pytest.mark.parametrize("stall", ["store", "wire"])
+@pytest.mark.parametrize("change", CHANGES)
+async def test_a_change_while_the_files_own_upload_is_in_flight(
+    world: World, change: str, stall: str
+) -> None:
+    """Issue 11's main data loss: an overwrite (O_TRUNC) or rename of a file whose own upload is in
+    flight was based on "nothing"; its ``If-None-Match: *`` upload then collided with tierfs's own
+    object (a self-conflict at the real key) or broke its own ``If-Match`` (EIO). The first upload
+    is held in the store (``store``: before it reads the staging file) or on the wire (``wire``:
+    its body sent, the answer held back), the change is made and acknowledged, then the upload goes.
+    Reads must show the change at once, and the bucket must end with it at the right key."""
+    v1, v2 = payload(10, 700_000), payload(11, 500_000)
+    endpoint = world.moto.endpoint_url
+    if stall == "wire":
+        endpoint = world.wire().endpoint_url
+    options = Options(delay=0.0, timeout=30.0)  # a wire stall must not look like a timeout
+    async with running(world.home, endpoint, world.name, options) as stack:
+        expected: dict[str, bytes] = {}
+        if change == "rename-onto-uploaded":
+            await stack.create("g", b"the version the rename replaces")
+            await stack.flush()
+        if stall == "store":
+            stack.store.stall("put_file", 30.0, key_prefix="f", times=1)
+        else:
+            world.wire().set_rules(
+                [Rule("stall", methods={"PUT"}, path=rf"^/{world.name}/f(\?|$)", count=1, stall_max=30.0)]
+            )
+        await stack.create("f", v1)
+        if stall == "store":
+            await wait_stalled(stack.store)
+        else:
+            proxy = world.wire()
+            await wait_for(lambda: proxy.stalled >= 1, 10.0, "the upload of f held on the wire")
+
+        if change == "overwrite":
+            await stack.write_open("f", v2, truncate=True)
+            expected = {"f": v2}
+        elif change == "rewrite-in-place":
+            v2 = payload(12, len(v1))
+            await stack.write_open("f", v2, truncate=False)
+            expected = {"f": v2}
+        elif change == "truncate":
+            await stack.truncate("f", 1000)
+            expected = {"f": v1[:1000]}
+        elif change in ("rename", "rename-onto-uploaded"):
+            await stack.rename("f", "g")
+            expected = {"g": v1}
+        elif change == "overwrite-then-rename":
+            await stack.write_open("f", v2, truncate=True)
+            await stack.rename("f", "g")
+            expected = {"g": v2}
+        elif change == "remove":
+            await stack.remove("f")
+        for name, body in expected.items():
+            assert await stack.read(name) == body, f"{name}: a read during the upload missed the change"
+
+        stack.store.release()
+        if world.proxy is not None:
+            world.proxy.release()
+        await stack.flush()
+        assert stack.wb.stats.uploads_failed == 0, stack.wb.status()  # no PreconditionFailed, no retry
+        await assert_clean(stack, world, expected)
+        for name, body in expected.items():
+            assert await stack.read(name) == body, f"{name}: a read after the flush missed the change"
+            assert_written_by_us(stack, world, name)
+
+
+@pytest.mark.parametrize("stall", ["store", "wire"])
+@pytest.mark.parametrize("overwrite", [False, True], ids=["rename", "overwrite-then-rename"])
+async def test_a_staging_file_retires_whichever_upload_of_a_renamed_file_ends_last(
+    world: World, stall: str, overwrite: bool
+) -> None:
+    """A file renamed while its upload under the old name is in flight gets a second upload under
+    the new name. When that one finishes *first*, the old-name upload still counts as pending, so
+    the staging file cannot retire then; when the old-name upload ends, its key is no longer the
+    file's, so it does not retire it either. Nothing is lost, but the staging file (never evicted)
+    would stay until the next mount, and every such rename would leak its size on the cache disk.
+    This test fixes the order the parametrized test above only hits by chance."""
+    v1, v2 = payload(13, 300_000), payload(14, 200_000)
+    endpoint = world.wire().endpoint_url if stall == "wire" else world.moto.endpoint_url
+    async with running(world.home, endpoint, world.name, Options(delay=0.0, timeout=30.0)) as stack:
+        if stall == "store":
+            stack.store.stall("put_file", 30.0, key_prefix="f", times=1)
+        else:
+            world.wire().set_rules(
+                [Rule("stall", methods={"PUT"}, path=rf"^/{world.name}/f(\?|$)", count=1, stall_max=30.0)]
+            )
+        await stack.create("f", v1)
+        if stall == "store":
+            await wait_stalled(stack.store)
+        else:
+            proxy = world.wire()
+            await wait_for(lambda: proxy.stalled >= 1, 10.0, "the upload of f held on the wire")
+        final = v1
+        if overwrite:
+            await stack.write_open("f", v2, truncate=True)
+            final = v2
+        await stack.rename("f", "g")
+        await wait_for(lambda: "g" in world.bucket.list_keys(), 10.0, "the upload under the new name")
+        stack.store.release()
+        if world.proxy is not None:
+            world.proxy.release()
+        await stack.flush()
+        await assert_clean(stack, world, {"g": final})
+        assert await stack.read("g") == final
+
+
+@pytest.mark.parametrize("writer", ["closed", "still-open"])
+async def test_bytes_written_during_an_upload_never_retire_under_its_etag(world: World, writer: str) -> None:
+    """A write that lands while the previous version's upload is on the wire: when that upload
+    returns its ETag, the staging file (which holds the newer bytes) must not move into the chunk
+    cache under it, or every later read would serve the new bytes as the old version (or the
+    bucket's old version as current). Reads follow the last write throughout."""
+    v1 = payload(20, 2 * MiB + 300_000)  # three blocks
+    v2 = bytearray(v1)
+    v2[MiB : MiB + 4096] = payload(21, 4096)  # the second block changes, in place
+    v2_bytes = bytes(v2)
+    etag1 = hashlib.md5(v1).hexdigest()
+    proxy = world.wire()
+    proxy.set_rules(
+        [Rule("stall", methods={"PUT"}, path=rf"^/{world.name}/f(\?|$)", count=1, stall_max=30.0)]
+    )
+    async with running(world.home, proxy.endpoint_url, world.name, Options(delay=0.0, timeout=30.0)) as stack:
+        await stack.create("f", v1)
+        await wait_for(lambda: proxy.stalled >= 1, 10.0, "the upload of v1 held on the wire")
+        await stack.open_writer("f")
+        await stack.pwrite("f", MiB, v2_bytes[MiB : MiB + 4096])
+        if writer == "closed":
+            await stack.close_writer("f")
+        assert await stack.read("f") == v2_bytes
+        done = stack.wb.stats.uploads_done
+        proxy.release()
+        await wait_for(lambda: stack.wb.stats.uploads_done > done, 15.0, "the upload of v1 finishing")
+        assert await stack.read("f") == v2_bytes, "a read after the old upload finished lost the new write"
+        for index, block in enumerate(stack.cached_blocks("f", etag1, len(v1))):
+            old = v1[index * MiB : (index + 1) * MiB]
+            assert block is None or block == old, f"block {index} cached under v1's ETag holds other bytes"
+        if writer == "still-open":
+            await stack.close_writer("f")
+        await stack.flush()
+        await assert_clean(stack, world, {"f": v2_bytes})
+        for index, block in enumerate(stack.cached_blocks("f", etag1, len(v1))):
+            assert block is None or block == v1[index * MiB : (index + 1) * MiB], f"block {index} (v1 ETag)"
+        node = stack.node("f")
+        assert node.etag == hashlib.md5(v2_bytes).hexdigest(), "the namespace kept an ETag of other bytes"
+        assert await stack.read("f") == v2_bytes
+        stack.hydrator.hot.clear()  # from the disk cache or the bucket now, not from memory
+        assert await stack.read("f") == v2_bytes
+
+
+# --------------------------------------------------------------------------- real conflicts
+
+
+@pytest.mark.parametrize("case", ["new", "overwrite"])
+async def test_another_clients_write_between_journal_and_upload_keeps_both(world: World, case: str) -> None:
+    """docs/writeback.md, Conflicts: the key keeps the other client's object and ours is
+    uploaded as ``<key>.conflict-<UTC time>``; both survive, and ``conflicts`` counts it."""
+    ours, theirs = payload(30, 50_000), b"written by another client"
+    async with running(world.home, world.moto.endpoint_url, world.name) as stack:
+        if case == "overwrite":
+            await stack.create("f", payload(31, 40_000))
+            await stack.flush()
+            await stack.write_open("f", ours, truncate=True)
+        else:
+            await stack.create("f", ours)
+        world.bucket.put("f", theirs)
+        await stack.flush()
+        contents = world.bucket.contents()
+        conflicts = world.bucket.conflict_keys()
+        assert len(conflicts) == 1, sorted(contents)
+        match = CONFLICT_NAME.match(conflicts[0])
+        assert match is not None and match["key"] == "f", conflicts[0]
+        assert contents == {"f": theirs, conflicts[0]: ours}
+        assert stack.wb.stats.conflicts == 1
+        assert stack.wb.status()["conflicts"] == 1
+        assert stack.journal_ops() == []
+        await wait_for(lambda: not stack.staged_files(), 5.0, "staging emptied after the conflict")
+        await stack.ns.ensure_listed(1, force=True)
+        assert await stack.read("f") == theirs, "after a relist the key reads as the other client's"
+        assert await stack.read(conflicts[0]) == ours
+
+
+# --------------------------------------------------------------------------- failures and flush bounds
+
+
+@pytest.mark.parametrize("error", [AccessDenied, Permanent], ids=["AccessDenied", "Permanent"])
+async def test_a_permanent_error_fails_the_flush_at_once_and_keeps_the_data(
+    world: World, error: type[StoreError]
+) -> None:
+    """403 or another 4xx does not heal by retrying: flush must say so within seconds, naming
+    the file, while the data stays staged and journaled (and other files still go up).
+    Once the cause is gone, a flush uploads it."""
+    data, other = payload(40, 80_000), payload(41, 1000)
+    async with running(world.home, world.moto.endpoint_url, world.name) as stack:
+        stack.store.fail("put_file", error, key_prefix="dir-f")
+        await stack.create("dir-f", data)
+        await stack.create("ok", other)
+        started = time.monotonic()
+        with pytest.raises(FlushFailed) as failed:
+            await stack.flush(timeout=120.0)
+        elapsed = time.monotonic() - started
+        assert elapsed < PERMANENT_BOUND, f"a permanent error took {elapsed:.1f} s to fail the flush"
+        assert "dir-f" in failed.value.failures, failed.value.failures
+        assert "ok" not in failed.value.failures
+        assert "permanent" in failed.value.reason
+        assert "dir-f" in str(failed.value)
+        assert "dir-f" in stack.wb.status()["failing"], stack.wb.status()
+        assert [(op.kind, op.key) for op in stack.journal_ops()] == [("put", "dir-f")]
+        assert [p.read_bytes() for p in stack.staged_files()] == [data]
+        assert world.bucket.contents() == {"ok": other}
+        assert await stack.read("dir-f") == data
+
+        stack.store.clear()
+        await stack.flush(timeout=30.0)
+        await assert_clean(stack, world, {"dir-f": data, "ok": other})
+        assert stack.wb.status()["failing"] == {}
+
+
+async def test_transient_errors_fail_the_flush_at_its_timeout(world: World) -> None:
+    """5xx/timeouts are retried, but only up to the flush timeout; then FlushFailed says why."""
+    data = payload(50, 20_000)
+    async with running(world.home, world.moto.endpoint_url, world.name) as stack:
+        stack.store.fail("put_file", Unavailable)
+        await stack.create("f", data)
+        started = time.monotonic()
+        with pytest.raises(FlushFailed) as failed:
+            await stack.flush(timeout=2.0)
+        elapsed = time.monotonic() - started
+        assert 1.9 <= elapsed < 2.0 + stack.options.timeout + 3.0, f"flush(timeout=2) took {elapsed:.1f} s"
+        assert "timeout" in failed.value.reason, failed.value.reason
+        assert "f" in failed.value.failures, failed.value.failures
+        assert stack.store.calls["put_file"] >= 2, "transient errors were not retried within the flush"
+        assert [op.kind for op in stack.journal_ops()] == ["put"]
+        assert [p.read_bytes() for p in stack.staged_files()] == [data]
+        stack.store.clear()
+        await stack.flush(timeout=30.0)
+        await assert_clean(stack, world, {"f": data})
+
+
+# --------------------------------------------------------------------------- crash in a multipart upload
+
+
+async def test_a_crash_during_a_multipart_upload_leaves_no_orphan_after_replay(world: World) -> None:
+    """Issue 11's row "kill -9 during a multipart upload": the object was right after replay but
+    an orphan multipart upload stayed in the bucket. The second part is held on the wire, the
+    stack is abandoned with it (its threads neither finish nor abort: a crash), and a new stack
+    on the same cache dir must abort the recorded upload and upload the file again."""
+    data = payload(60, 12 * MiB + 7)  # three 5 MiB parts
+    proxy = world.wire()
+    proxy.set_rules([Rule("stall", methods={"PUT"}, path=r"partNumber=2", count=1, stall_max=120.0)])
+    crashing = Options(
+        delay=0.0, timeout=60.0, retries=0, multipart_threshold=5 * MiB, part_size=5 * MiB, abandon=True
+    )
+    async with running(world.home, proxy.endpoint_url, world.name, crashing) as stack:
+        await stack.create("big", data)
+        await wait_for(lambda: proxy.stalled >= 1, 20.0, "part 2 of the upload held on the wire")
+        recorded = stack.journal.open_uploads()
+        assert [(key, upload) for _, key, upload in recorded] == world.bucket.multipart_uploads(), (
+            "the journal does not record the multipart upload in flight"
+        )
+        assert len(recorded) == 1
+    # The "crash" is over: nothing was flushed or aborted. Cut the dead stack's connection.
+    proxy.set_rules([Rule("error", statuses=(503,))])
+    proxy.stop()
+    orphan = recorded[0][2]
+    assert orphan in {upload for _, upload in world.bucket.multipart_uploads()}
+    async with running(world.home, world.moto.endpoint_url, world.name, SMALL_PARTS) as replayed:
+        await replayed.flush()
+        assert world.bucket.multipart_uploads() == [], "an orphan multipart upload stayed in the bucket"
+        await assert_clean(replayed, world, {"big": data})
+        assert replayed.store.calls["abort_multipart"] >= 1
+        assert await replayed.read("big") == data
+
+
+async def test_a_shutdown_during_a_multipart_upload_replays_without_conflict(world: World) -> None:
+    """The executor cancelled while its multipart upload runs (the thread is waited for, so the
+    upload completes, but the op was never marked done): replay finds its own object at the key
+    and must neither save it again as a conflict nor leave an unfinished upload."""
+    data = payload(61, 11 * MiB)
+    options = Options(delay=0.0, multipart_threshold=5 * MiB, part_size=5 * MiB)
+    async with running(world.home, world.moto.endpoint_url, world.name, options) as stack:
+        stack.store.delay("put_file", 0.5, times=1)
+        await stack.create("big", data)
+        await wait_for(lambda: stack.store.calls["put_file"] >= 1, 10.0, "the upload starting")
+    assert world.bucket.get("big") == data, "the interrupted upload should have completed in its thread"
+    async with running(world.home, world.moto.endpoint_url, world.name, SMALL_PARTS) as replayed:
+        await replayed.flush()
+        assert world.bucket.multipart_uploads() == []
+        await assert_clean(replayed, world, {"big": data})
