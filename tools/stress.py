@@ -52,7 +52,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +72,7 @@ NAMES_PER_DIR = 8  # a small pool, so creates reuse names that were just deleted
 MAX_BIG_PER_WRITER = 2
 DEFAULT_RSS_LIMIT_MIB = 300.0
 SHOWN = 10  # wrong reads / errors / mismatches printed in full
+HISTORY = 12  # changes remembered per path, printed for paths with problems
 
 
 def digest(data: bytes | bytearray) -> str:
@@ -93,7 +94,15 @@ class Version:
     path: str
     seq: int
     op: str
-    at: float
+    at: float  # time.monotonic()
+    wall: float = 0.0  # time.time(), to line up with the mount log
+    size: int | None = None  # None: the path is absent after this change
+    sha: str = ""
+
+    def line(self) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(self.wall)) + f".{int(self.wall * 1000) % 1000:03d}"
+        state = "absent" if self.size is None else f"{self.size} B sha256:{self.sha}"
+        return f"{stamp} #{self.seq} {self.op} -> {state}"
 
 
 class Model:
@@ -111,6 +120,7 @@ class Model:
         self._last: dict[str, Version] = {}
         self._path_locks: dict[str, threading.Lock] = {}
         self._seen: dict[str, Version] = {}
+        self._history: dict[str, deque[Version]] = {}
         self._seq = 0
         self.tainted: set[str] = set()  # paths whose state is unknown after a failed syscall
 
@@ -131,27 +141,43 @@ class Model:
         with self._lock:
             return self._files.get(path)
 
-    def set(self, path: str, data: bytes, op: str) -> None:
+    def _record(self, path: str, op: str, data: bytes | None, merge: bool = False) -> Version:
+        """Note a change of ``path`` (the caller holds the model lock); ``merge`` replaces the
+        last history entry (the next 1 MiB piece of one write call is not a new step)."""
+        self._seq += 1
+        sha = "" if data is None else digest(data)
+        version = Version(
+            path, self._seq, op, time.monotonic(), time.time(), None if data is None else len(data), sha
+        )
+        self._last[path] = version
+        history = self._history.setdefault(path, deque(maxlen=HISTORY))
+        if merge and history and history[-1].op == op:
+            history.pop()
+        history.append(version)
+        return version
+
+    def set(self, path: str, data: bytes, op: str, merge: bool = False) -> None:
         with self._lock:
-            self._seq += 1
-            version = Version(path, self._seq, op, time.monotonic())
             self._files[path] = data
-            self._last[path] = version
-            self._seen.setdefault(digest(data), version)
+            version = self._record(path, op, data, merge)
+            self._seen.setdefault(version.sha, version)
 
     def remove(self, path: str, op: str) -> None:
         with self._lock:
-            self._seq += 1
             self._files.pop(path, None)
-            self._last[path] = Version(path, self._seq, op, time.monotonic())
+            self._record(path, op, None)
 
     def rename(self, src: str, dst: str) -> None:
         with self._lock:
-            self._seq += 1
-            now = time.monotonic()
-            self._files[dst] = self._files.pop(src)
-            self._last[dst] = Version(dst, self._seq, f"rename from {src}", now)
-            self._last[src] = Version(src, self._seq, f"rename to {dst}", now)
+            data = self._files.pop(src)
+            self._files[dst] = data
+            self._record(src, f"renamed to {dst}", None)
+            self._record(dst, f"renamed from {src}", data)
+
+    def history(self, path: str) -> list[str]:
+        """The last changes of ``path`` (for a report: what happened to it, and when)."""
+        with self._lock:
+            return [v.line() for v in self._history.get(path, ())]
 
     def last_change(self, path: str) -> Version | None:
         with self._lock:
@@ -188,6 +214,7 @@ class WrongRead:
     got: str
     verdict: str  # stale / mixed, see Model.identify
     since_change: float | None  # seconds since the model's last change of the path
+    history: tuple[str, ...] = ()  # the path's last changes when the read was checked
 
     def line(self) -> str:
         age = "" if self.since_change is None else f", {self.since_change:.2f} s after its last change"
@@ -327,7 +354,8 @@ class Worker:
             got_text, verdict = describe(got), self.model.identify(got)
         if change is not None:
             context = f"{context}; last change #{change.seq} {change.op}"
-        self.findings.wrong(WrongRead(self.name, rel, context, expected, got_text, verdict, since))
+        history = tuple(self.model.history(rel))
+        self.findings.wrong(WrongRead(self.name, rel, context, expected, got_text, verdict, since, history))
 
     def verify(self, rel: str, context: str) -> None:
         """Check ``rel`` against the model. The caller holds the path's lock."""
@@ -433,11 +461,11 @@ class Writer(Worker):
             fd = -1
             try:
                 fd = os.open(self.path_of(rel), flags, 0o644)
-                self.model.set(rel, b"", f"{op} (open)")  # created empty, or truncated
+                self.model.set(rel, b"", op)  # created empty, or truncated: the writes merge into it
                 for offset in range(0, len(data), IO_CHUNK):
                     piece = data[offset : offset + IO_CHUNK]
                     write_all(fd, piece)
-                    self.model.set(rel, data[: offset + len(piece)], op)
+                    self.model.set(rel, data[: offset + len(piece)], op, merge=True)
                 self.after_write(fd, rel, op)
                 os.close(fd)
                 fd = -1
@@ -742,6 +770,14 @@ class StressReport:
     umount_rc: int | None = None
     notes: list[str] = field(default_factory=list)
     log_tail: str = ""
+    histories: dict[str, list[str]] = field(default_factory=dict)  # of problem_paths(), at the end
+
+    def problem_paths(self) -> list[str]:
+        """Paths with a wrong read or a bucket mismatch, first seen first (conflict keys: their file)."""
+        paths = [w.path for w in self.findings.wrong_reads + self.final_wrong]
+        paths += [m.split(":", 1)[0] for m in self.differing] + self.missing + self.extra
+        paths += [k.split(".conflict-", 1)[0] for k in self.conflicts]
+        return list(dict.fromkeys(paths))
 
     @property
     def mismatches(self) -> list[str]:
@@ -797,6 +833,16 @@ class StressReport:
             f"start {self.rss_start_mib:.1f}, end {self.rss_end_mib:.1f}"
         )
         lines.append(f"umount: exit {self.umount_rc}")
+        first_wrong = {}
+        for w in reversed(wrong):
+            first_wrong[w.path] = w
+        for path in self.problem_paths()[:4]:
+            if path in first_wrong:
+                lines.append(f"history of {path} up to its first wrong read (oldest first):")
+                lines += [f"  {entry}" for entry in first_wrong[path].history]
+            else:
+                lines.append(f"history of {path} at the end (oldest first):")
+                lines += [f"  {entry}" for entry in self.histories.get(path, [])]
         problems = self.problems()
         lines.append("result: PASS" if not problems else "result: FAIL (" + "; ".join(problems) + ")")
         return "\n".join(lines)
@@ -895,6 +941,7 @@ def run_stress(
                 report.flush_seconds = time.monotonic() - started
                 log("comparing the bucket with the model")
                 compare_bucket(report, client, model)
+                report.histories = {p: model.history(p) for p in report.problem_paths()}
             finally:
                 sampler.stop()
                 report.rss_start_mib, report.rss_end_mib = sampler.start_mib, sampler.last_mib
