@@ -620,6 +620,7 @@ def shrink_phases() -> tuple[Phase, ...]:
     return (Phase.generate,)
 
 
+@pytest.mark.timeout(max(300, MAX_EXAMPLES * STEPS * 3))  # a long hunt (TIERFS_MODEL_*) gets its time
 def test_writeback_matches_the_reference_model(env: MountEnv) -> None:
     WritebackMachine.env = env
     FIRST_FAILURE.clear()
