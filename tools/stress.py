@@ -55,6 +55,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,8 @@ NAMES_PER_DIR = 8  # a small pool, so creates reuse names that were just deleted
 MAX_BIG_PER_WRITER = 2
 DEFAULT_RSS_LIMIT_MIB = 300.0
 SHOWN = 10  # wrong reads / errors / mismatches printed in full
-HISTORY = 12  # changes remembered per path, printed for paths with problems
+HISTORY = 64  # changes remembered per path, for the report on paths with problems
+SHOWN_HISTORY = 12  # of which the report prints this many
 
 
 def digest(data: bytes | bytearray) -> str:
@@ -174,10 +176,14 @@ class Model:
             self._record(src, f"renamed to {dst}", None)
             self._record(dst, f"renamed from {src}", data)
 
-    def history(self, path: str) -> list[str]:
-        """The last changes of ``path`` (for a report: what happened to it, and when)."""
+    def history(self, path: str, around: float | None = None) -> list[str]:
+        """The last changes of ``path`` (for a report: what happened to it, and when), or
+        those within a few seconds before (and one after) the wall-clock time ``around``."""
         with self._lock:
-            return [v.line() for v in self._history.get(path, ())]
+            versions = list(self._history.get(path, ()))
+        if around is not None:
+            versions = [v for v in versions if around - 6.0 <= v.wall <= around + 1.0]
+        return [v.line() for v in versions[-SHOWN_HISTORY:]]
 
     def last_change(self, path: str) -> Version | None:
         with self._lock:
@@ -230,6 +236,7 @@ class OpError:
     op: str
     path: str
     error: str
+    history: tuple[str, ...] = ()  # the path's last changes when the call failed
 
     def line(self) -> str:
         return f"{self.op} {self.path} [{self.thread}]: {self.error}"
@@ -342,7 +349,8 @@ class Worker:
 
     def fail(self, op: str, rel: str, exc: BaseException) -> None:
         """A syscall failed: record it, and stop checking a path whose state is now unknown."""
-        self.findings.error(OpError(self.name, op, rel, f"{type(exc).__name__}: {exc}"))
+        history = tuple(self.model.history(rel))
+        self.findings.error(OpError(self.name, op, rel, f"{type(exc).__name__}: {exc}", history))
         self.model.tainted.add(rel)
 
     def report_wrong(self, rel: str, context: str, expected: str, got: bytes | str) -> None:
@@ -775,6 +783,7 @@ class StressReport:
     def problem_paths(self) -> list[str]:
         """Paths with a wrong read or a bucket mismatch, first seen first (conflict keys: their file)."""
         paths = [w.path for w in self.findings.wrong_reads + self.final_wrong]
+        paths += [e.path for e in self.findings.errors if e.history]
         paths += [m.split(":", 1)[0] for m in self.differing] + self.missing + self.extra
         paths += [k.split(".conflict-", 1)[0] for k in self.conflicts]
         return list(dict.fromkeys(paths))
@@ -833,13 +842,18 @@ class StressReport:
             f"start {self.rss_start_mib:.1f}, end {self.rss_end_mib:.1f}"
         )
         lines.append(f"umount: exit {self.umount_rc}")
-        first_wrong = {}
-        for w in reversed(wrong):
-            first_wrong[w.path] = w
+        first: dict[str, WrongRead | OpError] = {}
+        items: list[WrongRead | OpError] = [*reversed(f.errors), *reversed(wrong)]
+        for item in items:
+            first[item.path] = item
         for path in self.problem_paths()[:4]:
-            if path in first_wrong:
-                lines.append(f"history of {path} up to its first wrong read (oldest first):")
-                lines += [f"  {entry}" for entry in first_wrong[path].history]
+            if path in first:
+                what = "wrong read" if isinstance(first[path], WrongRead) else "error"
+                lines.append(f"history of {path} up to its first {what} (oldest first):")
+                lines += [f"  {entry}" for entry in first[path].history]
+            elif any(k.startswith(path + ".conflict-") for k in self.conflicts):
+                lines.append(f"history of {path} in the 6 s before its conflict copy (oldest first):")
+                lines += [f"  {entry}" for entry in self.histories.get(path, [])]
             else:
                 lines.append(f"history of {path} at the end (oldest first):")
                 lines += [f"  {entry}" for entry in self.histories.get(path, [])]
@@ -942,6 +956,11 @@ def run_stress(
                 log("comparing the bucket with the model")
                 compare_bucket(report, client, model)
                 report.histories = {p: model.history(p) for p in report.problem_paths()}
+                for key in report.conflicts:  # the changes just before tierfs saved the copy
+                    path, _, stamp = key.partition(".conflict-")
+                    with contextlib.suppress(ValueError):
+                        at = datetime.strptime(stamp, "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=UTC).timestamp()
+                        report.histories[path] = model.history(path, around=at)
             finally:
                 sampler.stop()
                 report.rss_start_mib, report.rss_end_mib = sampler.start_mib, sampler.last_mib
