@@ -77,6 +77,19 @@ def test_lost_put_answers_leave_exactly_our_files_and_no_conflict(
         assert status["uploads_pending"] == 0, status
         for rel, data in files.items():
             assert (mount.path / rel).read_bytes() == data, f"{rel} reads other bytes after the flush"
+
+        # Overwrites are conditional on the version uploaded above (If-Match): a lost answer
+        # there must not turn into a conflict either.
+        for rel in list(files)[::2]:
+            files[rel] = rng.randbytes(rng.randrange(1, 200_000))
+            (mount.path / rel).write_bytes(files[rel])
+        tierfs_ok("flush", str(mount.path))
+        assert proxy.counts["lose"] > lost, "no answer of an overwrite was lost"
+        stored = bucket_objects(seaweed.endpoint_url, name)
+        assert sorted(stored) == sorted(files), f"after the overwrites: {sorted(set(stored) - set(files))}"
+        wrong = [key for key, data in files.items() if stored[key] != data]
+        assert wrong == [], f"wrong bytes in the bucket after the overwrites for {wrong}"
+        assert mount.status()["conflicts"] == 0
         proxy.set_rules([])
         mount.umount()
 
