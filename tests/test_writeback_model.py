@@ -54,6 +54,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
+    initialize,
     invariant,
     precondition,
     rule,
@@ -86,8 +88,9 @@ DIRS = ("", "a", "b", "a/c")  # relative to the example's root; "" is the root i
 NAMES = ("f0", "f1", "f2", "f3")
 EXT_NAMES = ("o0", "o1", "o2")
 # The budget of `make test` (<= ~90 s); TIERFS_MODEL_EXAMPLES / TIERFS_MODEL_STEPS raise it for a long hunt.
-MAX_EXAMPLES = int(os.environ.get("TIERFS_MODEL_EXAMPLES", "6"))
-STEPS = int(os.environ.get("TIERFS_MODEL_STEPS", "22"))
+MAX_REMOUNTS = 2  # per example: a remount costs 1-2 s, and without a cap they crowd out the other rules
+MAX_EXAMPLES = int(os.environ.get("TIERFS_MODEL_EXAMPLES", "10"))
+STEPS = int(os.environ.get("TIERFS_MODEL_STEPS", "30"))
 
 # File sizes: mostly small, sometimes a few blocks (the chunk cache's blocks are 1 MiB).
 sizes = st.one_of(st.integers(0, 4096), st.integers(0, 200_000), st.sampled_from([1 << 20, (2 << 20) + 123]))
@@ -99,6 +102,7 @@ def content(size: int, seed: int) -> bytes:
 
 
 FIRST_FAILURE: list[str] = []  # the first failing example's steps and traceback (see traced)
+STEP_COUNTS: Counter[str] = Counter()  # how often each rule ran, printed by the test (seen with -s)
 
 
 def traced(step: Callable[..., None]) -> Callable[..., None]:
@@ -113,6 +117,7 @@ def traced(step: Callable[..., None]) -> Callable[..., None]:
     def run(self: WritebackMachine, **kwargs: object) -> None:
         shown = {k: v for k, v in kwargs.items() if k != "data"}
         self.trace.append(f"{step.__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})")
+        STEP_COUNTS[step.__name__] += 1
         try:
             step(self, **kwargs)
         except BaseException:
@@ -214,6 +219,7 @@ class WritebackMachine(RuleBasedStateMachine):
         self.model = Model()
         self.handles: dict[str, int] = {}  # path -> fd open for writing (it follows renames)
         self.trace: list[str] = []  # the steps so far, with drawn values (see traced)
+        self.remounts = 0
         os.mkdir(self.abs(""))
 
     # -- helpers
@@ -247,6 +253,15 @@ class WritebackMachine(RuleBasedStateMachine):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.handles.clear()
+
+    @initialize(lengths=st.lists(sizes, min_size=2, max_size=4), seed=seeds)
+    @traced
+    def populate(self, lengths: list[int], seed: int) -> None:
+        """Start with a few closed files, so rules that need files (rename, burst...) run at once."""
+        for n, size in enumerate(lengths):
+            body = content(size, seed + n)
+            Path(self.abs(NAMES[n])).write_bytes(body)
+            self.model.files[NAMES[n]] = body
 
     # -- rules: single-file changes
 
@@ -558,19 +573,23 @@ class WritebackMachine(RuleBasedStateMachine):
 
     # -- remounts
 
+    @precondition(lambda self: self.remounts < MAX_REMOUNTS)
     @rule()
     @traced
     def crash_remount(self) -> None:
         """kill -9, then mount on the same cache dir: the journal replays every acknowledged change."""
+        self.remounts += 1
         self.drop_handles()
         self.env.mount.kill9()
         self.env.mount.force_unmount()
         self.env.remount()
 
+    @precondition(lambda self: self.remounts < MAX_REMOUNTS)
     @rule()
     @traced
     def clean_remount(self) -> None:
         """``tierfs umount`` flushes, so the bucket equals the model; then mount the same cache dir."""
+        self.remounts += 1
         self.drop_handles()
         self.env.mount.umount()
         self.check_bucket("after tierfs umount")
@@ -624,6 +643,7 @@ def shrink_phases() -> tuple[Phase, ...]:
 def test_writeback_matches_the_reference_model(env: MountEnv) -> None:
     WritebackMachine.env = env
     FIRST_FAILURE.clear()
+    STEP_COUNTS.clear()
     try:
         run_state_machine_as_test(
             WritebackMachine,
@@ -642,6 +662,8 @@ def test_writeback_matches_the_reference_model(env: MountEnv) -> None:
             log = env.mount.log_text()[-3000:]
             raise AssertionError(f"{FIRST_FAILURE[0]}\n--- mount log (tail) ---\n{log}") from exc
         raise
+    finally:
+        print("steps run:", ", ".join(f"{name} {n}" for name, n in sorted(STEP_COUNTS.items())))
 
 
 def test_the_model_catches_a_wrong_read(env: MountEnv) -> None:
