@@ -486,3 +486,21 @@ def test_cp_r_tree_roundtrip(mounted: tuple[Mount, str], s3: Any, tmp_path: Path
     sample = sorted(files)[::97]
     for key in sample:
         assert get_object(s3, name, key)[0] == (src / key.removeprefix("tree/")).read_bytes()
+
+
+def test_names_and_keys_over_the_limits_get_enametoolong(mounted: tuple[Mount, str], s3: Any) -> None:
+    """A name over 255 bytes, or a key over S3's 1 KiB, is refused before anything is journaled."""
+    mount, name = mounted
+    expect_errno(errno.ENAMETOOLONG, lambda: (mount.path / ("n" * 256)).write_bytes(b"x"))
+    deep = mount.path
+    for level in range(4):  # 4 x 250-byte directory names: a 1004-byte prefix, still a valid key
+        deep = deep / f"{level}{'d' * 249}"
+        deep.mkdir()
+    (deep / "ok").write_bytes(b"fits")  # 1004 + 2 bytes
+    expect_errno(errno.ENAMETOOLONG, lambda: (deep / ("f" * 30)).write_bytes(b"too long a key"))
+    expect_errno(errno.ENAMETOOLONG, lambda: (deep / ("e" * 30)).mkdir())
+    expect_errno(errno.ENAMETOOLONG, lambda: os.rename(deep / "ok", deep / ("r" * 30)))
+    flush(mount)
+    keys = bucket_keys(s3, name)
+    assert any(k.endswith("/ok") for k in keys)
+    assert not any(k.endswith("f" * 30) or k.endswith("r" * 30) for k in keys)

@@ -21,10 +21,11 @@ from typing import Any
 
 import pyfuse3
 
+from . import keys
 from .errors import NotFound
 from .fuseops import ErrorCounter, entry_attributes, fuse_errors, negative_entry
 from .hydrator import Hydrator, ObjectVersion
-from .namespace import Namespace
+from .namespace import Namespace, child_key
 from .records import Flag, Inode, Kind
 from .writeback import WriteBack
 
@@ -304,9 +305,8 @@ class TierOperations(pyfuse3.Operations):
 
     async def _new_entry(self, parent_inode: int, name: bytes, kind: Kind, mode: int, ctx: Any) -> Inode:
         text = os.fsdecode(name)
-        if len(name) > 255:
-            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         parent = await self._dir(parent_inode)
+        self._check_name(parent, text, is_dir=kind is Kind.DIR)
         if self.ns.child(parent_inode, text) is not None:
             raise pyfuse3.FUSEError(errno.EEXIST)
         umask = getattr(ctx, "umask", 0)
@@ -393,6 +393,7 @@ class TierOperations(pyfuse3.Operations):
         node = self.ns.child(old_parent.ino, old_name)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        self._check_name(new_parent, new_name, is_dir=node.is_dir)
         target = self.ns.child(new_parent.ino, new_name)
         if target is not None:
             if target.ino == node.ino:
@@ -414,6 +415,17 @@ class TierOperations(pyfuse3.Operations):
                 await wb.removed(target)
             moved, old_key = await self._io(self.ns.rename, old_parent, old_name, new_parent, new_name)
             await wb.renamed(moved, old_key)
+
+    @staticmethod
+    def _check_name(parent: Inode, name: str, *, is_dir: bool) -> None:
+        """ENAMETOOLONG for a name over 255 bytes or a key over S3's 1 KiB; EINVAL for a name
+        the listing rules would hide (it could never come back from the bucket)."""
+        if len(os.fsencode(name)) > keys.NAME_MAX:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        if not keys.is_safe_name(name):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if not keys.key_fits(child_key(parent.key, name, is_dir=is_dir)):
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
 
     async def _list_subtree(self, ino: int) -> None:
         """A directory rename moves every key below it; the namespace must know them all first."""

@@ -72,6 +72,11 @@ def _local_since(node: Inode, started: float) -> bool:
     return bool(node.flags & Flag.LOCAL) or node.checked > started
 
 
+def child_key(parent_prefix: str, name: str, *, is_dir: bool) -> str:
+    """The key of entry ``name`` below a directory: the one place local entries get keys."""
+    return keys.dir_prefix(parent_prefix, name) if is_dir else keys.file_key(parent_prefix, name)
+
+
 class Namespace:
     def __init__(
         self,
@@ -478,7 +483,7 @@ class Namespace:
     ) -> Inode:
         """Add a LOCAL entry (created here; write-back will make it an object)."""
         now = time.time_ns()
-        key = parent.key + name + ("/" if kind is Kind.DIR else "")
+        key = child_key(parent.key, name, is_dir=kind is Kind.DIR)
         with self.env.begin(write=True) as txn:
             if self._child_in(txn, parent.ino, name) is not None:
                 raise FileExistsError(name)
@@ -532,7 +537,7 @@ class Namespace:
             if node is None:
                 raise FileNotFoundError(old_name)
             old_key = node.key
-            new_key = new_parent.key + new_name + ("/" if node.is_dir else "")
+            new_key = child_key(new_parent.key, new_name, is_dir=node.is_dir)
             txn.delete(dentry_key(old_parent.ino, old_name), db=self.dentries)
             txn.put(dentry_key(new_parent.ino, new_name), ino_key(node.ino), db=self.dentries)
             # Moved entries are LOCAL until write-back has copied them: a listing of the
