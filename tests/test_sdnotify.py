@@ -48,18 +48,16 @@ def test_abstract_socket(abstract_socket: socket.socket) -> None:
     assert _receive(abstract_socket) == "READY=1"
 
 
-def test_status_and_stopping(path_socket: socket.socket) -> None:
-    assert sdnotify.status("flushing 3 files") is True
+def test_stopping_and_extend_timeout(path_socket: socket.socket) -> None:
     assert sdnotify.stopping("flushing 3 files") is True
     assert sdnotify.extend_timeout(90) is True
-    assert _receive(path_socket) == "STATUS=flushing 3 files"
     assert _receive(path_socket) == "STOPPING=1\nSTATUS=flushing 3 files"
     assert _receive(path_socket) == "EXTEND_TIMEOUT_USEC=90000000"
 
 
 def test_multiline_status_cannot_inject_assignments(path_socket: socket.socket) -> None:
-    assert sdnotify.status("bad\nREADY=1") is True
-    assert _receive(path_socket) == "STATUS=bad READY=1"
+    assert sdnotify.stopping("bad\nREADY=1") is True
+    assert _receive(path_socket) == "STOPPING=1\nSTATUS=bad READY=1"
 
 
 def test_malformed_assignment_is_refused(

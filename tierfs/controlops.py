@@ -13,17 +13,18 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import trio
 
 from . import control
+from .chunkcache import ChunkCache
+from .config import MountConfig
 from .errors import NotFound, StoreError
-from .hydrator import ObjectVersion
+from .hydrator import Hydrator, ObjectVersion
+from .namespace import Namespace
 from .records import ROOT_INO, Inode
-
-if TYPE_CHECKING:
-    from .mount import Mount
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,35 @@ Progress = Callable[[dict[str, Any]], Awaitable[None]]
 FLUSH_HEARTBEAT = 5.0  # seconds between a flush's deadline lines; the CLI's silence bound is larger
 
 
+@dataclass(frozen=True)
+class MountParts:
+    """What the control operations act on, handed over by the mount's wiring (tierfs.mount).
+
+    Layers and callables, not the mount itself: control depends on the layers below it and
+    on nothing above. ``version_of`` is the one rule for where a file's bytes are now (a
+    renamed file's data stays under its old key until the journaled copy ran).
+    """
+
+    cfg: MountConfig
+    namespace: Namespace
+    hydrator: Hydrator
+    cache: ChunkCache
+    status: Callable[[], dict[str, Any]]
+    flush: Callable[..., Awaitable[dict[str, Any]]]  # (progress, *, timeout) -> result
+    flush_deadline: Callable[[float], float]
+    version_of: Callable[[Inode], ObjectVersion]
+    run_io: Callable[..., Awaitable[Any]]
+    invalidate: Callable[[int], None]
+
+
 class ControlOps:
-    def __init__(self, mount: Mount) -> None:
-        self.mount = mount
+    def __init__(self, parts: MountParts) -> None:
+        self.parts = parts
+        self.ns = parts.namespace
         self.active: dict[str, dict[str, Any]] = {}
 
     async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        cfg = self.mount.cfg
+        cfg = self.parts.cfg
         handlers = {
             "status": self.status,
             "flush": self.flush,
@@ -64,15 +87,15 @@ class ControlOps:
     # -- path resolution -------------------------------------------------------------------------------
 
     async def resolve(self, path: str) -> Inode:
-        node = self.mount.namespace.get(ROOT_INO)
+        node = self.ns.get(ROOT_INO)
         assert node is not None
         for part in [p for p in path.split("/") if p not in ("", ".")]:
-            node = await self.mount.namespace.lookup(node.ino, part)
+            node = await self.ns.lookup(node.ino, part)
         return node
 
     async def files(self, paths: list[str], recursive: bool) -> AsyncIterator[tuple[str, Inode]]:
         """Yield (path, file inode) for the given paths; directories only with ``recursive``."""
-        ns = self.mount.namespace
+        ns = self.ns
         for path in paths:
             root = await self.resolve(path)
             top = path.strip("/")
@@ -95,7 +118,7 @@ class ControlOps:
     # -- operations --------------------------------------------------------------------------------------
 
     async def status(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        result = self.mount.status()
+        result = self.parts.status()
         result["operations"] = dict(self.active)
         return result
 
@@ -107,8 +130,8 @@ class ControlOps:
         raw = args.get("timeout")
         if raw is not None and (isinstance(raw, bool) or not isinstance(raw, int | float) or raw <= 0):
             raise control.ControlError(f"invalid flush timeout {raw!r} (expected positive seconds)")
-        timeout = self.mount.cfg.flush_timeout if raw is None else float(raw)
-        deadline = trio.current_time() + self.mount.flush_deadline(timeout)
+        timeout = self.parts.cfg.flush_timeout if raw is None else float(raw)
+        deadline = trio.current_time() + self.parts.flush_deadline(timeout)
 
         async def heartbeat() -> None:
             while True:
@@ -120,7 +143,7 @@ class ControlOps:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(heartbeat)
             try:
-                result = await self.mount.flush(progress, timeout=timeout)
+                result = await self.parts.flush(progress, timeout=timeout)
             except Exception as exc:  # raised after the nursery, so it is not wrapped in a group
                 failure = exc
             nursery.cancel_scope.cancel()
@@ -129,7 +152,7 @@ class ControlOps:
         return result
 
     async def prefetch(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        hydrator = self.mount.hydrator
+        hydrator = self.parts.hydrator
         jobs = max(1, int(args.get("jobs") or 8))
         state = {"done_files": 0, "done_bytes": 0, "total_files": 0, "total_bytes": 0}
         failed: list[dict[str, str]] = []
@@ -147,7 +170,7 @@ class ControlOps:
 
         async def one(path: str, node: Inode) -> None:
             async with limiter:
-                version = ObjectVersion(node.ino, node.key, node.etag, node.size)
+                version = self.parts.version_of(node)
 
                 def on_bytes(n: int) -> None:
                     state["done_bytes"] += n
@@ -181,40 +204,43 @@ class ControlOps:
         count = 0
         try:
             async for _, node in self.files(list(args.get("paths", [])), bool(args.get("recursive"))):
-                await self.mount.run_io(action, node)
+                await self.parts.run_io(action, node)
                 count += 1
         except (NotFound, StoreError, OSError) as exc:
             raise control.ControlError(str(exc)) from None
         return {"files": count}
 
     async def evict(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        bucket = self.mount.cfg.source.bucket
+        bucket = self.parts.cfg.source.bucket
         freed = 0
 
         dropped: list[Inode] = []
 
         def drop(node: Inode) -> None:
             nonlocal freed
-            freed += self.mount.cache.drop_object(bucket, node.key)
+            freed += self.parts.cache.drop_object(bucket, self._data_key(node))
             dropped.append(node)
 
         result = await self._each_file(args, drop)
         # Drop the in-memory and kernel copies too (on the loop), so the next read really goes to S3.
         for node in dropped:
-            self.mount.hydrator.discard(ObjectVersion(node.ino, node.key, node.etag, node.size))
-            self.mount.queue_invalidation(node.ino)
+            self.parts.hydrator.discard(self.parts.version_of(node))
+            self.parts.invalidate(node.ino)
         return {**result, "freed_bytes": freed}
 
+    def _data_key(self, node: Inode) -> str:
+        return self.parts.version_of(node).key
+
     async def pin(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        bucket = self.mount.cfg.source.bucket
-        return await self._each_file(args, lambda node: self.mount.cache.pin(bucket, node.key))
+        bucket = self.parts.cfg.source.bucket
+        return await self._each_file(args, lambda node: self.parts.cache.pin(bucket, self._data_key(node)))
 
     async def unpin(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        bucket = self.mount.cfg.source.bucket
-        return await self._each_file(args, lambda node: self.mount.cache.unpin(bucket, node.key))
+        bucket = self.parts.cfg.source.bucket
+        return await self._each_file(args, lambda node: self.parts.cache.unpin(bucket, self._data_key(node)))
 
     async def refresh(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        ns = self.mount.namespace
+        ns = self.ns
         recursive = bool(args.get("recursive"))
         listed = 0
         try:

@@ -21,20 +21,18 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from . import memory
 from .config import MountConfig
-from .errors import AccessDenied, ConfigError, NotFound, TierfsError, Unavailable
-from .metrics import S3_LATENCY
+from .errors import ConfigError, TierfsError
+from .kerneltune import parse_mountinfo_line, read_mountinfo
+from .mount import Mount
 
 log = logging.getLogger("tierfs")
 
 
 def _mounted_at(mountpoint: str) -> bool:
     """True if something is mounted at ``mountpoint`` (from /proc/self/mountinfo; never stats it)."""
-    from .kerneltune import parse_mountinfo_line, read_mountinfo
-
     infos = (parse_mountinfo_line(line) for line in read_mountinfo().splitlines())
     return any(info is not None and info.mountpoint == mountpoint for info in infos)
 
@@ -60,55 +58,6 @@ def check_mountpoint(path: Path, *, nonempty: bool = False) -> str:
                 f"mount point {mountpoint} is not empty (use -o nonempty to mount over its contents)"
             )
     return mountpoint
-
-
-def preflight_store(cfg: MountConfig) -> Any:
-    """Build the S3 client and prove the bucket is usable, mapping failures to one line.
-
-    The probe uses a short timeout and one retry, so bad input fails fast; the store
-    the mount keeps uses the configured limits.
-    """
-    from .objectstore import S3ObjectStore
-
-    def store(**limits: Any) -> S3ObjectStore:
-        return S3ObjectStore(
-            cfg.source.bucket, endpoint_url=cfg.endpoint_url, region=cfg.region, profile=cfg.profile, **limits
-        )
-
-    probe = store(timeout=min(cfg.timeout, 15.0), retries=1, max_pool=2, fast_gets=False)
-    where = cfg.endpoint_url or "the default S3 endpoint"
-    try:
-        probe.check_bucket()
-    except NotFound:
-        raise ConfigError(f"bucket {cfg.source.bucket!r} does not exist at {where}") from None
-    except AccessDenied as exc:
-        raise ConfigError(
-            f"access to bucket {cfg.source.bucket!r} denied (check credentials): {exc}"
-        ) from None
-    except Unavailable as exc:
-        raise ConfigError(f"cannot reach {where}: {exc}") from None
-    return store(
-        timeout=cfg.timeout,
-        retries=cfg.retries,
-        max_pool=cfg.s3_concurrency + 8,
-        observe=lambda op, seconds: S3_LATENCY.labels(op).observe(seconds),
-    )
-
-
-def setup_logging(cfg: MountConfig, daemonized: bool) -> None:
-    level = getattr(logging, cfg.log_level.upper(), logging.INFO)
-    handlers: list[logging.Handler] = []
-    if cfg.log_file is not None:
-        handlers.append(logging.FileHandler(cfg.log_file))
-    elif daemonized:
-        handlers.append(logging.FileHandler(cfg.resolved_cache_dir / "tierfs.log"))
-    else:
-        handlers.append(logging.StreamHandler(sys.stderr))
-    logging.basicConfig(
-        level=level, handlers=handlers, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
 def run_mount(cfg: MountConfig) -> int:
@@ -171,8 +120,6 @@ def _serve_reporting(cfg: MountConfig, report: int | None) -> int:
 
     memory.limit_arenas()  # before any worker thread exists (docs in tierfs/memory.py)
     try:
-        from .mount import Mount
-
         with Mount(cfg, daemonized=report is not None) as mount:
             mount.serve(on_live=lambda: tell("OK\n"))
         return 0

@@ -197,7 +197,7 @@ class TierOperations(pyfuse3.Operations):
 
     # -- files ----------------------------------------------------------------------------------------
 
-    def _version(self, node: Inode) -> ObjectVersion:
+    def version_of(self, node: Inode) -> ObjectVersion:
         """The bytes of ``node`` as the bucket holds them *now*: after a rename, the data stays
         under the old key until the journaled copy has run (WriteBack.data_key)."""
         key = self.wb.data_key(node.ino, node.key) if self.wb is not None else node.key
@@ -214,7 +214,7 @@ class TierOperations(pyfuse3.Operations):
             self._follow_local(inode)
             await wb.open_for_write(node, truncate=bool(flags & os.O_TRUNC))
         follow = writable or (self.wb is not None and self.wb.is_staged(inode))
-        info = pyfuse3.FileInfo(fh=self._register(FileHandle(self._version(node), writable, follow)))
+        info = pyfuse3.FileInfo(fh=self._register(FileHandle(self.version_of(node), writable, follow)))
         # Keep the kernel's page cache across opens unless the object changed since we
         # last served it: then the stale pages must go (docs/consistency.md).
         previous = self._served_etag.get(inode)
@@ -254,10 +254,10 @@ class TierOperations(pyfuse3.Operations):
         if handle.follow or not version.etag:
             # Written through this handle and uploaded since: read the version the bucket now has.
             node = self._inode(ino)
-            version = self._version(node)
+            version = self.version_of(node)
         elif self.wb is not None and (current := self.ns.get(ino)) is not None:
             # Renamed since the open: follow the data to wherever the bucket has it now.
-            version = dataclasses.replace(version, key=self._version(current).key)
+            version = dataclasses.replace(version, key=self.version_of(current).key)
         return await self.hydrator.read(version, off, size)
 
     @handler
@@ -299,7 +299,7 @@ class TierOperations(pyfuse3.Operations):
         wb = self._writable()
         node = await self._new_entry(parent_inode, name, Kind.FILE, stat.S_IFREG | (mode & 0o7777), ctx)
         await wb.created(node, open_writer=True)
-        fh = self._register(FileHandle(self._version(node), writable=True, follow=True))
+        fh = self._register(FileHandle(self.version_of(node), writable=True, follow=True))
         self._note_served(node)
         return pyfuse3.FileInfo(fh=fh), self._attrs(node)
 
@@ -348,7 +348,7 @@ class TierOperations(pyfuse3.Operations):
             staged = await self.wb.read(inode, 0, 1 << 16)
             if staged is not None:
                 return staged
-        return await self.hydrator.read(self._version(self._inode(inode)), 0, node.size)
+        return await self.hydrator.read(self.version_of(self._inode(inode)), 0, node.size)
 
     @handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:

@@ -15,25 +15,30 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyfuse3
 import trio
 
-from . import memory
+from . import kerneltune, memory, metrics, sdnotify
 from .chunkcache import ChunkCache
 from .config import MountConfig
 from .control import ProgressCallback
-from .daemon import preflight_store, setup_logging
+from .controlops import ControlOps, MountParts
 from .errors import ConfigError, FlushFailed
 from .fs import TierOperations
 from .hydrator import Hydrator
+from .importer import sweep_loop
 from .metadb import CacheDir
 from .namespace import Namespace, NamespacePolicy
 from .records import Inode
+from .startup import preflight_store, setup_logging
 from .writeback import WriteBack
 from .writeback.journal import Journal
 from .writeback.staging import Staging
+
+if TYPE_CHECKING:
+    from .reader.daemon import DirectReaders
 
 log = logging.getLogger("tierfs")
 
@@ -117,8 +122,6 @@ class Mount:
             )
         self.metrics: Any = None
         if cfg.metrics_addr:
-            from . import metrics
-
             try:
                 self.metrics = metrics.serve(cfg.metrics_addr, self._status_from_any_thread)
             except (OSError, ValueError) as exc:
@@ -231,27 +234,23 @@ class Mount:
             if self.writeback is not None:
                 await nursery.start(self.writeback.run)
             if self.cfg.import_interval:
-                from .importer import sweep_loop
-
                 nursery.start_soon(sweep_loop, self.namespace, self.cfg.import_interval)
             await self._start_control(nursery)
             nursery.start_soon(self._announce_live, on_live)
             await pyfuse3.main(min_tasks=4, max_tasks=256)
             log.info("unmounted; shutting down")
-            from . import sdnotify
-
             sdnotify.stopping()
             nursery.cancel_scope.cancel()
         self._nursery = None
 
     async def _signals(self) -> None:
         """SIGTERM/SIGINT (systemd stop, Ctrl-C): upload what is pending, then unmount."""
-        from . import sdnotify
-
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("signal %d: flushing write-back, then unmounting", signum)
                 sdnotify.stopping("flushing write-back")
+                # The flush is bounded; ask systemd for that long rather than be killed mid-upload.
+                sdnotify.extend_timeout(self.flush_deadline(self.cfg.flush_timeout))
                 try:
                     await self.flush()
                 except FlushFailed as exc:  # systemd's TimeoutStopSec may bound it further
@@ -287,17 +286,16 @@ class Mount:
         )
 
     async def _announce_live(self, on_live: Callable[[], None]) -> None:
-        from . import kerneltune, sdnotify
-
         tuned = await trio.to_thread.run_sync(kerneltune.tune, str(self.cfg.mountpoint))
         log.info("mounted %s at %s (kernel knobs: %s)", self.cfg.source, self.cfg.mountpoint, tuned)
-        sdnotify.notify("READY=1")
+        sdnotify.ready(f"mounted {self.cfg.source} at {self.cfg.mountpoint}")
         on_live()
 
     async def _maintenance(self) -> None:
         interval = MAINTENANCE_INTERVAL
         if not math.isinf(self.cfg.cache_max_age):
             interval = max(0.5, min(interval, self.cfg.cache_max_age / 2))
+        await self.run_io(self._direct_readers)  # readers may start before the first pass
         while True:
             await trio.sleep(interval)
             try:
@@ -305,7 +303,28 @@ class Mount:
             except Exception:
                 log.exception("cache maintenance failed")
 
+    # Direct readers (tierfs.reader, docs/reader.md); made by the first maintenance pass.
+    direct_readers: DirectReaders | None = None
+
+    def _direct_readers(self) -> None:
+        """Publish reader.json, apply the readers' access records (before the access-time flush,
+        so LRU and age-out see them) and sum their counters. Never raises."""
+        from .reader.daemon import DirectReaders
+
+        if self.direct_readers is None:
+            self.direct_readers = DirectReaders(
+                cache_dir=self.cfg.resolved_cache_dir, mountpoint=str(self.cfg.mountpoint),
+                bucket=self.cfg.source.bucket, source=str(self.cfg.source), block_size=self.cfg.block_size,
+            )  # fmt: skip
+        self.direct_readers.maintain(self.cache, (self.cachedir.env, self.cachedir.index_env))
+
+    def _direct_status(self) -> dict[str, Any]:
+        from .reader.daemon import DirectReaders
+
+        return self.direct_readers.status() if self.direct_readers else DirectReaders.empty_status()
+
     def _maintain_blocking(self) -> None:
+        self._direct_readers()
         self.cache.flush_access_times()
         self.cachedir.index_env.sync(True)  # bounds what an OS crash can tear; not needed for safety
         self.cache.sweep_aged()
@@ -313,9 +332,20 @@ class Mount:
         memory.trim()
 
     async def _start_control(self, nursery: trio.Nursery) -> None:
-        from .controlops import ControlOps
-
-        self.control = ControlOps(self)
+        self.control = ControlOps(
+            MountParts(
+                cfg=self.cfg,
+                namespace=self.namespace,
+                hydrator=self.hydrator,
+                cache=self.cache,
+                status=self.status,
+                flush=self.flush,
+                flush_deadline=self.flush_deadline,
+                version_of=self.ops.version_of,
+                run_io=self.run_io,
+                invalidate=self.queue_invalidation,
+            )
+        )
         await nursery.start(self.control.serve)
 
     def _status_from_any_thread(self) -> dict[str, Any]:
@@ -369,6 +399,7 @@ class Mount:
             "hidden_keys": self.namespace.counters.hidden_keys,
             "shadowed_keys": self.namespace.counters.shadowed_keys,
             "errors": self.ops.errors.count + hyd.errors,
+            **self._direct_status(),
             **(self.writeback.status() if self.writeback is not None else {
                 "dirty_files": 0, "dirty_bytes": 0, "uploads_pending": 0, "uploads_failed": 0, "conflicts": 0,
                 "failing": {},

@@ -78,11 +78,6 @@ def ready(status: str | None = None) -> bool:
     return notify(*lines)
 
 
-def status(text: str) -> bool:
-    """Free-form one-line state shown by ``systemctl status`` (e.g. dirty bytes left to flush)."""
-    return notify(_status_line(text))
-
-
 def stopping(status: str | None = None) -> bool:
     """Shutdown has begun; write-back is being flushed before the mount goes away."""
     lines = ["STOPPING=1"]

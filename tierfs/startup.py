@@ -1,0 +1,65 @@
+"""Start-up pieces of a mount that come before any layer: logging, and the object store.
+
+The store is built and its bucket probed here, before the mount wires the layers, so bad
+input (a wrong endpoint, a missing bucket, denied credentials) fails as one line with no
+mount half made.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from .config import MountConfig
+from .errors import AccessDenied, ConfigError, NotFound, Unavailable
+from .metrics import S3_LATENCY
+from .objectstore import S3ObjectStore
+
+
+def preflight_store(cfg: MountConfig) -> Any:
+    """Build the S3 client and prove the bucket is usable, mapping failures to one line.
+
+    The probe uses a short timeout and one retry, so bad input fails fast; the store
+    the mount keeps uses the configured limits.
+    """
+
+    def store(**limits: Any) -> S3ObjectStore:
+        return S3ObjectStore(
+            cfg.source.bucket, endpoint_url=cfg.endpoint_url, region=cfg.region, profile=cfg.profile, **limits
+        )
+
+    probe = store(timeout=min(cfg.timeout, 15.0), retries=1, max_pool=2, fast_gets=False)
+    where = cfg.endpoint_url or "the default S3 endpoint"
+    try:
+        probe.check_bucket()
+    except NotFound:
+        raise ConfigError(f"bucket {cfg.source.bucket!r} does not exist at {where}") from None
+    except AccessDenied as exc:
+        raise ConfigError(
+            f"access to bucket {cfg.source.bucket!r} denied (check credentials): {exc}"
+        ) from None
+    except Unavailable as exc:
+        raise ConfigError(f"cannot reach {where}: {exc}") from None
+    return store(
+        timeout=cfg.timeout,
+        retries=cfg.retries,
+        max_pool=cfg.s3_concurrency + 8,
+        observe=lambda op, seconds: S3_LATENCY.labels(op).observe(seconds),
+    )
+
+
+def setup_logging(cfg: MountConfig, daemonized: bool) -> None:
+    level = getattr(logging, cfg.log_level.upper(), logging.INFO)
+    handlers: list[logging.Handler] = []
+    if cfg.log_file is not None:
+        handlers.append(logging.FileHandler(cfg.log_file))
+    elif daemonized:
+        handlers.append(logging.FileHandler(cfg.resolved_cache_dir / "tierfs.log"))
+    else:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    logging.basicConfig(
+        level=level, handlers=handlers, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
