@@ -89,8 +89,7 @@ class Mount:
             file_mode=cfg.file_mode,
             dir_mode=cfg.dir_mode,
         )
-        self.namespace = Namespace(env, self.store, policy, self.run_s3)
-        self.namespace.spawn = self.spawn
+        self.namespace = Namespace(env, self.store, policy, self.run_s3, spawn=self.spawn)
         self.namespace.change_hooks.append(self._on_object_changed)
         self.namespace.entry_hooks.append(lambda parent, name: self.queue_invalidation((parent, name)))
         self.namespace.attr_hooks.append(lambda ino: self.queue_invalidation(("attr", ino)))

@@ -86,6 +86,7 @@ class Namespace:
         run_blocking: RunBlocking,
         *,
         clock: Callable[[], float] = time.time,
+        spawn: Callable[[Callable[[], Awaitable[None]]], None] | None = None,
     ) -> None:
         self.env = env
         self.store = store
@@ -102,8 +103,8 @@ class Namespace:
         # Keys deleted here (write-back adds and retires them): a listing must not resurrect them.
         self.tombstones = Tombstones(clock)
         self._listing: dict[int, trio.Event] = {}
-        # Listing one level ahead of a walker (see _list_ahead); set by the mount.
-        self.spawn: Callable[[Callable[[], Awaitable[None]]], None] | None = None
+        # Starts background tasks for listing one level ahead of a walker (see _list_ahead); None: never.
+        self.spawn = spawn
         self.list_ahead_limit = trio.CapacityLimiter(4)
         self._ensure_root()
 
