@@ -1,8 +1,9 @@
 """Persistent local chunk cache: fixed-size blocks of S3 object data on local disk, indexed in LMDB.
 
 The cache outlives the mount (unlike mountpoint-s3's), so warm data survives a remount. It is a plain
-blocking library: the hydrator calls it from worker threads, never from the trio loop, and every public
-method is thread-safe. The on-disk format and the policies are described in docs/cache-format.md.
+blocking library: the hydrator calls it from worker threads, and every public method is thread-safe. The
+one exception to "never on the trio loop" is the hydrator's read of a small object's cached block
+(``hydrator.LOOP_READ_MAX``), measured cheaper than the thread hop (docs/design.md). The on-disk format and the policies are described in docs/cache-format.md.
 
 Who is the authority for what:
 
@@ -288,6 +289,106 @@ def _unlink_quiet(path: str) -> None:
         os.unlink(path)
 
 
+class BlockReader:
+    """Reads and validates chunk files, and nothing else: no index, no counters, no writes.
+
+    ChunkCache reads through it, and so does the direct reader of :mod:`tierfs.reader` in
+    other processes, so both apply exactly the checks of docs/cache-format.md. Thread-safe.
+    """
+
+    def __init__(self, block_size: int) -> None:
+        self._block_size = block_size
+        self._decompressors = _Codecs(None)
+
+    def read(self, path: str, ck: ChunkKey, start: int = 0, length: int | None = None) -> bytes:
+        """open + fstat + one pread of header, names and digest table + one pread of the pages covering
+        ``[start, start + length)``, each page checked against its digest. A compressed chunk is read,
+        decompressed and checked whole. The file is read while open; eviction may unlink it
+        concurrently, but on Linux an unlinked file's data stays readable through an open descriptor,
+        so a chunk being read is never lost mid-read. Raises :class:`_Invalid`."""
+        data, _ = self.read_ident(path, ck, start, length)
+        return data
+
+    def read_ident(
+        self, path: str, ck: ChunkKey, start: int = 0, length: int | None = None
+    ) -> tuple[bytes, tuple[int, int]]:
+        """:meth:`read`, also returning (st_dev, st_ino) of the file that was read, so a caller can
+        tell afterwards whether the path still names that file (an eviction or a rewrite since)."""
+        bucket, key, etag = ck.names()
+        names = bucket + key + etag
+        prefix = _HEADER.size + len(names)
+        table_max = _DIGEST.size * _page_count(self._block_size)
+        want = self._block_size if length is None else length
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _Invalid(f"open: {exc}", None) from exc
+        ident: tuple[int, int] | None = None
+        try:
+            st = os.fstat(fd)
+            ident = (st.st_dev, st.st_ino)
+            head = _pread_exact(fd, prefix + table_max, 0)
+            if len(head) < prefix:
+                raise _Invalid("short header", ident)
+            fields = _HEADER.unpack_from(head)
+            magic, version, flags, _, index, logical, stored, pages, klen, elen, blen = fields
+            if magic != MAGIC or version != FORMAT_VERSION or flags & ~FLAG_ZSTD:
+                raise _Invalid("bad magic/version/flags", ident)
+            if (index, blen, klen, elen) != (ck.index, len(bucket), len(key), len(etag)):
+                raise _Invalid("header names another chunk", ident)
+            if head[_HEADER.size : prefix] != names:
+                raise _Invalid("header names another chunk", ident)
+            data_at = prefix + _DIGEST.size * pages
+            if logical > self._block_size or pages != _page_count(logical) or st.st_size != data_at + stored:
+                raise _Invalid("bad lengths", ident)
+            table = head[prefix:data_at]
+            end = min(logical, start + want)
+            if flags & FLAG_ZSTD:
+                payload = _pread_exact(fd, stored, data_at)
+                if len(payload) != stored:
+                    raise _Invalid("short payload", ident)
+                first, last, base = 0, pages, 0
+            else:
+                if stored != logical:
+                    raise _Invalid("bad lengths", ident)
+                first, last = (start // PAGE, (end - 1) // PAGE + 1) if start < end else (0, 0)
+                base = first * PAGE
+                size = min(logical, last * PAGE) - base
+                payload = _pread_exact(fd, size, data_at + base)
+                if len(payload) != size:
+                    raise _Invalid("short payload", ident)
+        except OSError as exc:
+            raise _Invalid(f"read: {exc}", ident) from exc
+        finally:
+            os.close(fd)
+        data = self._decode_payload(payload, flags, logical, ident) if flags & FLAG_ZSTD else payload
+        view = memoryview(data)
+        for page in range(first, min(last, pages)):
+            at = page * PAGE - base
+            (expected,) = _DIGEST.unpack_from(table, page * _DIGEST.size)
+            if xxhash.xxh3_64_intdigest(view[at : at + PAGE]) != expected:
+                raise _Invalid("digest mismatch", ident)
+        if start >= end:
+            return b"", ident
+        if start == base and end - base == len(data):
+            return data, ident
+        return data[start - base : end - base], ident
+
+    def _decode_payload(
+        self, payload: bytes, flags: int, logical: int, ident: tuple[int, int] | None
+    ) -> bytes:
+        try:
+            # Checked before decompressing so a corrupt frame header cannot ask for a huge buffer.
+            if zstandard.frame_content_size(payload) != logical:
+                raise _Invalid("bad zstd content size", ident)
+            data = self._decompressors.decompressor.decompress(payload, max_output_size=logical)
+        except zstandard.ZstdError as exc:
+            raise _Invalid(f"zstd: {exc}", ident) from exc
+        if len(data) != logical:
+            raise _Invalid("bad lengths", ident)
+        return data
+
+
 class ChunkCache:
     """Blocks of object data on local disk, LRU/age evicted, pinnable, surviving remounts."""
 
@@ -318,6 +419,7 @@ class ChunkCache:
         self._clock = clock
         self._disk_space = disk_space
         self._codecs = _Codecs(compression_level)
+        self._blocks = BlockReader(block_size)
 
         self._chunks = env.open_db(b"cache.chunks")  # digest -> _Record
         self._objects = env.open_db(b"cache.objects")  # object_id + digest -> index + etag
@@ -529,84 +631,9 @@ class ChunkCache:
         return data
 
     def _read_validated(self, path: str, ck: ChunkKey, start: int = 0, length: int | None = None) -> bytes:
-        """open + fstat + one pread of header, names and digest table + one pread of the pages covering
-        ``[start, start + length)``, each page checked against its digest. A compressed chunk is read,
-        decompressed and checked whole. The file is read while open; eviction may unlink it
-        concurrently, but on Linux an unlinked file's data stays readable through an open descriptor,
-        so a chunk being read is never lost mid-read."""
-        bucket, key, etag = ck.names()
-        names = bucket + key + etag
-        prefix = _HEADER.size + len(names)
-        table_max = _DIGEST.size * _page_count(self._block_size)
-        want = self._block_size if length is None else length
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise _Invalid(f"open: {exc}", None) from exc
-        ident: tuple[int, int] | None = None
-        try:
-            st = os.fstat(fd)
-            ident = (st.st_dev, st.st_ino)
-            head = _pread_exact(fd, prefix + table_max, 0)
-            if len(head) < prefix:
-                raise _Invalid("short header", ident)
-            fields = _HEADER.unpack_from(head)
-            magic, version, flags, _, index, logical, stored, pages, klen, elen, blen = fields
-            if magic != MAGIC or version != FORMAT_VERSION or flags & ~FLAG_ZSTD:
-                raise _Invalid("bad magic/version/flags", ident)
-            if (index, blen, klen, elen) != (ck.index, len(bucket), len(key), len(etag)):
-                raise _Invalid("header names another chunk", ident)
-            if head[_HEADER.size : prefix] != names:
-                raise _Invalid("header names another chunk", ident)
-            data_at = prefix + _DIGEST.size * pages
-            if logical > self._block_size or pages != _page_count(logical) or st.st_size != data_at + stored:
-                raise _Invalid("bad lengths", ident)
-            table = head[prefix:data_at]
-            end = min(logical, start + want)
-            if flags & FLAG_ZSTD:
-                payload = _pread_exact(fd, stored, data_at)
-                if len(payload) != stored:
-                    raise _Invalid("short payload", ident)
-                first, last, base = 0, pages, 0
-            else:
-                if stored != logical:
-                    raise _Invalid("bad lengths", ident)
-                first, last = (start // PAGE, (end - 1) // PAGE + 1) if start < end else (0, 0)
-                base = first * PAGE
-                size = min(logical, last * PAGE) - base
-                payload = _pread_exact(fd, size, data_at + base)
-                if len(payload) != size:
-                    raise _Invalid("short payload", ident)
-        except OSError as exc:
-            raise _Invalid(f"read: {exc}", ident) from exc
-        finally:
-            os.close(fd)
-        data = self._decode_payload(payload, flags, logical, ident) if flags & FLAG_ZSTD else payload
-        view = memoryview(data)
-        for page in range(first, min(last, pages)):
-            at = page * PAGE - base
-            (expected,) = _DIGEST.unpack_from(table, page * _DIGEST.size)
-            if xxhash.xxh3_64_intdigest(view[at : at + PAGE]) != expected:
-                raise _Invalid("digest mismatch", ident)
-        if start >= end:
-            return b""
-        if start == base and end - base == len(data):
-            return data
-        return data[start - base : end - base]
-
-    def _decode_payload(
-        self, payload: bytes, flags: int, logical: int, ident: tuple[int, int] | None
-    ) -> bytes:
-        try:
-            # Checked before decompressing so a corrupt frame header cannot ask for a huge buffer.
-            if zstandard.frame_content_size(payload) != logical:
-                raise _Invalid("bad zstd content size", ident)
-            data = self._codecs.decompressor.decompress(payload, max_output_size=logical)
-        except zstandard.ZstdError as exc:
-            raise _Invalid(f"zstd: {exc}", ident) from exc
-        if len(data) != logical:
-            raise _Invalid("bad lengths", ident)
-        return data
+        """See :meth:`BlockReader.read`: the validation is shared with the direct reader
+        (tierfs.reader), so the two can never disagree about what a valid chunk is."""
+        return self._blocks.read(path, ck, start, length)
 
     def _discard(self, digest: bytes, ident: tuple[int, int] | None) -> bool:
         """Remove an invalid file and its index entry, unless a put replaced the file meanwhile. False if
@@ -796,6 +823,21 @@ class ChunkCache:
         with self._mem:
             for ck in cks:
                 self._pending[ck.digest()] = now
+
+    def touch_digests(self, times: Iterable[tuple[bytes, float]]) -> int:
+        """Record reads that other processes made straight from the cache directory (the access
+        records of :mod:`tierfs.reader`, applied by the daemon's maintenance), so LRU and
+        age-out see them like hits. A time in the future is taken as now, so a skewed clock
+        cannot keep a block young for ever. Returns how many were recorded."""
+        now = self._clock()
+        count = 0
+        with self._mem:
+            for digest, at in times:
+                at = min(at, now)
+                if self._pending.get(digest, -math.inf) < at:
+                    self._pending[digest] = at
+                count += 1
+        return count
 
     def flush_access_times(self) -> None:
         """Write the access times batched by get() in one transaction. Holding ``_write_lock`` from the

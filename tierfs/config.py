@@ -2,7 +2,7 @@
 
 The CLI, the fstab helper and the tests all build a :class:`MountConfig`; nothing else
 parses options. Defaults are chosen to match what users of s3fs/rclone/mountpoint-s3
-expect and are documented in docs/semantics.md.
+expect; the README's option table lists them (tests/test_docs.py checks that it matches).
 """
 
 from __future__ import annotations

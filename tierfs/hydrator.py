@@ -22,9 +22,9 @@ Invariants:
 - The cache is an optimisation, never a reason to fail a read: when storing a fetched
   block fails (ENOSPC, an LMDB map or disk error) the bytes are served uncached and
   ``cache_store_failed`` counts it.
-- Sequential readers are detected per inode; each hit doubles a read-ahead window
-  (from 2 to ``max_window_blocks``), and the window is fetched in parallel runs by
-  background tasks, bounded by the S3 limiter.
+- Sequential readers are detected per inode; the read-ahead window starts at one
+  aligned segment (``max_run`` blocks) and doubles per hit up to ``max_window_blocks``;
+  it is fetched in whole segments by background tasks, bounded by the S3 limiter.
 - Nothing here blocks the trio loop: S3 and disk I/O run in worker threads.
 """
 

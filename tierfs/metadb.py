@@ -1,10 +1,12 @@
-"""The cache directory: its lock, its LMDB environment and its ownership by one source.
+"""The cache directory: its lock, its two LMDB environments and its ownership by one source.
 
-One LMDB environment (``<cache_dir>/meta``) holds every durable record of a mount:
-namespace (``ns.*``), chunk index (``cache.*``) and write-back journal (``wb.*``).
-It is opened with ``sync=True, metasync=False``: each commit costs one fdatasync
-(~0.3 ms here), a power loss can undo at most the last commit and never corrupts the
-database. Write transactions therefore run in worker threads, never on the trio loop.
+``<cache_dir>/meta`` holds the durable records of a mount: namespace (``ns.*``) and
+write-back journal (``wb.*``). It is opened with ``sync=True, metasync=False``: each
+commit costs one fdatasync (~0.3 ms here), a power loss can undo at most the last commit
+and never corrupts the database. Write transactions therefore run in worker threads,
+never on the trio loop. The chunk index (``cache.*``) lives in a second environment,
+``<cache_dir>/index``, committed without fsync: it is only a cache, and it is dropped
+after an OS crash rather than trusted (see ``_open_index_env``).
 
 A cache directory belongs to exactly one mount at a time: a second mount of the same
 directory is refused with a clear error (flock on ``<cache_dir>/lock``) rather than

@@ -1,0 +1,76 @@
+"""What the docs state, checked against the code wherever that is cheap (as mountpoint-s3 tests SEMANTICS.md).
+
+A number or default quoted in README.md or docs/ that no longer matches the constant behind
+it is a defect of the docs; these tests make such drift fail the build instead of misleading
+a user.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tierfs import hydrator, kerneltune, mount, objectstore, tombstones
+from tierfs.cli import parse_mount_args
+from tierfs.units import parse_duration
+from tierfs.writeback import core as writeback_core
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _text(name: str) -> str:
+    return (ROOT / name).read_text()
+
+
+def _readme_defaults() -> dict[str, str]:
+    """``--option`` -> the default column of the README's option table."""
+    rows = re.findall(r"^\| `--([a-z-]+)` \| `([^`]*)` \|", _text("README.md"), re.MULTILINE)
+    return dict(rows)
+
+
+@pytest.mark.parametrize(
+    ("option", "field"),
+    [
+        ("metadata-ttl", "metadata_ttl"),
+        ("cache-max-age", "cache_max_age"),
+        ("writeback-delay", "writeback_delay"),
+        ("timeout", "timeout"),
+        ("flush-timeout", "flush_timeout"),
+    ],
+)
+def test_readme_option_defaults_are_the_parsed_defaults(option: str, field: str) -> None:
+    config = parse_mount_args(["s3://bucket", "/mnt/data"])
+    documented = _readme_defaults()[option]
+    assert parse_duration(documented) == getattr(config, field), f"README says --{option} {documented}"
+
+
+def test_readme_cache_min_free_default() -> None:
+    config = parse_mount_args(["s3://bucket", "/mnt/data"])
+    assert _readme_defaults()["cache-min-free"] == f"{round(config.cache_min_free * 100)}%"
+
+
+def test_design_doc_numbers() -> None:
+    design = " ".join(_text("docs/design.md").split())  # line breaks are not part of the claims
+    assert f"a second limiter of {mount.IO_THREADS}" in design
+    assert f"at most {hydrator.LOOP_READ_MAX // 1024} KiB" in design
+    assert f"GETs of {objectstore.CRT_MAX_GET >> 20} MiB or less go to the CRT" in design
+    assert f"raised to {kerneltune.DEFAULT_READ_AHEAD_KB // 1024} MiB" in design
+    assert f"`max_background` to {kerneltune.DEFAULT_MAX_BACKGROUND}" in design
+
+
+def test_writeback_doc_numbers() -> None:
+    doc = " ".join(_text("docs/writeback.md").split())  # line breaks are not part of the claims
+    first, second, later = writeback_core.RETRY_BACKOFF
+    assert f"retried after {first:g} s, {second:g} s, then every {later:g} s" in doc
+    assert writeback_core.PERMANENT_BACKOFF == 60.0 and "retried once a minute" in doc
+    assert f"default {writeback_core.DEFAULT_FLUSH_TIMEOUT:g} s" in doc
+    assert f"multipart from {objectstore.MULTIPART_THRESHOLD >> 20} MiB" in doc
+    assert f"{objectstore.MULTIPART_PART_SIZE >> 20} MiB parts" in doc
+    assert f"up to {writeback_core.WriteBack.__init__.__kwdefaults__['concurrency']} at once" in doc
+
+
+def test_tombstone_grace_outlives_a_listing() -> None:
+    """docs/writeback.md relies on a tombstone outliving any one directory listing."""
+    assert tombstones.GRACE >= 10 * 60
