@@ -143,6 +143,34 @@ async def test_a_lost_marker_answer_is_retried_without_a_conflict(world: World) 
         await assert_clean(stack, world, {"d/": b""})
 
 
+@pytest.mark.parametrize("truncate", [False, True], ids=["in-place", "O_TRUNC"])
+async def test_a_write_between_a_lost_answer_and_its_retry_reaches_the_bucket(
+    world: World, truncate: bool
+) -> None:
+    """Found by the model test below; data loss. The first upload of ``f`` is stored but its
+    answer is lost, so the put stays journaled for a retry. A write made before the retry joins
+    that same put (it is still waiting), so the retry uploads newer bytes under the *same* op
+    name. The retry's conditional PUT gets 412, the HEAD finds an object carrying that op name,
+    and it is taken as the retry's own success, although it holds the bytes of before the write:
+    the op leaves the journal, the staging file retires under the old object's ETag, and the
+    acknowledged write never reaches the bucket (reads return the old bytes too). Issue 11:
+    "our own retried PUT is not a conflict": ours means our *content*, not only our op name."""
+    v1, v2 = payload(80, 5000), payload(81, 7000)
+    async with running(world.home, world.moto.endpoint_url, world.name, Options(delay=0.0)) as stack:
+        stack.store.act_then_fail("put_file", times=1)
+        await stack.create("f", v1)
+        await wait_for(lambda: stack.wb.stats.uploads_failed >= 1, 10.0, "the first upload losing its answer")
+        assert world.bucket.get("f") == v1  # stored by the server; the retry is due in a second
+        await stack.write_open("f", v2, truncate=truncate, close=False)  # the retry waits for close
+        final = v2 if truncate else v2 + v1[len(v2) :]
+        assert await stack.read("f") == final
+        await stack.close_writer("f")
+        await stack.flush()
+        assert world.bucket.get("f") == final, "the write made before the retry never reached the bucket"
+        await assert_clean(stack, world, {"f": final})
+        assert await stack.read("f") == final
+
+
 @pytest.mark.parametrize("method", ["copy", "delete"])
 async def test_a_lost_answer_to_a_copy_or_delete_is_retried_harmlessly(world: World, method: str) -> None:
     """Renames of uploaded files (server-side copy + delete) and unlinks must be idempotent: a
@@ -305,6 +333,33 @@ async def test_a_staging_file_retires_whichever_upload_of_a_renamed_file_ends_la
         assert await stack.read("g") == final
 
 
+async def test_a_read_after_rename_overwrite_rename_does_not_follow_a_stale_pending_copy(
+    world: World,
+) -> None:
+    """Found by the model test below. An uploaded file ``a`` is renamed to ``b`` (a server-side
+    copy a -> b is journaled and, here, held), overwritten with O_TRUNC and renamed again to
+    ``c``. Its new bytes are uploaded to ``c`` and its staging file retires, but reads still look
+    for the data under the pending copy's source ``a``, with the ETag of the object at ``c``: the
+    GET gets 412 and the read fails (EIO through FUSE), although nothing outside tierfs changed.
+    Issue 11: "tierfs must never fail a read because of its own upload"."""
+    old, new = payload(70, 40_000), payload(71, 30_000)
+    async with running(world.home, world.moto.endpoint_url, world.name, Options(delay=0.0)) as stack:
+        await stack.create("a", old)
+        await stack.flush()
+        stack.store.stall("copy", 30.0, times=1)
+        await stack.rename("a", "b")
+        await wait_stalled(stack.store)
+        await stack.write_open("b", new, truncate=True)
+        await stack.rename("b", "c")
+        await wait_for(lambda: "c" in world.bucket.list_keys(), 10.0, "the upload of the new bytes to c")
+        await wait_for(lambda: not stack.staged_files(), 10.0, "the staging file of c retiring")
+        assert await stack.read("c") == new
+        stack.store.release()
+        await stack.flush()
+        await assert_clean(stack, world, {"c": new})
+        assert await stack.read("c") == new
+
+
 @pytest.mark.parametrize("writer", ["closed", "still-open"])
 async def test_bytes_written_during_an_upload_never_retire_under_its_etag(world: World, writer: str) -> None:
     """A write that lands while the previous version's upload is on the wire: when that upload
@@ -346,6 +401,83 @@ async def test_bytes_written_during_an_upload_never_retire_under_its_etag(world:
         assert await stack.read("f") == v2_bytes
         stack.hydrator.hot.clear()  # from the disk cache or the bucket now, not from memory
         assert await stack.read("f") == v2_bytes
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_random_changes_racing_slow_and_lost_uploads_match_a_model(world: World, seed: int) -> None:
+    """A small reference model in one process: random creates, overwrites (O_TRUNC and in place),
+    truncates, renames (onto existing names too) and deletes of a few names, each made while
+    earlier uploads of the same files are still running (no write-back delay, slow PUTs, some
+    answers lost). After every step every name reads as the model says; after the flush the
+    bucket equals the model, with no conflict, and the journal is empty."""
+    rng = random.Random(seed)
+    names = [f"n{i}" for i in range(5)]
+    model: dict[str, bytes] = {}
+    history: list[str] = []
+    async with running(
+        world.home, world.moto.endpoint_url, world.name, Options(delay=0.0, seed=seed)
+    ) as stack:
+        stack.store.delay("put_file", 0.15, probability=0.5)
+        stack.store.act_then_fail("put_file", probability=0.15)
+        stack.store.delay("copy", 0.1, probability=0.5)
+        for step in range(60):
+            name = rng.choice(names)
+            body = rng.randbytes(rng.choice((0, 1, 5000, 70_000, 300_000)))
+            detail = ""
+            if name not in model:
+                await stack.create(name, body)
+                model[name] = body
+                action = "create"
+            else:
+                action = rng.choice(("overwrite", "in-place", "truncate", "rename", "remove"))
+                if action == "overwrite":
+                    await stack.write_open(name, body, truncate=True)
+                    model[name] = body
+                elif action == "in-place":
+                    old = model[name]
+                    patch = body[: max(1, len(old) // 2)]
+                    await stack.write_open(name, patch, truncate=False)
+                    model[name] = patch + old[len(patch) :]
+                elif action == "truncate":
+                    size = rng.randrange(0, len(model[name]) + 1)
+                    await stack.truncate(name, size)
+                    model[name] = model[name][:size]
+                    detail = f" to {size}"
+                elif action == "rename":
+                    target = rng.choice([n for n in names if n != name])
+                    await stack.rename(name, target)
+                    model[target] = model.pop(name)
+                    detail = f" to {target}"
+                else:
+                    await stack.remove(name)
+                    del model[name]
+            history.append(
+                f"{step}: {action} {name}{detail} -> {sorted((k, len(v)) for k, v in model.items())}"
+            )
+            for each, expected in model.items():
+                try:
+                    got = await stack.read(each)
+                except StoreError as exc:
+                    raise AssertionError(
+                        f"step {step}: reading {each} failed: {exc!r}\n{trail(history)}"
+                    ) from exc
+                assert got == expected, (
+                    f"step {step}: {each} reads {len(got)} bytes, not the model's {len(expected)}\n"
+                    + trail(history)
+                )
+            await trio.sleep(rng.choice((0.0, 0.0, 0.05, 0.2)))
+        stack.store.clear()
+        await stack.flush()
+        stored = world.bucket.contents()
+        wrong = sorted(k for k in set(stored) | set(model) if stored.get(k) != model.get(k))
+        assert wrong == [], f"the bucket differs from the model at {wrong}\n{trail(history)}"
+        await assert_clean(stack, world, dict(model), staging=False)
+        for each, expected in model.items():
+            assert await stack.read(each) == expected
+
+
+def trail(history: list[str]) -> str:
+    return "history (step: action name -> model sizes):\n" + "\n".join(history)
 
 
 # --------------------------------------------------------------------------- real conflicts
