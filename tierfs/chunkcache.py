@@ -3,7 +3,8 @@
 The cache outlives the mount (unlike mountpoint-s3's), so warm data survives a remount. It is a plain
 blocking library: the hydrator calls it from worker threads, and every public method is thread-safe. The
 one exception to "never on the trio loop" is the hydrator's read of a small object's cached block
-(``hydrator.LOOP_READ_MAX``), measured cheaper than the thread hop (docs/design.md). The on-disk format and the policies are described in docs/cache-format.md.
+(``hydrator.LOOP_READ_MAX``), measured cheaper than the thread hop (docs/design.md). The on-disk
+format and the policies are described in docs/cache-format.md.
 
 Who is the authority for what:
 
