@@ -94,6 +94,42 @@ def test_lost_put_answers_leave_exactly_our_files_and_no_conflict(
         mount.umount()
 
 
+def test_a_write_while_a_lost_upload_waits_for_its_retry_reaches_the_bucket(
+    seaweed: SeaweedFS, bucket: Callable[..., str], mounter: Mounter
+) -> None:
+    """The first PUT of ``f`` is stored but its answer lost; with ``--retries 0`` write-back
+    retries it a second later. A write made in that second must reach the bucket: the retry's
+    412 finds an object named after the same journaled op, but with the bytes of before the
+    write (tests/test_writeback_direct.py shows why below the mount)."""
+    name = bucket()
+    v1, v2 = random.Random(90).randbytes(5000), random.Random(91).randbytes(7000)
+    rules = [Rule("lose", methods={"PUT"}, path=rf"^/{name}/f(\?|$)", count=1)]
+    with FaultProxy(seaweed.endpoint_url, rules) as proxy:
+        mount = mounter(
+            f"s3://{name}",
+            "--writeback-delay",
+            "0s",
+            "--retries",
+            "0",
+            "--timeout",
+            "10",
+            endpoint_url=proxy.endpoint_url,
+        )
+        (mount.path / "f").write_bytes(v1)
+        wait_until(lambda: proxy.counts["lose"] == 1, 30.0, "the answer to the first PUT of f lost")
+        with open(mount.path / "f", "r+b") as fh:  # open before the retry is due, write, close
+            fh.write(v2)
+        tierfs_ok("flush", str(mount.path))
+        stored = bucket_objects(seaweed.endpoint_url, name)
+        assert sorted(stored) == ["f"], sorted(stored)
+        assert stored["f"] == v2, (
+            f"the bucket holds {len(stored['f'])} bytes, not the last write{log_tail(mount)}"
+        )
+        assert (mount.path / "f").read_bytes() == v2
+        assert mount.status()["conflicts"] == 0
+        mount.umount()
+
+
 def test_kill9_during_a_multipart_upload_leaves_no_orphan_after_replay(
     seaweed: SeaweedFS, bucket: Callable[..., str], mounter: Mounter
 ) -> None:
