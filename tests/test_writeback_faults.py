@@ -130,6 +130,40 @@ def test_a_write_while_a_lost_upload_waits_for_its_retry_reaches_the_bucket(
         mount.umount()
 
 
+def test_a_file_renamed_overwritten_and_renamed_again_reads_while_the_first_copy_waits(
+    seaweed: SeaweedFS, bucket: Callable[..., str], mounter: Mounter
+) -> None:
+    """``mv a b`` journals a server-side copy a -> b (held here by the proxy); ``b`` is then
+    overwritten and moved to ``c``, whose upload finishes. Reading ``c`` must give the new bytes,
+    not EIO: the read must not look for them under the copy's source ``a`` with the ETag of
+    ``c``'s object (412), which is what the direct test shows happening below the mount."""
+    name = bucket()
+    old, new = random.Random(92).randbytes(40_000), random.Random(93).randbytes(30_000)
+    with FaultProxy(seaweed.endpoint_url, []) as proxy:
+        mount = mounter(
+            f"s3://{name}", "--writeback-delay", "0s", "--timeout", "60", endpoint_url=proxy.endpoint_url
+        )
+        (mount.path / "a").write_bytes(old)
+        tierfs_ok("flush", str(mount.path))
+        proxy.set_rules([Rule("stall", methods={"PUT"}, path=rf"^/{name}/b(\?|$)", count=1, stall_max=120.0)])
+        (mount.path / "a").rename(mount.path / "b")
+        wait_until(lambda: proxy.stalled >= 1, 30.0, "the copy a -> b held by the proxy")
+        (mount.path / "b").write_bytes(new)
+        (mount.path / "b").rename(mount.path / "c")
+        wait_until(lambda: "c" in bucket_objects(seaweed.endpoint_url, name), 30.0, "c uploaded")
+        staging = mount.cache_dir / "staging"
+        wait_until(lambda: not any(p.is_file() for p in staging.iterdir()), 30.0, "c's staging file retired")
+        try:
+            got = (mount.path / "c").read_bytes()
+        finally:
+            proxy.release()
+        assert got == new, "c reads other bytes than its last write"
+        tierfs_ok("flush", str(mount.path))
+        stored = bucket_objects(seaweed.endpoint_url, name)
+        assert stored == {"c": new}, sorted(stored)
+        mount.umount()
+
+
 def test_kill9_during_a_multipart_upload_leaves_no_orphan_after_replay(
     seaweed: SeaweedFS, bucket: Callable[..., str], mounter: Mounter
 ) -> None:
