@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tierfs import metrics
+from tierfs.units import split_addr
 from tools.servers import free_port
 
 STATUS: dict[str, Any] = {
@@ -150,9 +151,10 @@ def test_address_in_use_fails_loudly() -> None:
     [("127.0.0.1:9100", ("127.0.0.1", 9100)), ("[::1]:80", ("::1", 80)), (":9100", ("0.0.0.0", 9100))],
 )
 def test_split_addr(addr: str, expected: tuple[str, int]) -> None:
-    assert metrics.split_addr(addr) == expected
+    assert split_addr(addr) == expected
 
 
-def test_split_addr_rejects_garbage() -> None:
+@pytest.mark.parametrize("addr", ["localhost", "host:99999", "[::1:80"])
+def test_split_addr_rejects_garbage(addr: str) -> None:
     with pytest.raises(ValueError, match="HOST:PORT"):
-        metrics.split_addr("localhost")
+        split_addr(addr)

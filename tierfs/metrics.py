@@ -24,6 +24,8 @@ from prometheus_client import Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from .units import split_addr
+
 log = logging.getLogger(__name__)
 
 StatusFn = Callable[[], Mapping[str, Any]]
@@ -145,15 +147,6 @@ def _read_bytes_family(status: Mapping[str, Any]) -> Iterator[Metric]:
             found = True
     if found:
         yield family
-
-
-def split_addr(addr: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all interfaces) -> (host, port)."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"invalid metrics address {addr!r} (expected HOST:PORT)")
-    host = host.removeprefix("[").removesuffix("]")
-    return host or "0.0.0.0", int(port)
 
 
 class MetricsServer:

@@ -34,6 +34,17 @@ def parse_duration(text: str, *, allow_indefinite: bool = False) -> float:
     return float(number) * _DURATION_FACTORS[unit]
 
 
+def split_addr(addr: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all interfaces) -> (host, port); ValueError if not."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"invalid address {addr!r} (expected HOST:PORT)")
+    if host.startswith("[") != host.endswith("]"):
+        raise ValueError(f"invalid address {addr!r} (expected HOST:PORT or [IPV6]:PORT)")
+    host = host.removeprefix("[").removesuffix("]")
+    return host or "0.0.0.0", int(port)
+
+
 def format_bytes(n: float) -> str:
     """Render a byte count for humans (``1.5 GiB``)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
