@@ -14,7 +14,9 @@ covers the same rules below the mount, where races can be set up precisely):
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import random
 from collections.abc import Callable
 
@@ -161,6 +163,41 @@ def test_a_file_renamed_overwritten_and_renamed_again_reads_while_the_first_copy
         tierfs_ok("flush", str(mount.path))
         stored = bucket_objects(seaweed.endpoint_url, name)
         assert stored == {"c": new}, sorted(stored)
+        mount.umount()
+
+
+def test_fsync_after_a_failed_upload_tries_again(
+    seaweed: SeaweedFS, bucket: Callable[..., str], mounter: Mounter
+) -> None:
+    """fsync(2) returns EIO when its upload fails (here: 503 on every PUT, no retries). Once the
+    server answers again, the next fsync must upload the file and succeed, not repeat the error
+    recorded by the attempt before (an application retrying fsync would otherwise see EIO until
+    the background retry happens to run)."""
+    name = bucket()
+    data = random.Random(94).randbytes(20_000)
+    rules = [Rule("error", methods={"PUT"}, path=OBJECT_PATH, statuses=(503,))]
+    with FaultProxy(seaweed.endpoint_url, rules) as proxy:
+        mount = mounter(
+            f"s3://{name}",
+            "--writeback-delay",
+            "1h",
+            "--retries",
+            "0",
+            "--timeout",
+            "5",
+            endpoint_url=proxy.endpoint_url,
+        )
+        fd = os.open(mount.path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+            with pytest.raises(OSError) as failed:
+                os.fsync(fd)
+            assert failed.value.errno == errno.EIO
+            proxy.set_rules([])
+            os.fsync(fd)  # the server is back: this one must upload
+        finally:
+            os.close(fd)
+        assert bucket_objects(seaweed.endpoint_url, name) == {"f": data}
         mount.umount()
 
 
