@@ -95,25 +95,14 @@ class ControlOps:
 
     async def files(self, paths: list[str], recursive: bool) -> AsyncIterator[tuple[str, Inode]]:
         """Yield (path, file inode) for the given paths; directories only with ``recursive``."""
-        ns = self.ns
         for path in paths:
             root = await self.resolve(path)
-            top = path.strip("/")
-            stack = [("" if top == "." else top, root)]
-            while stack:
-                rel, node = stack.pop()
+            top = "" if path.strip("/") == "." else path.strip("/")
+            if root.is_dir and not recursive:
+                raise IsADirectoryError(f"{top or '/'} is a directory (use --recursive)")
+            async for rel, node in self.ns.walk(root):
                 if not node.is_dir:
-                    yield rel, node
-                    continue
-                if not recursive and node is not root:
-                    continue
-                if not recursive:
-                    raise IsADirectoryError(f"{rel or '/'} is a directory (use --recursive)")
-                await ns.ensure_listed(node.ino)
-                for name, ino in reversed(list(ns.children(node.ino))):
-                    child = ns.get(ino)
-                    if child is not None:
-                        stack.append((f"{rel}/{name}".lstrip("/"), child))
+                    yield f"{top}/{rel}".strip("/"), node
 
     # -- operations --------------------------------------------------------------------------------------
 
@@ -250,15 +239,12 @@ class ControlOps:
                     await ns.ensure_listed(node.parent, force=True)
                     listed += 1
                     continue
-                stack = [node.ino]
-                while stack:
-                    ino = stack.pop()
-                    await ns.ensure_listed(ino, force=True)
+                if not recursive:
+                    await ns.ensure_listed(node.ino, force=True)
                     listed += 1
-                    if recursive:
-                        stack.extend(
-                            c for _, c in ns.children(ino) if (n := ns.get(c)) is not None and n.is_dir
-                        )
+                    continue
+                async for _, below in ns.walk(node, force=True):
+                    listed += below.is_dir
         except (NotFound, StoreError, OSError) as exc:
             raise control.ControlError(str(exc)) from None
         return {"directories_listed": listed}

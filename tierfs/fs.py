@@ -429,14 +429,8 @@ class TierOperations(pyfuse3.Operations):
 
     async def _list_subtree(self, ino: int) -> None:
         """A directory rename moves every key below it; the namespace must know them all first."""
-        stack = [ino]
-        while stack:
-            current = stack.pop()
-            await self.ns.ensure_listed(current)
-            for _, child in self.ns.children(current):
-                node = self.ns.get(child)
-                if node is not None and node.is_dir:
-                    stack.append(child)
+        async for _ in self.ns.walk(self._inode(ino)):
+            pass
 
     @handler
     async def setattr(

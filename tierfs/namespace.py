@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
@@ -211,6 +211,21 @@ class Namespace:
                         log.debug("listing ahead of inode %d failed: %s", target, exc)
 
             self.spawn(list_child)
+
+    async def walk(self, root: Inode, *, force: bool = False) -> AsyncIterator[tuple[str, Inode]]:
+        """Every entry at and below ``root`` as (path relative to it, record), depth first, names in
+        order; each directory is listed (``ensure_listed``, ``force`` to relist) before its entries."""
+        stack = [("", root)]
+        while stack:
+            rel, node = stack.pop()
+            yield rel, node
+            if not node.is_dir:
+                continue
+            await self.ensure_listed(node.ino, force=force)
+            for name, ino in reversed(list(self.children(node.ino))):
+                child = self.get(ino)
+                if child is not None:
+                    stack.append((f"{rel}/{name}".lstrip("/"), child))
 
     # -- listing (worker thread) -----------------------------------------------------------------------
 
