@@ -152,10 +152,11 @@ async def test_a_write_between_a_lost_answer_and_its_retry_reaches_the_bucket(
     that same put (it is still waiting), so the retry uploads newer bytes under the *same* op
     name. The retry's conditional PUT gets 412, the HEAD finds an object carrying that op name,
     and it is taken as the retry's own success, although it holds the bytes of before the write:
-    the op leaves the journal, the staging file retires under the old object's ETag, and the
-    acknowledged write never reaches the bucket (reads return the old bytes too). Issue 11:
-    "our own retried PUT is not a conflict": ours means our *content*, not only our op name."""
-    v1, v2 = payload(80, 5000), payload(81, 7000)
+    the op leaves the journal and the acknowledged write never reaches the bucket. Worse, the
+    staging file (new bytes) retires into the chunk cache under the old object's ETag, so reads
+    keep showing the new bytes until that block is evicted, then the old ones. Issue 11: "our
+    own retried PUT is not a conflict": ours means our *content*, not only our op name."""
+    v1, v2 = payload(80, 5000), payload(81, 3000)
     async with running(world.home, world.moto.endpoint_url, world.name, Options(delay=0.0)) as stack:
         stack.store.act_then_fail("put_file", times=1)
         await stack.create("f", v1)
@@ -168,6 +169,8 @@ async def test_a_write_between_a_lost_answer_and_its_retry_reaches_the_bucket(
         await stack.flush()
         assert world.bucket.get("f") == final, "the write made before the retry never reached the bucket"
         await assert_clean(stack, world, {"f": final})
+        for index, block in enumerate(stack.cached_blocks("f", hashlib.md5(v1).hexdigest(), len(v1))):
+            assert block is None or block == v1, f"block {index} cached under v1's ETag holds other bytes"
         assert await stack.read("f") == final
 
 
