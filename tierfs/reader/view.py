@@ -1,0 +1,269 @@
+"""A read-only view of one mount's cache directory, shared by every file a process opens.
+
+Why the reader opens the daemon's own LMDB environments read-only instead of asking the
+daemon: the namespace (``meta`` env, ``ns.inodes``) already maps each inode number to the
+key, ETag, size, mtime and flags the daemon itself uses when it opens the file, and the
+chunk index (``index`` env) says which blocks of that version are cached. Reading both
+costs a few microseconds and no round trip, and there is nothing to keep in sync: the
+reader sees exactly the records the daemon acts on. LMDB is made for this (one writer,
+many reader processes), with readers registered in the lock file's reader table so that
+the writer never reuses a page a reader is looking at. That is why the lock files must be
+writable for readers (docs/reader.md, containers) and why a reader refuses an environment
+whose lock file is not the one the daemon uses.
+
+What is checked, and where it falls back (never a wrong or stale byte):
+
+* ``Fallback("not_tierfs" | "unreadable" | "format")`` when the path is not on a tierfs
+  mount, the cache directory cannot be read or locked, the daemon's heartbeat is stale, or
+  the cache is of another format / block size / schema;
+* ``"version"`` when the kernel's stat (size, mtime) does not match the namespace record;
+* ``"dirty"`` when the record is flagged LOCAL, has no ETag yet, or a staging file exists
+  (write-back owns the bytes; only the mount serves them);
+* per block: ``"miss"`` (not indexed), ``"corrupt"`` (failed validation), ``"evicted"``
+  (the index entry or the file changed while it was read: detected afterwards, not just
+  made unlikely).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from ..chunkcache import (
+    _META_BLOCK_SIZE,
+    _META_FORMAT,
+    _RECORD,
+    FORMAT_VERSION,
+    BlockReader,
+    ChunkKey,
+    _Invalid,
+)
+from ..metadb import MAP_SIZE, SCHEMA_VERSION
+from ..records import Flag, Inode, Kind, ino_key
+from . import protocol
+
+HEARTBEAT_CHECK = 1.0  # seconds between re-reads of reader.json
+# LMDB environments inherited through fork() must never be closed in the child: closing
+# clears reader slots by the pid recorded at open (the parent's). They are parked here.
+_ORPHANED_ENVS: list[Any] = []
+
+
+class Fallback(Exception):
+    """This read (or this file) must go through the mount; ``reason`` is one of protocol.REASONS."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Version:
+    """The version of a file a direct read serves: what the daemon would pin at open."""
+
+    ino: int
+    bucket: str
+    key: str
+    etag: str
+    size: int
+    mtime_ns: int
+
+
+def _open_env(path: Path) -> Any:
+    lock = path / "lock.mdb"
+    # LMDB opens a lock file it cannot write *without* a reader slot (EROFS is tolerated):
+    # the writer could then reuse pages under us. Refuse that instead.
+    if not os.access(lock, os.R_OK | os.W_OK) or not os.access(path / "data.mdb", os.R_OK):
+        raise Fallback("unreadable", f"{path}: the LMDB files are not readable and lockable")
+    try:
+        return lmdb.open(
+            str(path), readonly=True, lock=True, create=False, max_dbs=32, map_size=MAP_SIZE,
+            readahead=False, max_readers=256, subdir=True,
+        )  # fmt: skip
+    except lmdb.Error as exc:
+        raise Fallback("unreadable", f"{path}: {exc}") from None
+
+
+class CacheView:
+    """One cache directory opened for direct reads by this process."""
+
+    def __init__(self, root: Path, dev: int) -> None:
+        self.root = root
+        self.dev = dev
+        self.pid = os.getpid()
+        self.published = self._read_published()
+        self.bucket = str(self.published["bucket"])
+        self.block_size = int(self.published["block_size"])
+        self._chunk_dir = str(root / "chunks")
+        self._staging = str(root / "staging")
+        self._blocks = BlockReader(self.block_size)
+        self._meta_env = _open_env(root / "meta")
+        try:
+            self._index_env = _open_env(root / "index")
+        except Fallback:
+            self._meta_env.close()
+            raise
+        self._checked = time.monotonic()
+        try:
+            self._open_dbs()
+            self._check_locks()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_dbs(self) -> None:
+        try:
+            # Named databases of a read-only environment: opened outside any caller's transaction
+            # (py-lmdb then keeps the handle; one opened inside a read txn dies with it).
+            self._inodes = self._meta_env.open_db(b"ns.inodes", create=False)
+            meta = self._meta_env.open_db(b"meta", create=False)
+            self._chunks = self._index_env.open_db(b"cache.chunks", create=False)
+            cmeta = self._index_env.open_db(b"cache.meta", create=False)
+            with self._meta_env.begin(db=meta) as txn:
+                schema = txn.get(b"schema")
+            with self._index_env.begin(db=cmeta) as txn:
+                fmt, bs = txn.get(_META_FORMAT), txn.get(_META_BLOCK_SIZE)
+        except lmdb.Error as exc:
+            raise Fallback("format", f"{self.root}: {exc}") from None
+        if schema != SCHEMA_VERSION:
+            raise Fallback("format", f"namespace schema {schema!r}")
+        if fmt != FORMAT_VERSION.to_bytes(4, "little") or bs is None:
+            raise Fallback("format", f"cache format {fmt!r}")
+        if int.from_bytes(bs, "little") != self.block_size:
+            raise Fallback("format", "block size differs from the published one")
+
+    def _read_published(self) -> dict[str, Any]:
+        try:
+            record = json.loads((self.root / protocol.READER_FILE).read_text())
+        except FileNotFoundError:
+            raise Fallback("unreadable", f"{self.root}: no {protocol.READER_FILE} (no daemon)") from None
+        except (OSError, ValueError) as exc:
+            raise Fallback("unreadable", f"{self.root}: {exc}") from None
+        if not isinstance(record, dict) or record.get("protocol") != protocol.PROTOCOL:
+            raise Fallback("format", "reader protocol")
+        if record.get("format") != FORMAT_VERSION:
+            raise Fallback("format", f"cache format {record.get('format')!r}")
+        major, minor = record.get("dev", (-1, -1))
+        if os.makedev(major, minor) != self.dev:
+            raise Fallback("unreadable", f"{self.root} belongs to another mount")
+        if abs(time.time() - float(record.get("heartbeat", 0))) > protocol.HEARTBEAT_MAX_AGE:
+            raise Fallback("unreadable", f"{self.root}: the daemon's heartbeat is stale")
+        return record
+
+    def _check_locks(self) -> None:
+        locks = self.published.get("locks", {})
+        for name in ("meta", "index"):
+            try:
+                ident = protocol.lock_ident(self.root / name)
+            except OSError as exc:
+                raise Fallback("unreadable", str(exc)) from None
+            if ident != list(locks.get(name, ())):
+                raise Fallback("unreadable", f"{name}/lock.mdb is not the daemon's lock file")
+
+    def check_alive(self) -> None:
+        """At most once a second: is the daemon that published this cache still the one serving it?"""
+        now = time.monotonic()
+        if now - self._checked < HEARTBEAT_CHECK:
+            return
+        fresh = self._read_published()
+        if fresh.get("pid") != self.published.get("pid") or fresh.get("locks") != self.published.get("locks"):
+            raise Fallback("unreadable", "the cache was reopened by another daemon")
+        self.published = fresh
+        self._checked = now
+
+    def close(self) -> None:
+        for env in (getattr(self, "_meta_env", None), getattr(self, "_index_env", None)):
+            if env is None:
+                continue
+            if os.getpid() == self.pid:
+                env.close()
+            else:
+                _ORPHANED_ENVS.append(env)
+
+    # -- versions ---------------------------------------------------------------------------------------
+
+    def _record(self, ino: int) -> Inode | None:
+        with self._meta_env.begin(db=self._inodes, buffers=True) as txn:
+            raw = txn.get(ino_key(ino))
+            return Inode.unpack(ino, bytes(raw)) if raw is not None else None
+
+    def resolve(self, st: os.stat_result) -> Version:
+        """The version the daemon would serve for the file the kernel stat'ed, or Fallback."""
+        self.check_alive()
+        node = self._record(st.st_ino)
+        if node is None or node.kind is not Kind.FILE or not stat.S_ISREG(st.st_mode):
+            raise Fallback("version", "no file record for this inode")
+        if node.flags & Flag.LOCAL or not node.etag or self._staged(node.ino):
+            raise Fallback("dirty")
+        if node.size != st.st_size or node.mtime_ns != st.st_mtime_ns:
+            raise Fallback("version", "the kernel's attributes differ from the namespace record")
+        return Version(node.ino, self.bucket, node.key, node.etag, node.size, node.mtime_ns)
+
+    def still(self, version: Version) -> bool:
+        """Whether ``version`` is still what the daemon serves for its inode (clean, same ETag)."""
+        node = self._record(version.ino)
+        return (
+            node is not None
+            and not node.flags & Flag.LOCAL
+            and not self._staged(version.ino)
+            and (node.key, node.etag, node.size) == (version.key, version.etag, version.size)
+        )
+
+    def _staged(self, ino: int) -> bool:
+        try:
+            os.stat(f"{self._staging}/{ino}")
+        except FileNotFoundError:
+            return False
+        except OSError as exc:  # cannot tell: never guess that a file is clean
+            raise Fallback("unreadable", f"staging: {exc}") from None
+        return True
+
+    # -- blocks -----------------------------------------------------------------------------------------
+
+    def chunk_path(self, digest: bytes) -> str:
+        name = digest.hex()
+        return f"{self._chunk_dir}/{name[0:2]}/{name}"
+
+    def _indexed(self, digest: bytes) -> bytes | None:
+        with self._index_env.begin(db=self._chunks) as txn:
+            raw: bytes | None = txn.get(digest)
+            return raw
+
+    def read_block(self, version: Version, index: int, start: int, length: int) -> tuple[bytes, bytes]:
+        """(validated bytes of block ``index`` from ``start``, digest), exactly ``length`` of them.
+
+        After the read, the index entry must still be the one found before it (all fields
+        but the access time) and the path must still name the file that was read; otherwise
+        the block was evicted or rewritten meanwhile and the read falls back."""
+        ck = ChunkKey(version.bucket, version.key, version.etag, index)
+        digest = ck.digest()
+        before = self._indexed(digest)
+        if before is None:
+            raise Fallback("miss")
+        expected = min(self.block_size, version.size - index * self.block_size)
+        if _RECORD.unpack_from(before)[2] != expected:
+            raise Fallback("corrupt", "indexed length does not fit the object size")
+        path = self.chunk_path(digest)
+        try:
+            data, ident = self._blocks.read_ident(path, ck, start, length)
+        except _Invalid as bad:
+            reason = "evicted" if bad.ident is None and self._indexed(digest) is None else "corrupt"
+            raise Fallback(reason, str(bad)) from None
+        after = self._indexed(digest)
+        if after is None or after[8:] != before[8:]:
+            raise Fallback("evicted", "index entry changed during the read")
+        try:
+            st = os.stat(path)
+        except OSError:
+            raise Fallback("evicted", "file removed during the read") from None
+        if (st.st_dev, st.st_ino) != ident:
+            raise Fallback("evicted", "file replaced during the read")
+        if len(data) != length:
+            raise Fallback("corrupt", "short block")
+        return data, digest
