@@ -825,8 +825,10 @@ class StressReport:
             "  " + ", ".join(f"{k} {v}" for k, v in sorted(f.ops.items())),
         ]
         wrong = f.wrong_reads + self.final_wrong
-        lines.append(f"wrong reads: {len(wrong)}")
-        lines += [f"  {w.line()}" for w in wrong[:SHOWN]]
+        per_path = Counter(w.path for w in wrong)
+        lines.append(f"wrong reads: {len(wrong)}" + (f" on {len(per_path)} paths" if wrong else ""))
+        shown = list({w.path: w for w in reversed(wrong)}.values())[::-1]  # the first of each path
+        lines += [f"  ({per_path[w.path]}x) {w.line()}" for w in shown[:SHOWN]]
         lines.append(f"errors: {len(f.errors)}")
         lines += [f"  {e.line()}" for e in f.errors[:SHOWN]]
         lines.append(f"flush: exit {self.flush_rc} after {self.flush_seconds:.1f} s")
