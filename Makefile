@@ -30,7 +30,8 @@ define apt_install
 	fi
 endef
 
-.PHONY: all deps bench-deps venv .venv lint test demo bench bench-rss stress clean
+.PHONY: all deps bench-deps venv .venv lint test demo bench bench-rss stress clean \
+	install uninstall deb install-test deb-test container-test container-deps
 
 all: test
 
@@ -54,13 +55,20 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check tierfs tests tools
 	$(VENV)/bin/mypy
 
-# pytest exits 5 when it collected nothing; a test run that tested nothing must fail.
-test: deps $(STAMP) lint
-	@$(VENV)/bin/pytest; rc=$$?; \
-	if [ $$rc -eq 0 ]; then echo "make test: PASSED"; \
-	elif [ $$rc -eq 5 ]; then echo "make test: FAILED - pytest collected no tests (exit 5)"; rc=1; \
-	else echo "make test: FAILED - pytest exit status $$rc"; fi; \
+# Run pytest with the given arguments and say how it went; pytest exits 5 when it collected
+# nothing, and a test run that tested nothing must fail.
+define pytest_run
+	@$(VENV)/bin/pytest $(2); rc=$$?; \
+	if [ $$rc -eq 0 ]; then echo "make $(1): PASSED"; \
+	elif [ $$rc -eq 5 ]; then echo "make $(1): FAILED - pytest collected no tests (exit 5)"; rc=1; \
+	else echo "make $(1): FAILED - pytest exit status $$rc"; fi; \
 	exit $$rc
+endef
+
+# tests/test_install.py installs into the real /usr/local/bin, /sbin and dpkg database and
+# starts dockerd: it runs only through the three targets below (and .ci/run), not here.
+test: deps $(STAMP) lint
+	$(call pytest_run,test,--ignore=tests/test_install.py)
 
 demo: deps $(STAMP)
 	$(PY) -m tools.demo
@@ -77,6 +85,45 @@ STRESS_ARGS ?= --seconds 600 --threads 16 --busy 2
 
 stress: deps $(STAMP)
 	$(PY) -m tools.stress $(STRESS_ARGS)
+
+# --------------------------------------------------------------------------- installing
+# `make install` puts a self-contained virtualenv in PREFIX and links tierfs and
+# mount.tierfs where mount(8) finds them (see packaging/install.sh for why these places).
+PREFIX ?= /opt/tierfs
+DESTDIR ?=
+BINDIR ?= /usr/local/bin
+SBINDIR ?= /sbin
+UNITDIR ?= /usr/local/lib/systemd/system
+# The system's Python, which the .deb depends on (not whatever python3 is first on PATH).
+INSTALL_PYTHON ?= /usr/bin/python3
+INSTALL_VARS = PREFIX='$(PREFIX)' DESTDIR='$(DESTDIR)' BINDIR='$(BINDIR)' SBINDIR='$(SBINDIR)' \
+	UNITDIR='$(UNITDIR)' PYTHON='$(INSTALL_PYTHON)'
+
+install: deps
+	packaging/install.sh install $(INSTALL_VARS)
+
+uninstall:
+	packaging/install.sh uninstall $(INSTALL_VARS)
+
+# tierfs_<version>_<arch>.deb in DEB_DIR, holding the same layout (venv in /opt/tierfs).
+DEB_DIR ?= dist
+deb: deps
+	$(call apt_install,dpkg-dev)
+	PYTHON='$(INSTALL_PYTHON)' packaging/deb/build.sh '$(DEB_DIR)'
+
+# The slow, machine-changing tests of issue 17, each also run by .ci/run after `make test`.
+install-test: deps $(STAMP)
+	$(call pytest_run,install-test,tests/test_install.py::TestMakeInstall)
+
+deb-test: deps $(STAMP)
+	$(call apt_install,dpkg-dev)
+	$(call pytest_run,deb-test,tests/test_install.py::TestDebianPackage)
+
+container-deps:
+	$(call apt_install,docker.io busybox-static)
+
+container-test: deps container-deps $(STAMP)
+	$(call pytest_run,container-test,tests/test_install.py::TestContainer)
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache bench-out *.egg-info

@@ -602,8 +602,27 @@ def test_docs_mark_each_block_with_its_test() -> None:
     assert markers
     for marker in markers:
         assert "TODO" not in marker, marker
-        for ref in re.findall(r"tests/(\w+\.py)(?:::(\w+))?", marker):
-            module, test = ref
+        for ref in re.findall(r"tests/(\w+\.py)(?:::(\w+))?(?:::(\w+))?", marker):
+            module, first, second = ref
             text = (REPO_ROOT / "tests" / module).read_text()
-            if test:
-                assert re.search(rf"^def {test}\b", text, re.M), f"{module}::{test} in docs does not exist"
+            if first.startswith("Test"):  # a class, or one of its methods
+                assert re.search(rf"^class {first}\b", text, re.M), f"{module}::{first} does not exist"
+                if second:
+                    assert re.search(rf"^    def {second}\b", text, re.M), f"{first}::{second} absent"
+            elif first:
+                assert re.search(rf"^def {first}\b", text, re.M), f"{module}::{first} in docs does not exist"
+
+
+def test_machine_changing_install_tests_are_run_by_ci() -> None:
+    """`make test` leaves tests/test_install.py out, so each of its classes must have a Make
+    target and .ci/run must call every one of them; otherwise they would silently never run."""
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    classes = re.findall(r"^class (Test\w+)", (REPO_ROOT / "tests" / "test_install.py").read_text(), re.M)
+    assert sorted(classes) == ["TestContainer", "TestDebianPackage", "TestMakeInstall"]
+    assert "--ignore=tests/test_install.py" in makefile
+    for target, cls in (("install-test", "TestMakeInstall"), ("deb-test", "TestDebianPackage"),
+                        ("container-test", "TestContainer")):  # fmt: skip
+        rule = re.search(rf"^{target}:.*\n((?:\t.*\n)+)", makefile, re.M)
+        assert rule is not None and f"tests/test_install.py::{cls}" in rule[1], target
+        assert re.search(rf"^make {target}$", ci, re.M), f".ci/run does not run make {target}"

@@ -708,7 +708,49 @@ def build_parser() -> argparse.ArgumentParser:
     refresh.add_argument("paths", metavar="PATH")
     refresh.add_argument("--recursive", "-r", action="store_true", help="also below directories")
     refresh.set_defaults(func=_path_command("refresh", False))
+
+    doctor = sub.add_parser("doctor", help="check this machine for what mounts need, and say how to fix it")
+    doctor.add_argument(
+        "source", nargs="?", metavar="SOURCE", help="s3://BUCKET[/PREFIX]: also check the bucket"
+    )
+    for opt in MOUNT_OPTIONS:
+        if opt.name in DOCTOR_OPTIONS:
+            flags = [opt.flag]
+            if opt.parse is None:
+                doctor.add_argument(*flags, dest=opt.name, action="store_true", help=opt.help)
+            else:
+                doctor.add_argument(*flags, dest=opt.name, metavar=opt.metavar, default=None, help=opt.help)
+    doctor.add_argument(
+        "--timeout", type=_positive_seconds, default=5.0, metavar="SECONDS",
+        help="limit for reaching the endpoint and the bucket (default 5)",
+    )  # fmt: skip
+    # The PATH mount.fuse3's /bin/sh searches; unset by default, as mount(8) leaves it (tests).
+    doctor.add_argument("--mount-path", default=None, help=argparse.SUPPRESS)
+    doctor.set_defaults(func=cmd_doctor)
     return parser
+
+
+# What `tierfs doctor` takes from the mount options: the ones its checks depend on.
+DOCTOR_OPTIONS = frozenset(
+    {"endpoint_url", "region", "profile", "credentials_file", "cache_dir", "cache_size", "cache_min_free",
+     "allow_other"}
+)  # fmt: skip
+
+
+def cmd_doctor(ns: argparse.Namespace) -> int:
+    """Parse like ``mount`` (same option table, same endpoint fallback), check, report."""
+    from . import doctor  # lazy: boto3 is imported only for the checks
+
+    values: dict[str, Any] = {}
+    for opt in MOUNT_OPTIONS:
+        raw = getattr(ns, opt.name, None)
+        if opt.name in DOCTOR_OPTIONS and raw not in (None, False):
+            values[opt.target] = opt.convert(None if raw is True else raw, opt.flag)
+    if values.get("endpoint_url") is None:
+        values["endpoint_url"] = next((os.environ[v] for v in ENDPOINT_ENV if os.environ.get(v)), None)
+    source = Source.parse(ns.source) if ns.source else None
+    options = doctor.Options(source=source, timeout=ns.timeout, mount_path=ns.mount_path, **values)
+    return doctor.run(options)
 
 
 def _run(prog: str, action: Callable[[], int]) -> int:
