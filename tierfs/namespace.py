@@ -331,7 +331,8 @@ class Namespace:
         if existing is None:
             now = time.time_ns()
             self._insert(
-                txn, parent.ino, name, Kind.DIR, size=0, mtime_ns=now, key=parent.key + name + "/", etag=""
+                txn, parent.ino, name, Kind.DIR, size=0, mtime_ns=now,
+                key=child_key(parent.key, name, is_dir=True), etag="",
             )
 
     def _apply_file(
