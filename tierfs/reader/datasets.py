@@ -1,0 +1,164 @@
+"""PyTorch datasets over a tierfs mount, read through :mod:`tierfs.reader`; importable without torch.
+
+* :class:`FileDataset`, map-style: every file under a directory, listed once at construction
+  in a stable (sorted) order, so every DataLoader worker and every rank agrees on what index
+  ``i`` is; item ``i`` is the file's bytes, or ``transform(bytes)``.
+* :class:`ShardDataset`, iterable: tar shards (WebDataset style: members sharing a basename
+  up to the first dot form one sample), split across ranks and DataLoader workers so each
+  shard is read by exactly one worker of one rank per epoch.
+
+Without torch the classes are plain Python objects with the same behaviour (the base classes
+are only what makes DataLoader accept them), so preprocessing code can use them too.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from .core import Reader, default_reader
+
+
+def _torch_data() -> Any:
+    """torch.utils.data, or None: torch is an optional extra (tierfs[torch])."""
+    try:
+        import torch.utils.data as data
+    except ImportError:
+        return None
+    return data
+
+
+_data: Any = _torch_data()
+_MapBase: Any = _data.Dataset if _data is not None else object
+_IterBase: Any = _data.IterableDataset if _data is not None else object
+
+
+def _worker_info() -> Any:
+    return _data.get_worker_info() if _data is not None else None
+
+
+def _list_files(root: str, extensions: Sequence[str] | None) -> list[str]:
+    out: list[str] = []
+    for directory, dirs, names in os.walk(root):
+        dirs.sort()
+        for name in sorted(names):
+            if extensions is None or name.endswith(tuple(extensions)):
+                out.append(os.path.join(directory, name))
+    out.sort()
+    return out
+
+
+class FileDataset(_MapBase):  # type: ignore[misc]
+    """Map-style dataset of the files under ``root``: ``ds[i]`` is their bytes or ``transform(bytes)``."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        transform: Callable[[bytes], Any] | None = None,
+        *,
+        extensions: Sequence[str] | None = None,
+        reader: Reader | None = None,
+    ) -> None:
+        self.root = os.fspath(root)
+        self.files = _list_files(self.root, extensions)  # once: a listing per epoch costs LISTs
+        self.transform = transform
+        self._reader = reader
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Any:
+        reader = self._reader or default_reader()
+        with reader.open(self.files[index], buffering=0) as f:
+            data = f.read()
+        return self.transform(data) if self.transform is not None else data
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except ImportError:
+        pass
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def split_shards(
+    shards: Sequence[str], rank: int, world_size: int, worker: int, workers: int
+) -> list[str]:
+    """The shards of one (rank, worker): every ``world_size * workers``-th, so each shard goes to
+    exactly one of them and the counts differ by at most one."""
+    slot, slots = rank * workers + worker, world_size * workers
+    return [s for i, s in enumerate(shards) if i % slots == slot]
+
+
+class ShardDataset(_IterBase):  # type: ignore[misc]
+    """Iterable dataset of WebDataset-style tar shards; yields ``{"__key__": KEY, EXT: bytes, ...}``
+    (or ``transform(sample)``). ``shuffle`` reorders the shards with ``seed + epoch`` before they
+    are split (call :meth:`set_epoch` each epoch), the same order on every rank."""
+
+    def __init__(
+        self,
+        shards: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+        transform: Callable[[dict[str, Any]], Any] | None = None,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        reader: Reader | None = None,
+    ) -> None:
+        if isinstance(shards, str | os.PathLike):
+            self.shards = _list_files(os.fspath(shards), (".tar",))
+        else:
+            self.shards = [os.fspath(s) for s in shards]
+        self.transform = transform
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.rank, self.world_size = rank, world_size
+        self._reader = reader
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def my_shards(self) -> list[str]:
+        shards = list(self.shards)
+        if self.shuffle:
+            random.Random(self.seed + self.epoch).shuffle(shards)
+        rank, world = _rank_and_world(self.rank, self.world_size)
+        info = _worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return split_shards(shards, rank, world, worker, workers)
+
+    def __iter__(self) -> Iterator[Any]:
+        reader = self._reader or default_reader()
+        for shard in self.my_shards():
+            with reader.open(shard) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+                sample: dict[str, Any] = {}
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    base = os.path.basename(member.name)
+                    key, _, ext = base.partition(".")
+                    key = os.path.join(os.path.dirname(member.name), key)
+                    if sample and sample["__key__"] != key:
+                        yield self._emit(sample)
+                        sample = {}
+                    extracted = tar.extractfile(member)
+                    assert extracted is not None
+                    sample.setdefault("__key__", key)
+                    sample["__shard__"] = shard
+                    sample[ext] = extracted.read()
+                if sample:
+                    yield self._emit(sample)
+
+    def _emit(self, sample: dict[str, Any]) -> Any:
+        return self.transform(sample) if self.transform is not None else sample
