@@ -60,10 +60,20 @@ case ${PREFIX%/} in
         die "PREFIX=$PREFIX would be a shared system directory; use a directory of its own (default /opt/tierfs)" ;;
 esac
 
+# Directories outside PREFIX that install had to create, deepest last; uninstall removes
+# them again if they are empty (e.g. /usr/local/lib/systemd/system on a fresh machine).
+CREATED=()
+make_dir() {
+    local dir=$1 missing=()
+    while [ ! -d "$DESTDIR$dir" ]; do missing=("$dir" "${missing[@]}"); dir=$(dirname "$dir"); done
+    install -d -m 0755 "$DESTDIR$1"
+    CREATED+=("${missing[@]}")
+}
+
 # A link NAME -> TARGET, replacing an older link or copy of the same command.
 link() {
     local target=$1 name=$2
-    install -d -m 0755 "$(dirname "$DESTDIR$name")"
+    make_dir "$(dirname "$name")"
     ln -sfn "$target" "$DESTDIR$name"
 }
 
@@ -114,18 +124,20 @@ do_install() {
         "$SRC/packaging/fuse.conf.note" "$ROOT/share/tierfs/"
     install -m 0644 "$SRC/packaging/systemd/README" "$ROOT/share/tierfs/systemd.README"
     install -m 0644 "$SRC/docs/deployment.md" "$ROOT/share/tierfs/"
-    printf 'tierfs %s\nPREFIX=%s\nBINDIR=%s\nSBINDIR=%s\nUNITDIR=%s\n' \
-        "$version" "$PREFIX" "$BINDIR" "$SBINDIR" "$UNITDIR" > "$ROOT/$MARKER"
-
     link "$PREFIX/bin/tierfs" "$BINDIR/tierfs"
     link "$PREFIX/bin/mount.tierfs" "$SBINDIR/mount.tierfs"
-    install -d -m 0755 "$DESTDIR$UNITDIR"
+    make_dir "$UNITDIR"
     # The unit runs the tierfs this install put in BINDIR and points at the installed docs.
     sed -e "s|/usr/local/bin/tierfs|$BINDIR/tierfs|g" \
         -e "s|file:///usr/share/doc/tierfs/|file://$PREFIX/share/tierfs/|" \
         "$SRC/packaging/systemd/tierfs@.service" \
         > "$DESTDIR$UNITDIR/tierfs@.service"
     chmod 0644 "$DESTDIR$UNITDIR/tierfs@.service"
+    {
+        printf 'tierfs %s\nPREFIX=%s\nBINDIR=%s\nSBINDIR=%s\nUNITDIR=%s\n' \
+            "$version" "$PREFIX" "$BINDIR" "$SBINDIR" "$UNITDIR"
+        for dir in "${CREATED[@]}"; do printf 'CREATED=%s\n' "$dir"; done
+    } > "$ROOT/$MARKER"
     echo "installed tierfs $version: $DESTDIR$BINDIR/tierfs, $DESTDIR$SBINDIR/mount.tierfs," \
         "$DESTDIR$UNITDIR/tierfs@.service, example env file in $ROOT/share/tierfs/"
 }
@@ -139,8 +151,13 @@ do_uninstall() {
         echo "removed $unit"
     fi
     if [ -e "$ROOT/$MARKER" ]; then
+        local created
+        created=$(sed -n 's/^CREATED=//p' "$ROOT/$MARKER" | sort -r)  # deepest first
         rm -rf "$ROOT"
         echo "removed $ROOT"
+        while read -r dir; do
+            [ -n "$dir" ] && rmdir "$DESTDIR$dir" 2>/dev/null && echo "removed $DESTDIR$dir"
+        done <<< "$created"
     elif [ -e "$ROOT" ]; then
         die "$ROOT was not made by make install (no $MARKER); not removing it"
     fi

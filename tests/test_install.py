@@ -87,6 +87,25 @@ def refuse_foreign(paths: list[Path]) -> None:
     assert not present, f"already on this machine, not replacing: {present} (uninstall it first)"
 
 
+@contextlib.contextmanager
+def links_set_aside(paths: list[Path]) -> Iterator[None]:
+    """Symlinks already at ``paths`` (say, a link to a checkout's virtualenv left by an
+    interrupted test_deployment run) are moved away for the test and put back after it;
+    anything that is not a symlink is someone's install and fails the test instead."""
+    saved: dict[Path, str] = {}
+    for path in paths:
+        if path.is_symlink():
+            saved[path] = os.readlink(path)
+            path.unlink()
+    try:
+        refuse_foreign(paths)
+        yield
+    finally:
+        for path, target in saved.items():
+            if not os.path.lexists(path):
+                path.symlink_to(target)
+
+
 def fstab_mount(
     mounts: SystemMounts,
     tmp_path: Path,
@@ -133,10 +152,26 @@ class Installed:
         self.src = root / "src"
         self.prefix = root / "opt" / "tierfs"
         self.make_output = ""
+        # Directories install will have to create for the unit; uninstall must remove them again.
+        self.missing_dirs = [d for d in (INSTALL_UNIT.parent, INSTALL_UNIT.parent.parent) if not d.exists()]
 
     @property
     def make_vars(self) -> list[str]:
         return [f"PREFIX={self.prefix}", f"INSTALL_PYTHON={SYSTEM_PYTHON}"]
+
+    def install(self) -> Installed:
+        started = time.monotonic()
+        self.make_output = must(["make", "-C", str(self.src), "install", *self.make_vars], INSTALL_TIMEOUT)
+        print(f"make install took {time.monotonic() - started:.1f} s")
+        shutil.rmtree(self.src)  # "works after the checkout moves"
+        return self
+
+    def cleanup(self) -> None:
+        """Uninstall; then, belt and braces, remove any link into our prefix still there."""
+        self.uninstall()
+        for path in [*INSTALL_LINKS, INSTALL_UNIT]:
+            if path.is_symlink() and os.readlink(path).startswith(str(self.prefix)):
+                path.unlink()
 
     def uninstall(self) -> subprocess.CompletedProcess[str]:
         """`make uninstall` from the checkout (the copy installed from is gone by then)."""
@@ -145,20 +180,13 @@ class Installed:
 
 @pytest.fixture(scope="class")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
-    refuse_foreign([*INSTALL_LINKS, INSTALL_UNIT])
     inst = Installed(tmp_path_factory.mktemp("install"))
     copy_sources(inst.src)
-    try:
-        started = time.monotonic()
-        inst.make_output = must(["make", "-C", str(inst.src), "install", *inst.make_vars], INSTALL_TIMEOUT)
-        print(f"make install took {time.monotonic() - started:.1f} s")
-        shutil.rmtree(inst.src)  # "works after the checkout moves"
-        yield inst
-    finally:
-        inst.uninstall()
-        for path in [*INSTALL_LINKS, INSTALL_UNIT]:  # belt and braces: only links into our prefix
-            if path.is_symlink() and os.readlink(path).startswith(str(inst.prefix)):
-                path.unlink()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(links_set_aside(INSTALL_LINKS))
+        refuse_foreign([INSTALL_UNIT])
+        stack.callback(inst.cleanup)
+        yield inst.install()
 
 
 class TestMakeInstall:
@@ -217,25 +245,17 @@ class TestMakeInstall:
         """What mount.fuse3 runs (``/bin/sh -c tierfs`` with no PATH) is the installed tierfs."""
         found = must(["env", "-i", "/bin/sh", "-c", "command -v tierfs"]).strip()
         assert found == "/usr/local/bin/tierfs"
-        assert (
-            must(["env", "-i", f"PATH={MINIMAL_PATH}", "tierfs", "--version"]).strip() == f"tierfs {VERSION}"
-        )
+        assert must(["env", "-i", "/bin/sh", "-c", "tierfs --version"]).strip() == f"tierfs {VERSION}"
+        keys = [
+            f"AWS_ACCESS_KEY_ID={ACCESS}",
+            f"AWS_SECRET_ACCESS_KEY={SECRET}",
+            "AWS_EC2_METADATA_DISABLED=true",
+        ]
+        cache = str(installed.prefix.parent / "cache")
         doctor = sh(
-            [
-                "env",
-                "-i",
-                f"PATH={MINIMAL_PATH}",
-                f"AWS_ACCESS_KEY_ID={ACCESS}",
-                f"AWS_SECRET_ACCESS_KEY={SECRET}",
-                "AWS_EC2_METADATA_DISABLED=true",
-                "tierfs",
-                "doctor",
-                "--endpoint-url",
-                seaweed.endpoint_url,
-                "--cache-dir",
-                str(installed.prefix.parent / "cache"),
-            ]
-        )
+            ["env", "-i", *keys, "/bin/sh", "-c", 'exec tierfs doctor "$@"', "sh",
+             "--endpoint-url", seaweed.endpoint_url, "--cache-dir", cache]
+        )  # fmt: skip
         assert doctor.returncode == 0, doctor.stdout + doctor.stderr
         assert re.search(r"^ok +mount helper", doctor.stdout, re.M), doctor.stdout
 
@@ -254,7 +274,7 @@ class TestMakeInstall:
     def test_uninstall_removes_exactly_what_install_added(self, installed: Installed) -> None:
         done = installed.uninstall()
         assert done.returncode == 0, done.stderr
-        for path in [*INSTALL_LINKS, INSTALL_UNIT, installed.prefix]:
+        for path in [*INSTALL_LINKS, INSTALL_UNIT, installed.prefix, *installed.missing_dirs]:
             assert not os.path.lexists(path), path
         again = installed.uninstall()  # idempotent
         assert again.returncode == 0, again.stderr
