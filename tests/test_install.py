@@ -69,6 +69,15 @@ def must(command: list[str], timeout: float = 120.0, env: dict[str, str] | None 
     return done.stdout
 
 
+def assert_unit_verifies(unit_dir: Path) -> None:
+    """systemd-analyze accepts the installed unit as is (its ExecStart= binary exists now)."""
+    done = sh(
+        ["systemd-analyze", "verify", "--man=no", "tierfs@mnt-data.service"],
+        env={**os.environ, "SYSTEMD_UNIT_PATH": f"{unit_dir}:"},
+    )
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
 def copy_sources(dest: Path) -> Path:
     """The files `make install` needs, copied away from the checkout (which is then deleted
     by the test, to prove the install does not depend on it)."""
@@ -222,6 +231,7 @@ class TestMakeInstall:
         assert os.readlink("/sbin/mount.tierfs") == str(prefix / "bin" / "mount.tierfs")
         unit = INSTALL_UNIT.read_text()
         assert "ExecStart=/usr/local/bin/tierfs mount " in unit
+        assert_unit_verifies(INSTALL_UNIT.parent)
         assert f"Documentation=file://{prefix}/share/tierfs/deployment.md" in unit
         assert (prefix / "share" / "tierfs" / "deployment.md").is_file()
         example = prefix / "share" / "tierfs" / "tierfs.env.example"
@@ -414,6 +424,7 @@ class TestDebianPackage:
             must(["env", "-i", f"PATH={MINIMAL_PATH}", "tierfs", "--version"]).strip() == f"tierfs {VERSION}"
         )
         assert os.path.realpath("/sbin/mount.tierfs") == "/opt/tierfs/bin/mount.tierfs"
+        assert_unit_verifies(Path("/lib/systemd/system"))
         # postinst byte-compiled the modules.
         assert list(Path("/opt/tierfs/lib").rglob("tierfs/__pycache__/cli.*.pyc"))
 
