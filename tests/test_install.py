@@ -198,6 +198,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
         yield inst.install()
 
 
+# The first test also pays for the build (pip downloads on a fresh machine): more than 300 s.
+@pytest.mark.timeout(INSTALL_TIMEOUT + 300)
 class TestMakeInstall:
     """`make install` with PREFIX in a temporary directory; links in /usr/local/bin and /sbin."""
 
@@ -343,6 +345,8 @@ def deb_installed(deb: Path) -> Iterator[Path]:
             apt("purge", "tierfs")
 
 
+# The first test also pays for the build (pip downloads on a fresh machine): more than 300 s.
+@pytest.mark.timeout(INSTALL_TIMEOUT + 300)
 class TestDebianPackage:
     def test_control_contents_and_scripts(self, deb: Path) -> None:
         info = must(["dpkg-deb", "-f", str(deb)])
