@@ -101,6 +101,9 @@ class WriteBack:
         # the node, not the upload in flight (see renamed()).
         self._running: dict[int, str] = {}
         self._started_gen: dict[int, int] = {}  # seq of a running put -> its staging file's gen at start
+        # ino -> (key, ETag, gen at its start) of the last put that settled under the node's name:
+        # what a staging file may retire as once nothing else is pending (see _quiesce).
+        self._last_put: dict[int, tuple[str, str, int]] = {}
         self._retry_at: dict[int, float] = {}
         self._failures: dict[int, Failure] = {}
         self._flushing = 0
@@ -243,7 +246,7 @@ class WriteBack:
         try:
             async with self.files.lock(node.ino):
                 if not truncate:
-                    await self.files.stage(node.ino, self._source(node))
+                    await self._stage(node)
                 else:
                     await self._truncate_staged(node, 0)
             if truncate:
@@ -254,13 +257,19 @@ class WriteBack:
 
     async def _truncate_staged(self, node: Inode, size: int) -> None:
         """Under the file's lock: journal the change, then make the staging file ``size`` long."""
-        await self.files.stage(node.ino, None if size == 0 else self._source(node))
+        await self._stage(node, empty=size == 0)
         async with self.files.mutating(node.ino):
             await self._mark_dirty(node)
             await self.files.truncate(node.ino, size)
 
-    def _source(self, node: Inode) -> ObjectVersion:
-        return ObjectVersion(node.ino, self.data_key(node.ino, node.key), node.etag, node.size)
+    async def _stage(self, node: Inode, *, empty: bool = False) -> None:
+        """Stage ``node`` (from where its bytes are now, unless ``empty``). From then on its bytes are
+        local: copies still pending from earlier renames no longer say where they are (data_key)."""
+        if node.ino in self.files.staged:
+            return
+        source = ObjectVersion(node.ino, self.data_key(node.ino, node.key), node.etag, node.size)
+        await self.files.stage(node.ino, None if empty else source)
+        self._copies.pop(node.ino, None)
 
     async def created(self, node: Inode, content: bytes = b"", *, open_writer: bool = False) -> None:
         """A new file, symlink or directory was created here (``open_writer``: by create(2), still open)."""
@@ -446,8 +455,9 @@ class WriteBack:
             return
         state = self.files.state(ino)
         state.forced = True
-        for op in mine():
+        for op in mine():  # try again now, and judge by this attempt, not by the one before
             self._retry_at.pop(op.seq, None)
+            self._failures.pop(op.seq, None)
         self._wake.set()
         try:
             while pending := mine():
@@ -683,8 +693,8 @@ class WriteBack:
         await self._run_io(self.journal.complete, op.seq)
         self.ops = [o for o in self.ops if o.seq != op.seq]
         self._untrack(op, done=True)
-        if op.kind == "put" and not outcome.conflict_key and outcome.etag:
-            await self._retire_if_done(op, key, outcome.etag)
+        if op.ino and op.kind != "delete":
+            await self._quiesce(op.ino)
 
     async def _settle(self, op: Op, key: str, outcome: Outcome) -> None:
         """Record what the bucket now has at ``key``, if ``key`` is still the node's name."""
@@ -695,40 +705,62 @@ class WriteBack:
         )  # fmt: skip
         if node is None or node.key != key:
             return  # renamed (or removed) meanwhile: our ETag describes a key that is no longer its name
-        more = self._still_needed(op.ino, besides=op.seq) or any(
-            o.ino == op.ino and o.seq != op.seq for o in self.ops
-        )
         if outcome.conflict_key:
-            if more:
+            if self._pending_for(op.ino, besides=op.seq):
                 return  # later changes of ours follow; they will find the same conflict
             # The bucket's version wins the name; ours lives on under the conflict name.
+            self._last_put.pop(op.ino, None)
             await self._run_io(lambda: self.ns.settle(op.ino, etag="", flags=Flag.NONE))
             await self._run_io(self.ns.update, node.parent, checked=0.0)
             await self.files.discard(op.ino)
             return
-        flags = node.flags | Flag.META_KNOWN
-        if not more:
-            flags &= ~Flag.LOCAL
-        changes: dict[str, Any] = {"etag": outcome.etag or node.etag, "flags": flags}
+        changes: dict[str, Any] = {"etag": outcome.etag or node.etag, "flags": node.flags | Flag.META_KNOWN}
         if op.kind == "put":
             # ETag and size describe one object: once the file is no longer staged, reads go to
             # the bucket with both. While it is staged, attributes come from the staging file.
             changes["size"] = outcome.size
+            self._last_put[op.ino] = (key, outcome.etag, self._started_gen.get(op.seq, -1))
         await self._run_io(lambda: self.ns.settle(op.ino, **changes))
 
-    async def _retire_if_done(self, op: Op, key: str, etag: str) -> None:
-        """Once nothing else is pending for the file and it is unchanged since this upload began."""
-        gen = self._started_gen.get(op.seq, -1)
+    def _pending_for(self, ino: int, *, besides: int = 0) -> bool:
+        """Anything of ``ino`` still to do: a writer, a put on its way, or any journaled op."""
+        return self._still_needed(ino, besides=besides) or any(
+            o.ino == ino and o.seq != besides for o in self.ops
+        )
+
+    def _pending_at_name(self, ino: int, key: str) -> bool:
+        """Anything of ``ino`` still to do under its current name ``key``. Ops it left behind under
+        names it had before (a copy or an upload in flight when it was renamed again) do not count:
+        their results never describe the node (see _settle), and a delete of that name follows."""
+        return self._still_needed(ino) or any(
+            o.ino == ino and (o.kind == "put" or target_key(o, self._node_key) == key) for o in self.ops
+        )
+
+    async def _quiesce(self, ino: int) -> None:
+        """After the last pending op of ``ino`` under its current name: the record stops being
+        LOCAL, and the staging file retires if its bytes are exactly the last settled upload's."""
+        node = self.ns.get(ino)
+        if node is None:
+            self._last_put.pop(ino, None)
+            return
+        if self._pending_at_name(ino, node.key):
+            return
+        last = self._last_put.pop(ino, None)
+        if node.flags & Flag.LOCAL and node.etag:
+            await self._run_io(lambda: self.ns.settle(ino, flags=node.flags & ~Flag.LOCAL))
+        if last is None or ino not in self.files.staged:
+            return
+        key, etag, gen = last
 
         def still_needed() -> bool:
-            node = self.ns.get(op.ino)
+            current = self.ns.get(ino)
             return (
-                node is None
-                or node.key != key
-                or node.etag != etag
-                or self._still_needed(op.ino)
-                or not self.files.unchanged_since(op.ino, gen)
+                current is None
+                or current.key != key
+                or current.etag != etag
+                or self._pending_at_name(ino, key)
+                or not self.files.unchanged_since(ino, gen)
             )
 
         if not still_needed():
-            await self.files.retire(op.ino, key, etag, still_needed)
+            await self.files.retire(ino, key, etag, still_needed)

@@ -10,7 +10,9 @@ The uploader only ever replaces the base:
 - every object we write carries ``x-amz-meta-tierfs-op: <cache id>.<seq>``, the name of
   this op. When a condition fails, the key is HEADed: if it carries our own op's name, our
   earlier attempt landed and only its response was lost (a retry, or a crash before the
-  journal entry was dropped): that is success, not a conflict;
+  journal entry was dropped). If it also holds our bytes (its ETag is what the staging file
+  gives) that is success, not a conflict; if a write joined the op since, the object is
+  still ours and is replaced (``If-Match`` on its ETag);
 - anything else at the key is another writer's: it keeps the key and ours is uploaded as
   ``<key>.conflict-<UTC time>``: both survive.
 
@@ -129,27 +131,39 @@ class Uploader:
         if base:
             current = self._head(key)
             if current is not None and current.etag != base:
-                if _is_ours(current, token):
+                if not _is_ours(current, token):
+                    return self._conflict(op, key, base, path, size, headers, current.etag)
+                if self._same_bytes(current, path):
                     return Outcome(etag=current.etag, size=current.size)
-                return self._conflict(op, key, base, path, size, headers, current.etag)
+                base = current.etag  # an earlier attempt of this op, with older bytes: ours to replace
             if current is None:
                 base = ""  # deleted remotely: nothing of theirs to lose, upload as new
         try:
             etag = self._send(op, key, path, headers, base)
         except PreconditionFailed:
             current = self._head(key)
-            if _is_ours(current, token):
-                assert current is not None
-                return Outcome(etag=current.etag, size=current.size)
-            if current is not None and current.etag != base:
+            if current is not None and _is_ours(current, token):
+                if self._same_bytes(current, path):
+                    return Outcome(etag=current.etag, size=current.size)
+            elif current is not None and current.etag != base:
                 return self._conflict(op, key, base, path, size, headers, current.etag)
-            # Deleted meanwhile, or the server refused an ETag that does match: once more on what we saw.
+            # Our own earlier attempt with older bytes, deleted meanwhile, or the server refused an
+            # ETag that does match: once more, replacing exactly what we saw.
             seen = current.etag if current is not None else ""
             try:
                 etag = self._send(op, key, path, headers, seen)
             except PreconditionFailed:
                 return self._conflict(op, key, base, path, size, headers, "?")
         return Outcome(etag=etag, size=size)
+
+    def _same_bytes(self, current: ObjectInfo, path: Path) -> bool:
+        """Whether the object holds exactly the staging file's bytes (its ETag is what we would get).
+
+        An op's name alone is not enough: a write made while the op waited for a retry joins
+        that same op, so an earlier attempt under its name may hold older bytes. Reading the
+        file for its MD5 costs ~1 ms per MiB, and only on this rare path (a lost answer).
+        """
+        return current.size == path.stat().st_size and current.etag == self.store.expected_etag(path)
 
     def _send(self, op: Op, key: str, path: Path, headers: dict[str, str], base: str) -> str:
         try:
