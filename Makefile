@@ -125,8 +125,9 @@ deb-test: deps $(STAMP)
 	$(call apt_install,dpkg-dev)
 	$(call pytest_run,deb-test,tests/test_install.py::TestDebianPackage)
 
+# dockerd; busybox for the reader image; debootstrap and dpkg-dev for the image of tierfs itself.
 container-deps:
-	$(call apt_install,docker.io busybox-static)
+	$(call apt_install,docker.io busybox-static debootstrap dpkg-dev)
 
 container-test: deps container-deps $(STAMP)
 	$(call pytest_run,container-test,tests/test_install.py::TestContainer)

@@ -580,6 +580,36 @@ def shared_dir(dockerd: Dockerd) -> Iterator[Path]:
             sh(["umount", "-l", target], 30)
 
 
+@pytest.fixture(scope="class")
+def tierfs_image(dockerd: Dockerd, deb: Path) -> str:
+    """An image of tierfs itself: a Debian root made with debootstrap (python3.11 and fuse3 from
+    Debian's archive), the .deb installed in it, ``tierfs`` as entry point. The README's
+    ``docker build`` needs python:3.11-slim-bookworm from a registry, which is not reachable."""
+    rootfs = dockerd.root / "tierfs-rootfs"
+    started = time.monotonic()
+    # The host's release and Python, so that the .deb's Depends hold; debootstrap's default mirror.
+    release = dict(
+        line.split("=", 1) for line in Path("/etc/os-release").read_text().split("\n") if "=" in line
+    )
+    pyver = must([str(SYSTEM_PYTHON), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"]).strip()
+    codename = release["VERSION_CODENAME"].strip('"')
+    must(["debootstrap", "--variant=minbase", f"--include=python{pyver},fuse3", codename, str(rootfs)],
+         INSTALL_TIMEOUT)  # fmt: skip
+    shutil.copy2(deb, rootfs / "tmp" / deb.name)
+    must(["chroot", str(rootfs), "dpkg", "-i", f"/tmp/{deb.name}"])
+    (rootfs / "tmp" / deb.name).unlink()
+    tar = subprocess.run(["tar", "-C", str(rootfs), "-c", "."], capture_output=True, check=True)
+    image = "tierfs:issue17"
+    imported = subprocess.run(
+        ["docker", "-H", f"unix://{dockerd.socket}", "import", "-c", 'ENTRYPOINT ["tierfs"]', "-", image],
+        input=tar.stdout, capture_output=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert imported.returncode == 0, imported.stderr
+    shutil.rmtree(rootfs)
+    print(f"tierfs image built in {time.monotonic() - started:.1f} s")
+    return image
+
+
 class TestContainer:
     def test_mount_made_after_the_container_started_reaches_it_through_rslave(
         self,
@@ -620,3 +650,53 @@ class TestContainer:
             assert dockerd.ok("exec", container, "ls", "-A", "/data") == ""
         finally:
             dockerd.docker("rm", "-f", container)
+
+    @pytest.mark.timeout(INSTALL_TIMEOUT + 300)
+    def test_tierfs_in_a_container_mounts_for_the_host_through_rshared(
+        self,
+        tierfs_image: str,
+        dockerd: Dockerd,
+        shared_dir: Path,
+        seaweed: SeaweedFS,
+        bucket: Callable[..., str],
+        tmp_path: Path,
+    ) -> None:
+        """The README's ``docker run`` of tierfs (device, capability, --env-file, rshared, -f,
+        --allow-other), but mounting at a subdirectory of the shared volume: tierfs refuses a
+        mount point that is itself a mount (the volume), see the report of issue 17. The host
+        sees the mount and reads through it; ``docker stop`` unmounts it everywhere."""
+        name = bucket()
+        s3_client(seaweed.endpoint_url).put_object(Bucket=name, Key="prefix/data.bin", Body=PAYLOAD)
+        env_file = tmp_path / "mnt-data.env"
+        env_file.write_text(f"AWS_ACCESS_KEY_ID={ACCESS}\nAWS_SECRET_ACCESS_KEY={SECRET}\n")
+        cache = dockerd.root / f"cache-{uuid.uuid4().hex[:8]}"
+        cache.mkdir()
+        container = f"tierfs-data-{uuid.uuid4().hex[:8]}"
+        dockerd.ok(
+            "run", "-d", "--name", container, "--network", "host",
+            "--device", "/dev/fuse", "--cap-add", "SYS_ADMIN", "--security-opt", "apparmor:unconfined",
+            "-v", f"{shared_dir}:/mnt/tierfs:rshared", "-v", f"{cache}:/var/cache/tierfs",
+            "--env-file", str(env_file), tierfs_image,
+            "mount", f"s3://{name}/prefix", "/mnt/tierfs/data", "-f", "--allow-other",
+            "--endpoint-url", seaweed.endpoint_url, "--cache-dir", "/var/cache/tierfs/data",
+        )  # fmt: skip
+        hostdir = shared_dir / "data"
+        try:
+            deadline = time.monotonic() + 60
+            while not is_fuse_mounted(hostdir):
+                logs = dockerd.docker("logs", container).stderr
+                running = dockerd.docker("inspect", "-f", "{{.State.Running}}", container).stdout.strip()
+                assert running == "true" and time.monotonic() < deadline, f"not mounted on the host\n{logs}"
+                time.sleep(0.2)
+            assert (
+                hashlib.sha256((hostdir / "data.bin").read_bytes()).digest()
+                == hashlib.sha256(PAYLOAD).digest()
+            )
+            dockerd.ok("stop", "-t", "60", container)  # SIGTERM: flush, unmount, exit 0
+            assert not is_fuse_mounted(hostdir)
+            state = dockerd.ok("inspect", "-f", "{{.State.ExitCode}}", container).strip()
+            assert state == "0", dockerd.docker("logs", container).stderr
+        finally:
+            dockerd.docker("rm", "-f", container)
+            if is_fuse_mounted(hostdir):
+                sh(["umount", "-l", str(hostdir)], 30)
