@@ -361,8 +361,9 @@ def test_direct_reads_count_as_use_for_lru_and_status(loaded: Loaded) -> None:
     for _ in range(3):
         with r.open(loaded.path(rel)) as f:
             assert f.read() == loaded.files[rel]
+    loaded.evict("train/0011.bin")
     with r.open(loaded.path("train/0011.bin")) as f:  # a miss, for the fallback counter
-        f.read()
+        assert f.read() == loaded.files["train/0011.bin"]
     r.flush()
     wait_maintenance(loaded.mount)
     wait_maintenance(loaded.mount)  # applied, then flushed to the index by the next pass at the latest

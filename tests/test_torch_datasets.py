@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 from mounting import Mounter
-from readerkit import Loaded, load, sample_files
+from readerkit import Loaded, load, sample_files, wait_maintenance
 
 from tierfs.reader.datasets import FileDataset, ShardDataset, split_shards
 from tools.servers import MotoS3
@@ -69,6 +69,21 @@ def test_file_dataset_with_worker_processes(loaded: Loaded) -> None:
     assert [(n, bytes(head)) for n, head in got] == [(len(b), b[:8]) for b in expected]
     raw = FileDataset(loaded.path("train"))
     assert raw[3] == expected[3]
+
+
+@pytest.mark.fuse
+def test_worker_processes_report_their_counters_to_the_daemon(loaded: Loaded) -> None:
+    """DataLoader workers end with os._exit: their last access records and counters still reach
+    `tierfs status` (flushed by multiprocessing's finalizers)."""
+    loaded.evict(*[rel for rel in loaded.files if rel.startswith("train/")])
+    before = loaded.status()
+    ds = FileDataset(loaded.path("train"))
+    for epoch in range(2):  # cold (misses through the mount), then direct
+        assert len(list(DataLoader(ds, batch_size=4, num_workers=2, collate_fn=lambda b: b))) == 4, epoch
+    wait_maintenance(loaded.mount)
+    after = loaded.status()
+    assert after["direct_fallbacks"].get("miss", 0) - before["direct_fallbacks"].get("miss", 0) == 16
+    assert after["direct_reads"] - before["direct_reads"] == 16
 
 
 @pytest.mark.fuse

@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import errno
 import io
+import multiprocessing.util
 import os
 import stat
 import threading
@@ -89,6 +90,9 @@ class Reader:
         self._last_flush = time.monotonic()
         self._seq = 0
         self._dropped = 0
+        # DataLoader workers end with os._exit, which skips atexit; multiprocessing still runs
+        # its finalizers first, so the last batch of access records is not lost.
+        multiprocessing.util.Finalize(self, Reader.flush, args=(self,), exitpriority=10)
 
     def _check_fork(self) -> None:
         if os.getpid() != self._pid:  # inherited through fork(): nothing of the parent is ours
@@ -133,6 +137,19 @@ class Reader:
     def view(self, dev: int) -> CacheView:
         """The open view of the cache of the mount with device ``dev``, or Fallback."""
         self._check_fork()
+        known = isinstance(self._roots.get(dev), Path)
+        try:
+            return self._view(dev)
+        except Fallback:
+            if not known:
+                raise
+            # The cache dir found earlier failed: a remount may have given its device number to
+            # another mount with another cache. Find the cache again before giving up.
+            self._roots.pop(dev, None)
+            self._mounts.pop(dev, None)
+            return self._view(dev)
+
+    def _view(self, dev: int) -> CacheView:
         root = self._roots.get(dev)
         if not isinstance(root, Path):
             if root is not None and time.monotonic() < root[0]:
@@ -179,6 +196,9 @@ class Reader:
         with self._lock:
             for target in (self._totals, self._delta):
                 target["fallbacks"][reason] = target["fallbacks"].get(reason, 0) + 1
+            due = time.monotonic() - self._last_flush >= ACCESS_FLUSH_SECONDS
+        if due:
+            self.flush()
 
     def count_direct(self, view: CacheView, digest: bytes, nbytes: int) -> None:
         with self._lock:

@@ -149,10 +149,16 @@ class CacheView:
             raise Fallback("format", "reader protocol")
         if record.get("format") != FORMAT_VERSION:
             raise Fallback("format", f"cache format {record.get('format')!r}")
-        major, minor = record.get("dev", (-1, -1))
-        if os.makedev(major, minor) != self.dev:
+        try:
+            major, minor = record.get("dev", (0, 0))
+            dev = os.makedev(int(major), int(minor))
+            heartbeat = float(record.get("heartbeat", 0))
+            int(record["block_size"]), str(record["bucket"])
+        except (TypeError, ValueError, KeyError, OverflowError):
+            raise Fallback("format", f"{self.root}: malformed {protocol.READER_FILE}") from None
+        if dev != self.dev:
             raise Fallback("unreadable", f"{self.root} belongs to another mount")
-        if abs(time.time() - float(record.get("heartbeat", 0))) > protocol.HEARTBEAT_MAX_AGE:
+        if abs(time.time() - heartbeat) > protocol.HEARTBEAT_MAX_AGE:
             raise Fallback("unreadable", f"{self.root}: the daemon's heartbeat is stale")
         return record
 
@@ -189,9 +195,14 @@ class CacheView:
     # -- versions ---------------------------------------------------------------------------------------
 
     def _record(self, ino: int) -> Inode | None:
-        with self._meta_env.begin(db=self._inodes, buffers=True) as txn:
-            raw = txn.get(ino_key(ino))
-            return Inode.unpack(ino, bytes(raw)) if raw is not None else None
+        try:
+            with self._meta_env.begin(db=self._inodes, buffers=True) as txn:
+                raw = txn.get(ino_key(ino))
+                return Inode.unpack(ino, bytes(raw)) if raw is not None else None
+        except lmdb.Error as exc:  # e.g. a full reader table: the mount can still serve it
+            raise Fallback("unreadable", f"namespace: {exc}") from None
+        except ValueError as exc:  # a record this version cannot decode
+            raise Fallback("format", f"namespace record: {exc}") from None
 
     def resolve(self, st: os.stat_result) -> Version:
         """The version the daemon would serve for the file the kernel stat'ed, or Fallback."""
@@ -231,9 +242,12 @@ class CacheView:
         return f"{self._chunk_dir}/{name[0:2]}/{name}"
 
     def _indexed(self, digest: bytes) -> bytes | None:
-        with self._index_env.begin(db=self._chunks) as txn:
-            raw: bytes | None = txn.get(digest)
-            return raw
+        try:
+            with self._index_env.begin(db=self._chunks) as txn:
+                raw: bytes | None = txn.get(digest)
+                return raw
+        except lmdb.Error as exc:
+            raise Fallback("unreadable", f"chunk index: {exc}") from None
 
     def read_block(self, version: Version, index: int, start: int, length: int) -> tuple[bytes, bytes]:
         """(validated bytes of block ``index`` from ``start``, digest), exactly ``length`` of them.
