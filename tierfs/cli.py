@@ -33,7 +33,7 @@ from .config import MountConfig, Source
 from .control import ControlClient, ControlError, ControlTimeout, ControlUnavailable, find_mount, pid_alive
 from .errors import ConfigError, FlushFailed
 from .progress import ProgressBar
-from .units import format_bytes, parse_duration, parse_mode, parse_size
+from .units import format_bytes, parse_duration, parse_mode, parse_size, split_addr
 
 ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 UMOUNT_WAIT = 60.0  # seconds to wait for the daemon to exit after the kernel unmount
@@ -152,12 +152,11 @@ def _parse_log_level(text: str) -> str:
 
 
 def _parse_addr(text: str) -> str:
-    """``HOST:PORT`` (``[v6]:PORT``, or ``:PORT`` for all interfaces)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"invalid address {text!r} (expected HOST:PORT)")
-    if host.startswith("[") != host.endswith("]"):
-        raise ConfigError(f"invalid address {text!r} (expected HOST:PORT or [IPV6]:PORT)")
+    """``HOST:PORT`` (``[v6]:PORT``, or ``:PORT`` for all interfaces), checked as metrics will read it."""
+    try:
+        split_addr(text)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return text
 
 
