@@ -25,7 +25,7 @@ from awscrt import auth, io, s3
 from awscrt.http import HttpHeaders, HttpRequest
 
 from .errors import Unavailable
-from .objectstore import classify
+from .s3errors import classify
 
 _CODE = re.compile(rb"<Code>([^<]{1,128})</Code>")
 

@@ -43,16 +43,16 @@ import botocore.session
 import botocore.utils
 from awscrt import checksums
 
+from .crtget import CrtRangeReader
 from .errors import (
-    AccessDenied,
     IntegrityError,
     NotFound,
     Permanent,
-    PreconditionFailed,
     RangeNotSatisfiable,
     StoreError,
     Unavailable,
 )
+from .s3errors import classify
 
 T = TypeVar("T")
 
@@ -192,68 +192,6 @@ class ObjectStore(Protocol):
 
 # --------------------------------------------------------------------------- error classification
 
-_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NoSuchUpload", "NotFound", "404"})
-_PRECONDITION_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict", "412"})
-_RANGE_CODES = frozenset({"InvalidRange", "416"})
-_DENIED_CODES = frozenset(
-    {
-        "AccessDenied",
-        "AllAccessDisabled",
-        "AccountProblem",
-        "Forbidden",
-        "InvalidAccessKeyId",
-        "InvalidSecurity",
-        "SignatureDoesNotMatch",
-        "403",
-    }
-)
-# Codes that heal by themselves although some arrive with a 4xx status (RequestTimeout is a
-# 400, ExpiredToken a 400 that a credential refresh cures, RequestTimeTooSkewed a 403 that
-# botocore's clock correction cures, OperationAborted a 409 "try again").
-_TRANSIENT_CODES = frozenset(
-    {
-        "RequestTimeout",
-        "RequestTimeTooSkewed",
-        "ExpiredToken",
-        "TokenRefreshRequired",
-        "OperationAborted",
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestLimitExceeded",
-        "TooManyRequests",
-        "InternalError",
-        "ServiceUnavailable",
-    }
-)
-# The server received other bytes than we sent (a flip in transit): retrying heals it.
-_INTEGRITY_CODES = frozenset({"BadDigest", "XAmzContentSHA256Mismatch", "XAmzContentChecksumMismatch"})
-
-
-def classify(status: int | None, code: str, message: str) -> StoreError:
-    """The one place where an S3 answer becomes a tierfs error, by status and error code.
-
-    ``status`` is the HTTP status (None when no response arrived), ``code`` the S3 error
-    code from the body ('' when absent, e.g. for HEAD). Message text is never inspected:
-    it differs between servers and versions.
-    """
-    if code in _INTEGRITY_CODES:
-        return IntegrityError(message)
-    if code in _TRANSIENT_CODES:
-        return Unavailable(message)
-    if status == 404 or code in _NOT_FOUND_CODES:
-        return NotFound(message)
-    if status == 412 or code in _PRECONDITION_CODES:
-        return PreconditionFailed(message)
-    if status == 416 or code in _RANGE_CODES:
-        return RangeNotSatisfiable(message)
-    if status == 403 or code in _DENIED_CODES:
-        return AccessDenied(message)
-    if status is not None and 400 <= status < 500 and status not in (408, 429):
-        return Permanent(message)
-    return Unavailable(message)  # 5xx, 408, 429, no answer at all
-
-
 def map_error(exc: BaseException, what: str) -> StoreError:
     """Classify any boto3/botocore failure. Unknown failures are transient, never 'not found'."""
     if isinstance(exc, StoreError):
@@ -333,11 +271,7 @@ def verify_whole_object(what: str, data: bytes, etag: str, headers: Mapping[str,
 def _make_crt_reader(
     bucket: str, endpoint_url: str | None, client: Any, session: Any, connect_timeout: float
 ) -> Any:
-    """The awscrt fast path for GETs, or None where awscrt or credentials are unavailable."""
-    try:
-        from .crtget import CrtRangeReader
-    except ImportError:
-        return None
+    """The awscrt fast path for GETs, or None without credentials (anonymous access goes to boto3)."""
     credentials = session.get_credentials()
     if credentials is None:
         return None  # anonymous access: boto3 handles it
