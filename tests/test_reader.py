@@ -134,6 +134,17 @@ def test_dirty_and_uploading_files_are_read_through_the_mount(loaded: Loaded) ->
     with r.open(new) as f:
         assert f.read() == b"fresh" * 1000
     assert fallbacks(r) == {"dirty": 2}
+    # A file object opened before a write through the mount sees the write, as a mount handle does.
+    other = "train/0003.bin"
+    early = r.open(loaded.path(other), buffering=0)
+    assert isinstance(early, TierFile)
+    assert early.pread(4, 0) == loaded.files[other][:4] and early.direct
+    with open(loaded.path(other), "r+b") as f:
+        f.write(b"WXYZ")
+    assert early.pread(6, 0) == b"WXYZ" + loaded.files[other][4:6]
+    assert not early.direct
+    early.close()
+    assert fallbacks(r)["dirty"] == 3
     tierfs_ok("flush", str(loaded.mount.path))  # uploaded and retired: clean again
     wait_until(lambda: not any((loaded.mount.cache_dir / "staging").iterdir()), 20, "staging retired")
 
@@ -145,7 +156,7 @@ def test_dirty_and_uploading_files_are_read_through_the_mount(loaded: Loaded) ->
         return r.stats()["direct_reads"] >= 1
 
     wait_until(direct_again, 15, "the uploaded file is read directly")
-    assert fallbacks(r)["dirty"] == 2
+    assert fallbacks(r)["dirty"] == 3
 
 
 def test_an_object_changed_in_the_bucket_is_never_served_stale(loaded: Loaded) -> None:

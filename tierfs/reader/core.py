@@ -352,9 +352,30 @@ class TierFile(io.RawIOBase):
 
     # -- reads ------------------------------------------------------------------------------------------
 
+    def _follow_local_changes(self) -> None:
+        """Before each read: a write through the mount since the open (the file is staged or
+        LOCAL now) must be seen, as a mount handle sees it (it follows the inode). Such a file
+        is read wholly through the mount from then on. Costs one LMDB lookup and one stat."""
+        view, version = self._view, self._version
+        if view is None or version is None:
+            return
+        try:
+            changed = view.changed_here(version)
+        except Fallback as fb:
+            self._reader.count_fallback(fb.reason)
+            changed = True
+        if changed:
+            self._reader.count_fallback("dirty")
+            self._view = self._version = None
+            if self._fd is not None:  # it was opened for another version: a new handle follows
+                os.close(self._fd)
+                self._fd = None
+            self._open_mount()
+
     def preadinto(self, buffer: Any, offset: int) -> int:
         """Read into ``buffer`` at ``offset`` without moving the position (pread(2)); returns the count."""
         self._checkClosed()
+        self._follow_local_changes()
         out = memoryview(buffer).cast("B")
         if offset < 0:
             raise ValueError("negative offset")
@@ -388,6 +409,7 @@ class TierFile(io.RawIOBase):
     def pread(self, size: int, offset: int) -> bytes:
         """``size`` bytes at ``offset`` (fewer at the end), without moving the position."""
         self._checkClosed()
+        self._follow_local_changes()
         size = max(0, min(size, self._size - offset))
         view, version = self._view, self._version
         if view is not None and version is not None and size:

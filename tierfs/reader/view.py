@@ -226,6 +226,12 @@ class CacheView:
             and (node.key, node.etag, node.size) == (version.key, version.etag, version.size)
         )
 
+    def changed_here(self, version: Version) -> bool:
+        """Whether the inode was changed through the mount (or removed) since ``version`` was
+        resolved: a mount handle then follows the inode, so a file object must too."""
+        node = self._record(version.ino)
+        return node is None or bool(node.flags & Flag.LOCAL) or self._staged(version.ino)
+
     def _staged(self, ino: int) -> bool:
         try:
             os.stat(f"{self._staging}/{ino}")
