@@ -362,6 +362,30 @@ def test_permissions_of_the_mount_path_are_never_bypassed(
     assert got["stats"]["direct_reads"] == 1  # type: ignore[index]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a reader as another uid")
+def test_cache_group_lets_members_read_directly_but_not_what_the_mount_refuses(
+    public_dir: Path, moto: MotoS3, bucket: Callable[..., str], mounter: Mounter
+) -> None:
+    files = {"open.bin": b"o" * 5000, "secret.bin": b"s" * 5000}
+    loaded = load(
+        moto, bucket, mounter, files, "--allow-other", "--cache-group", "65534",
+        mountpoint=public_dir / "mnt", cache_dir=public_dir / "cache",
+    )  # fmt: skip
+    loaded.warm()
+    os.chmod(loaded.path("secret.bin"), 0o600)
+    wait_maintenance(loaded.mount)
+    st = os.stat(loaded.mount.cache_dir)
+    assert (st.st_mode & 0o7777, st.st_gid) == (0o2750, 65534)
+    chunk = os.stat(loaded.chunk_path("open.bin"))
+    assert (chunk.st_mode & 0o777, chunk.st_gid) == (0o640, 65534)
+    secret, public = loaded.path("secret.bin"), loaded.path("open.bin")
+    got = _as_nobody(loaded, public, secret)
+    assert got["files"] == {public: (b"o" * 5000).hex(), secret: "EACCES"}
+    assert got["stats"]["fallbacks"] == {}  # type: ignore[index]
+    assert got["stats"]["direct_reads"] == 1  # type: ignore[index]
+    assert got["stats"]["access_records_dropped"] == 0  # type: ignore[index]
+
+
 def test_direct_reads_count_as_use_for_lru_and_status(loaded: Loaded) -> None:
     loaded.warm()
     rel = "train/0002.bin"

@@ -393,6 +393,10 @@ class BlockReader:
 class ChunkCache:
     """Blocks of object data on local disk, LRU/age evicted, pinnable, surviving remounts."""
 
+    # Mode of new chunk files: 0600, or 0640 once the mount opens the cache to a group
+    # (--cache-group, for direct readers; tierfs.reader.daemon sets it).
+    file_mode = 0o600
+
     def __init__(
         self,
         env: lmdb.Environment,
@@ -754,13 +758,13 @@ class ChunkCache:
         tmp = f"{os.path.dirname(path)}/{TMP_PREFIX}{p.digest.hex()}.{os.getpid()}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
-            fd = os.open(tmp, flags, 0o600)
+            fd = os.open(tmp, flags, self.file_mode)
         except FileNotFoundError:  # its fan-out directory was removed behind our back
             self._make_tree()
-            fd = os.open(tmp, flags, 0o600)
+            fd = os.open(tmp, flags, self.file_mode)
         except FileExistsError:  # left by a crashed writer of the same pid; we hold the stripe
             os.unlink(tmp)
-            fd = os.open(tmp, flags, 0o600)
+            fd = os.open(tmp, flags, self.file_mode)
         try:
             try:
                 _write_all(fd, p.parts)

@@ -256,6 +256,12 @@ MOUNT_OPTIONS: tuple[MountOption, ...] = (
     ),
     MountOption("cache_compression", "none, zstd or zstd:LEVEL (default none)", _parse_compression, "ALGO"),
     MountOption(
+        "cache_group",
+        "let members of GROUP read the cache directly with tierfs.reader (default: its owner only)",
+        _parse_gid,
+        "GROUP",
+    ),
+    MountOption(
         "metadata_ttl", "trust listed metadata this long, or 'indefinite' (default 60)", _parse_ttl, "SECONDS"
     ),
     MountOption("read_only", "mount read-only (-o ro does the same)"),

@@ -76,6 +76,7 @@ class MountConfig:
     metrics_addr: str | None = None
     s3_concurrency: int = 16
     fuse_debug: bool = False
+    cache_group: int | None = None  # gid whose members may read the cache directly (docs/reader.md)
 
     @property
     def resolved_cache_dir(self) -> Path:

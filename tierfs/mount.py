@@ -314,6 +314,7 @@ class Mount:
             self.direct_readers = DirectReaders(
                 cache_dir=self.cfg.resolved_cache_dir, mountpoint=str(self.cfg.mountpoint),
                 bucket=self.cfg.source.bucket, source=str(self.cfg.source), block_size=self.cfg.block_size,
+                group=self.cfg.cache_group,
             )  # fmt: skip
         self.direct_readers.maintain(self.cache, (self.cachedir.env, self.cachedir.index_env))
 

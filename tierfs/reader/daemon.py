@@ -10,6 +10,8 @@ counters for ``tierfs status``, and clearing LMDB reader slots left by dead read
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,12 @@ log = logging.getLogger(__name__)
 
 class DirectReaders:
     def __init__(
-        self, *, cache_dir: Path, mountpoint: str, bucket: str, source: str, block_size: int
-    ) -> None:
+        self, *, cache_dir: Path, mountpoint: str, bucket: str, source: str, block_size: int,
+        group: int | None = None,
+    ) -> None:  # fmt: skip
+        """``group``: the --cache-group gid, whose members may read the cache (docs/reader.md)."""
+        self.group = group
+        self._opened_files = False
         self.cache_dir = cache_dir
         self.mountpoint = mountpoint
         self.bucket = bucket
@@ -34,6 +40,12 @@ class DirectReaders:
 
     def maintain(self, cache: ChunkCache, envs: tuple[Any, ...]) -> None:
         """One pass; never raises (direct reads are an optimisation, maintenance must go on)."""
+        if self.group is not None:
+            try:
+                cache.file_mode = 0o640
+                self._open_to_group()
+            except Exception as exc:
+                log.warning("cannot open the cache to group %d: %s", self.group, exc)
         try:
             if self._dev is None:
                 info = find_mount(self.mountpoint)
@@ -55,6 +67,48 @@ class DirectReaders:
                 env.reader_check()
             except Exception as exc:  # lmdb.Error; a failed check only leaves stale slots
                 log.debug("reader_check: %s", exc)
+
+    def _open_to_group(self) -> None:
+        """--cache-group: what a member needs to read directly, and nothing more. Directories
+        0750 (setgid, so new files take the group), the staging dir 0710 (names can be
+        checked, staged data not read), chunk and LMDB data files 0640, the LMDB lock files
+        0660 (LMDB readers write their slot there), access/ 2770. Re-applied every pass: the
+        cache and CacheDir make their directories 0700 when they open. Existing chunk files
+        are fixed once (one walk); new ones are made 0640."""
+        gid = self.group
+        assert gid is not None
+        root = self.cache_dir
+
+        def fix(path: Path | str, mode: int) -> None:
+            st = os.lstat(path)
+            if st.st_gid != gid:
+                os.lchown(path, -1, gid)
+            if stat.S_IMODE(st.st_mode) != mode:
+                os.chmod(path, mode)
+
+        fix(root, 0o2750)
+        chunks = root / "chunks"
+        fix(chunks, 0o2750)
+        with os.scandir(chunks) as fanouts:
+            dirs = [e.path for e in fanouts if e.is_dir(follow_symlinks=False)]
+        for d in dirs:
+            fix(d, 0o2750)
+        for env in ("meta", "index"):
+            fix(root / env, 0o2750)
+            fix(root / env / "data.mdb", 0o640)
+            fix(root / env / "lock.mdb", 0o660)
+        if (root / "staging").exists():
+            fix(root / "staging", 0o2710)
+        access = root / protocol.ACCESS_DIR
+        access.mkdir(exist_ok=True)
+        fix(access, 0o2770)
+        if not self._opened_files:
+            for d in dirs:
+                with os.scandir(d) as entries:
+                    for e in entries:
+                        if e.is_file(follow_symlinks=False) and not e.name.startswith("."):
+                            fix(e.path, 0o640)
+            self._opened_files = True
 
     def status(self) -> dict[str, Any]:
         t = self.totals
