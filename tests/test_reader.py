@@ -37,7 +37,7 @@ from readerkit import (
 
 from tierfs import reader
 from tierfs.reader import Reader, TierFile
-from tierfs.reader.view import Fallback
+from tierfs.reader.view import CacheView, Fallback
 from tools.servers import MotoS3
 
 pytestmark = pytest.mark.fuse
@@ -460,3 +460,26 @@ def test_eviction_while_eight_processes_read(
         for k, v in res["fallbacks"].items():  # type: ignore[index]
             reasons[k] = reasons.get(k, 0) + v
     assert reasons.get("miss", 0) + reasons.get("evicted", 0) > 0, reasons
+
+
+def test_a_fresh_looking_cache_of_another_mount_is_refused(
+    moto: MotoS3, bucket: Callable[..., str], mounter: Mounter
+) -> None:
+    """A remount may get the device number of a mount that just went away, whose reader.json
+    still looks fresh: the namespace must also match the mount (its root's mtime, to the ns)."""
+    a = load(moto, bucket, mounter, {"a.bin": b"a" * 100})
+    b = load(moto, bucket, mounter, {"b.bin": b"b" * 100})
+    dev_b = os.stat(b.mount.path).st_dev
+    reasons: list[str] = []
+    for _ in range(3):  # a's daemon may rewrite its reader.json between our write and the open
+        forged = published(a.mount)
+        forged.update(dev=[os.major(dev_b), os.minor(dev_b)], heartbeat=time.time())
+        (a.mount.cache_dir / "reader.json").write_text(__import__("json").dumps(forged))
+        with pytest.raises(Fallback) as caught:
+            CacheView(a.mount.cache_dir, dev_b, str(b.mount.path))
+        reasons.append(str(caught.value))
+        if "is not the cache of the mount" in reasons[-1]:
+            break
+    assert "is not the cache of the mount" in reasons[-1], reasons
+    view = CacheView(b.mount.cache_dir, dev_b, str(b.mount.path))  # its own cache is accepted
+    view.close()

@@ -183,7 +183,8 @@ class Reader:
             if isinstance(current, CacheView):
                 return current
             try:
-                view = CacheView(root, dev)
+                mount = self._mount_of(dev)
+                view = CacheView(root, dev, mount[0] if mount is not None else None)
             except Fallback as fb:
                 views[key] = (time.monotonic() + RETRY_VIEW_SECONDS, fb.reason)
                 raise

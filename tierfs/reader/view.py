@@ -93,9 +93,10 @@ def _open_env(path: Path) -> Any:
 class CacheView:
     """One cache directory opened for direct reads by this process."""
 
-    def __init__(self, root: Path, dev: int) -> None:
+    def __init__(self, root: Path, dev: int, mountpoint: str | None = None) -> None:
         self.root = root
         self.dev = dev
+        self.mountpoint = mountpoint
         self.pid = os.getpid()
         self.published = self._read_published()
         self.bucket = str(self.published["bucket"])
@@ -113,6 +114,7 @@ class CacheView:
         try:
             self._open_dbs()
             self._check_locks()
+            self._check_mount()
         except BaseException:
             self.close()
             raise
@@ -172,6 +174,23 @@ class CacheView:
             if ident != list(locks.get(name, ())):
                 raise Fallback("unreadable", f"{name}/lock.mdb is not the daemon's lock file")
 
+    def _check_mount(self) -> None:
+        """The namespace must be the mount's own: the record of the mountpoint's inode must have
+        the mtime the kernel reports for it, to the nanosecond (for the mount root, the moment
+        this namespace was created). The device number alone is not enough: a remount may get
+        the number of a mount that just went away, whose reader.json still looks fresh."""
+        if self.mountpoint is None:
+            return
+        try:
+            st = os.stat(self.mountpoint)
+        except OSError as exc:
+            raise Fallback("unreadable", f"{self.mountpoint}: {exc}") from None
+        node = self._record(st.st_ino)
+        if st.st_dev != self.dev or node is None or node.kind is not Kind.DIR:
+            raise Fallback("unreadable", f"{self.root} is not the cache of the mount at {self.mountpoint}")
+        if node.mtime_ns != st.st_mtime_ns:
+            raise Fallback("unreadable", f"{self.root} is not the cache of the mount at {self.mountpoint}")
+
     def check_alive(self) -> None:
         """At most once a second: is the daemon that published this cache still the one serving it?"""
         now = time.monotonic()
@@ -181,6 +200,7 @@ class CacheView:
         if fresh.get("pid") != self.published.get("pid") or fresh.get("locks") != self.published.get("locks"):
             raise Fallback("unreadable", "the cache was reopened by another daemon")
         self.published = fresh
+        self._check_mount()
         self._checked = now
 
     def close(self) -> None:
