@@ -171,6 +171,9 @@ def largest_busy(
     """Grow N until utilisation drops below the threshold; returns the last N that held it."""
     best, trials = 0, []
     for n in N_STEPS:
+        if cold and n * args.batch * 6 > len(dataset):
+            # Fewer than 6 batches each from one pass: too short to measure a steady state.
+            return -best, trials  # negative: "at least", the dataset is too small to test more
         want = n * args.batch * args.batches_per_accelerator
         samples = min(want, len(dataset)) if cold else want
         if cold:
@@ -232,11 +235,13 @@ def render(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
             continue
         rates = [t["samples_per_s"] for t in r["warm_trials"] if t["accelerators"] == r["warm"]]
         warm_rate = rates[0] if rates else None
-        cold, warm = (f">= {n}" if n == N_STEPS[-1] else str(n) for n in (r["cold"], r["warm"]))
+        cold, warm = (
+            f">= {abs(n)}" if n < 0 or n == N_STEPS[-1] else str(n) for n in (r["cold"], r["warm"])
+        )
         lines.append(f"| {name} | {cold} | {warm} | {warm_rate or '-'} |")
-    local = results.get("local", {}).get("warm")
-    direct = results.get("direct", {}).get("warm")
-    fuse = results.get("fuse", {}).get("warm")
+    local = abs(results.get("local", {}).get("warm") or 0)
+    direct = abs(results.get("direct", {}).get("warm") or 0)
+    fuse = abs(results.get("fuse", {}).get("warm") or 0)
     if local and direct:
         lines.append("")
         lines.append(f"direct / local (warm accelerators): {direct / local:.2f}x; direct / FUSE: "
