@@ -1,10 +1,10 @@
 """The write-back stack without FUSE: Namespace + ChunkCache + Hydrator + WriteBack on one cache dir.
 
 Why: the FUSE mount hides *which* layer broke and makes races slow to set up. Here the layers
-are wired as ``tierfs.mount.Mount.__enter__`` wires them (CacheDir, NamespacePolicy, run_s3 and
+are wired as ``tierfs.daemon.mount.Mount.__enter__`` wires them (CacheDir, NamespacePolicy, run_s3 and
 run_io through ``trio.to_thread.run_sync`` behind CapacityLimiters), over a real S3 server
-(moto on loopback) wrapped in :class:`tierfs.faultstore.FaultStore`, and driven with the calls
-and the call order of ``tierfs/fs.py``. Tests then look at the bucket and the journal directly.
+(moto on loopback) wrapped in :class:`tierfs.store.faultstore.FaultStore`, and driven with the calls
+and the call order of ``tierfs/fuse/operations.py``. Tests then look at the bucket and the journal directly.
 
 A :class:`Stack` can also *crash*: with ``abandon=True`` its S3 worker threads are abandoned
 when the stack is cancelled, so an upload stalled on the wire neither finishes nor aborts,
@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from tierfs.chunkcache import ChunkCache, ChunkKey
-from tierfs.faultstore import FaultStore
-from tierfs.hydrator import Hydrator, ObjectVersion
-from tierfs.metadb import CacheDir
-from tierfs.namespace import Namespace, NamespacePolicy
-from tierfs.objectstore import S3ObjectStore
-from tierfs.records import ROOT_INO, Inode, Kind
+from tierfs.cache.chunkcache import ChunkCache, ChunkKey
+from tierfs.meta.cachedir import CacheDir
+from tierfs.meta.namespace import Namespace, NamespacePolicy
+from tierfs.meta.records import ROOT_INO, Inode, Kind
+from tierfs.read.hydrator import Hydrator, ObjectVersion
+from tierfs.store.faultstore import FaultStore
+from tierfs.store.objectstore import S3ObjectStore
 from tierfs.writeback import WriteBack
 from tierfs.writeback.journal import Journal, Op
 from tierfs.writeback.staging import Staging
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 KiB = 1 << 10
 MiB = 1 << 20
 BLOCK = MiB
-IO_THREADS = 8  # as tierfs.mount.IO_THREADS
+IO_THREADS = 8  # as tierfs.daemon.mount.IO_THREADS
 CONFLICT_MARK = ".conflict-"
 
 
@@ -143,7 +143,7 @@ class Stack:
         finally:
             self.cachedir.close()
 
-    # -- the FUSE adapter's calls, in tierfs/fs.py's order ------------------------------------------
+    # -- the FUSE adapter's calls, in tierfs/fuse/operations.py's order --------------------------------------
 
     async def root(self) -> Inode:
         return await self.ns.ensure_listed(ROOT_INO)

@@ -11,7 +11,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from tierfs.chunkcache import PAGE, CacheStats, ChunkCache, ChunkKey
+from tierfs.cache.chunkcache import PAGE, CacheStats, ChunkCache, ChunkKey
 
 BLOCK = 4096
 

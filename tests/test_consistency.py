@@ -22,11 +22,11 @@ import pytest
 import trio
 from mounting import Mounter, tierfs_ok, wait_until
 
-from tierfs import importer
 from tierfs.errors import Unavailable
-from tierfs.namespace import Namespace, NamespacePolicy
-from tierfs.objectstore import S3ObjectStore
-from tierfs.records import ROOT_INO, Inode
+from tierfs.meta import importer
+from tierfs.meta.namespace import Namespace, NamespacePolicy
+from tierfs.meta.records import ROOT_INO, Inode
+from tierfs.store.objectstore import S3ObjectStore
 from tools.servers import MotoS3, SeaweedFS, free_port, s3_client
 
 TTL = 1.0

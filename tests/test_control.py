@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 import trio
 
-from tierfs import control
-from tierfs.control import (
+from tierfs.control import protocol
+from tierfs.control.progress import ProgressBar, RateMeter, format_eta, format_rate, render_bar, render_line
+from tierfs.control.protocol import (
     ControlClient,
     ControlError,
     ControlServer,
@@ -37,7 +38,6 @@ from tierfs.control import (
     unregister,
 )
 from tierfs.errors import FlushFailed
-from tierfs.progress import ProgressBar, RateMeter, format_eta, format_rate, render_bar, render_line
 
 NOBODY = 65534
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid with setpriv needs root")
@@ -46,7 +46,7 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid
 @pytest.fixture(autouse=True)
 def registry_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     directory = tmp_path / "registry"
-    monkeypatch.setenv(control.RUNTIME_DIR_ENV, str(directory))
+    monkeypatch.setenv(protocol.RUNTIME_DIR_ENV, str(directory))
     return directory
 
 
@@ -216,7 +216,7 @@ def shared_dir() -> Iterator[Path]:
 
 CLIENT_SCRIPT = """
 import sys
-from tierfs.control import ControlClient, ControlError
+from tierfs.control.protocol import ControlClient, ControlError
 try:
     print("OK", ControlClient(sys.argv[1]).call("status", {}, timeout=30)["state"])
 except ControlError as exc:
@@ -515,7 +515,7 @@ async def test_a_promised_deadline_bounds_the_wait_and_is_not_shown(
 ) -> None:
     """A daemon whose operation runs past the deadline it stated, while it keeps sending progress,
     cannot keep the client waiting: the client gives up DEADLINE_GRACE after the deadline."""
-    monkeypatch.setattr(control, "DEADLINE_GRACE", 0.5)
+    monkeypatch.setattr(protocol, "DEADLINE_GRACE", 0.5)
 
     async def stuck(args: dict[str, Any], progress: ProgressCallback) -> Any:
         await progress({"deadline": 0.5})
@@ -604,7 +604,7 @@ async def test_cli_returns_from_a_stuck_flush_naming_the_failing_files(tmp_path:
     assert flushed.returncode == 1
     assert "tierfs: error: flush failed: w/f1: Unavailable: 503 SlowDown" in flushed.stderr.splitlines()
     assert "did not finish flush by its deadline" in flushed.stderr
-    assert flush_seconds < 1 + control.DEADLINE_GRACE + 20  # generous: a subprocess on a busy machine
+    assert flush_seconds < 1 + protocol.DEADLINE_GRACE + 20  # generous: a subprocess on a busy machine
     assert unmounted.returncode == 1
     assert "tierfs: error: flush failed: w/f1: Unavailable: 503 SlowDown" in unmounted.stderr.splitlines()
     assert "not unmounting" in unmounted.stderr

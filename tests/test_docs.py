@@ -12,8 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from tierfs import hydrator, kerneltune, mount, objectstore, tombstones
 from tierfs.cli import parse_mount_args
+from tierfs.daemon import mount
+from tierfs.fuse import kerneltune
+from tierfs.meta import tombstones
+from tierfs.read import hydrator
+from tierfs.store import objectstore
 from tierfs.units import parse_duration
 from tierfs.writeback import core as writeback_core
 

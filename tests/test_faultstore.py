@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tierfs.errors import NotFound, Permanent, Unavailable
-from tierfs.faultstore import FaultStore
-from tierfs.objectstore import ObjectStore, S3ObjectStore
+from tierfs.store.faultstore import FaultStore
+from tierfs.store.objectstore import ObjectStore, S3ObjectStore
 from tools.servers import MotoS3, s3_client
 
 

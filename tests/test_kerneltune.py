@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tierfs import kerneltune
-from tierfs.kerneltune import MountInfo, abort_connection, find_mount, parse_mountinfo_line, tune
+from tierfs.fuse import kerneltune
+from tierfs.fuse.kerneltune import MountInfo, abort_connection, find_mount, parse_mountinfo_line, tune
 
 # Real-looking lines: root fs, a tmpfs, an s3fs FUSE mount, a tierfs mount whose path holds
 # a space, a tab and a backslash, a fuseblk mount (block major), and a tmpfs stacked on top
@@ -143,7 +143,7 @@ def test_tune_skips_absent_files_and_never_creates_them(
     # No bdi directory at all, and a connection directory lacking congestion_threshold.
     _fake_sysfs(tmp_path, "0:45", 45, with_bdi=False)
     (tmp_path / "fs/fuse/connections/45/congestion_threshold").unlink()
-    with caplog.at_level(logging.DEBUG, logger="tierfs.kerneltune"):
+    with caplog.at_level(logging.DEBUG, logger="tierfs.fuse.kerneltune"):
         applied = tune("/mnt/s3fs", sysfs_root=str(tmp_path), mountinfo_text=MOUNTINFO)
     assert applied == {"max_background": kerneltune.DEFAULT_MAX_BACKGROUND}
     assert not (tmp_path / "fs/fuse/connections/45/congestion_threshold").exists()
@@ -157,7 +157,7 @@ def test_tune_with_nothing_present_returns_empty(tmp_path: Path) -> None:
 
 def test_tune_without_mount_returns_empty(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _fake_sysfs(tmp_path, "0:23", 23)
-    with caplog.at_level(logging.WARNING, logger="tierfs.kerneltune"):
+    with caplog.at_level(logging.WARNING, logger="tierfs.fuse.kerneltune"):
         assert tune("/mnt/data", sysfs_root=str(tmp_path), mountinfo_text=MOUNTINFO) == {}
     assert "no FUSE mount" in caplog.text
     assert (tmp_path / "fs/fuse/connections/23/max_background").read_text() == "12\n"
@@ -176,7 +176,7 @@ def test_tune_unexpected_error_is_logged_not_raised(tmp_path: Path, caplog: pyte
     knob = tmp_path / "fs/fuse/connections/45/max_background"
     knob.unlink()
     knob.mkdir()  # EISDIR: not an expected "not permitted here" case, so it is a warning
-    with caplog.at_level(logging.WARNING, logger="tierfs.kerneltune"):
+    with caplog.at_level(logging.WARNING, logger="tierfs.fuse.kerneltune"):
         applied = tune("/mnt/s3fs", sysfs_root=str(tmp_path), mountinfo_text=MOUNTINFO)
     assert "max_background" not in applied and "read_ahead_kb" in applied
     assert "could not set kernel knob" in caplog.text
@@ -207,7 +207,7 @@ def test_tune_as_unprivileged_user_skips_quietly(tmp_path: Path) -> None:
             os.setuid(65534)
             records: list[str] = []
             handler = _ListHandler(records)
-            logger = logging.getLogger("tierfs.kerneltune")
+            logger = logging.getLogger("tierfs.fuse.kerneltune")
             logger.addHandler(handler)
             logger.setLevel(logging.DEBUG)
             applied = tune("/mnt/s3fs", sysfs_root=str(tmp_path), mountinfo_text=MOUNTINFO)

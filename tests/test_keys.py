@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tierfs.keys import (
+from tierfs.meta.keys import (
     MAX_KEY_BYTES,
     NAME_MAX,
     HiddenReason,

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tierfs import metrics
+from tierfs.daemon import metrics
 from tierfs.units import split_addr
 from tools.servers import free_port
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tierfs.errors import NotFound, PreconditionFailed
-from tierfs.objectstore import CRT_MAX_GET, S3ObjectStore, crc32c_b64, parse_timestamp
+from tierfs.store.objectstore import CRT_MAX_GET, S3ObjectStore, crc32c_b64, parse_timestamp
 from tools.servers import MotoS3, S3Server, SeaweedFS, s3_client
 
 BODY = bytes(range(256)) * 1000  # 256,000 bytes, every offset distinguishable

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from tierfs.posixmeta import PosixMeta, ResolvedAttrs, decode, encode, resolve
+from tierfs.meta.posixmeta import PosixMeta, ResolvedAttrs, decode, encode, resolve
 
 DEFAULTS = {
     "default_uid": 1000,

@@ -1,7 +1,7 @@
 """The read path under faults (issue 11): what a reader gets is the object's bytes or EIO, never
 other bytes, never a hang, and never an error that is only the cache's.
 
-Hydrator rules, on a real S3 server (moto) through tierfs.faultstore, without FUSE:
+Hydrator rules, on a real S3 server (moto) through tierfs.store.faultstore, without FUSE:
 
 - A body that fails its check (IntegrityError, or a length other than asked) is fetched once
   more, then the read fails; nothing of it is cached or served.
@@ -39,11 +39,11 @@ import trio
 from mounting import Mount, Mounter
 from test_chunkcache import Harness
 
-from tierfs.chunkcache import ChunkCache, ChunkKey
+from tierfs.cache.chunkcache import ChunkCache, ChunkKey
 from tierfs.errors import IntegrityError, Unavailable
-from tierfs.faultstore import FaultStore
-from tierfs.hydrator import FAILURE_MEMORY, Hydrator, ObjectVersion
-from tierfs.objectstore import GetResult, ObjectStore, S3ObjectStore
+from tierfs.read.hydrator import FAILURE_MEMORY, Hydrator, ObjectVersion
+from tierfs.store.faultstore import FaultStore
+from tierfs.store.objectstore import GetResult, ObjectStore, S3ObjectStore
 from tools.faultproxy import OBJECT_PATH, FaultProxy, Rule
 from tools.servers import MotoS3, SeaweedFS, s3_client
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tierfs import sdnotify
+from tierfs.daemon import sdnotify
 
 
 def _receive(sock: socket.socket) -> str:
@@ -63,7 +63,7 @@ def test_multiline_status_cannot_inject_assignments(path_socket: socket.socket) 
 def test_malformed_assignment_is_refused(
     path_socket: socket.socket, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="tierfs.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="tierfs.daemon.sdnotify"):
         assert sdnotify.notify("READY=1\nMAINPID=1") is False
     assert "malformed" in caplog.text
     path_socket.setblocking(False)
@@ -75,7 +75,7 @@ def test_noop_without_notify_socket(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    with caplog.at_level(logging.DEBUG, logger="tierfs.sdnotify"):
+    with caplog.at_level(logging.DEBUG, logger="tierfs.daemon.sdnotify"):
         assert sdnotify.ready("x") is False
         assert sdnotify.stopping() is False
     assert caplog.records == []
@@ -89,7 +89,7 @@ def test_undeliverable_warns_and_never_raises(
     value: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", value)
-    with caplog.at_level(logging.WARNING, logger="tierfs.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="tierfs.daemon.sdnotify"):
         assert sdnotify.ready() is False
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
 
@@ -100,6 +100,6 @@ def test_socket_path_that_is_not_a_socket(
     regular = tmp_path / "plain-file"
     regular.write_text("")
     monkeypatch.setenv("NOTIFY_SOCKET", str(regular))
-    with caplog.at_level(logging.WARNING, logger="tierfs.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="tierfs.daemon.sdnotify"):
         assert sdnotify.stopping() is False
     assert "could not notify systemd" in caplog.text

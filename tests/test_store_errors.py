@@ -1,6 +1,6 @@
 """The object store's error map, its time rule and its integrity checks, against real servers.
 
-- Errors are classified by status and S3 code (:func:`tierfs.s3errors.classify`), the
+- Errors are classified by status and S3 code (:func:`tierfs.store.s3errors.classify`), the
   same for the boto3 and the awscrt path.
 - ``timeout`` bounds a caller's wait for one request in total, retries and body included:
   a frozen SeaweedFS (SIGSTOP) and a server that stalls or trickles a body both give
@@ -39,8 +39,8 @@ from tierfs.errors import (
     StoreError,
     Unavailable,
 )
-from tierfs.objectstore import CRT_MAX_GET, S3ObjectStore, crc32c_b64, verify_whole_object
-from tierfs.s3errors import classify
+from tierfs.store.objectstore import CRT_MAX_GET, S3ObjectStore, crc32c_b64, verify_whole_object
+from tierfs.store.s3errors import classify
 from tools.servers import MotoS3, S3Server, SeaweedFS, s3_client
 
 TIMEOUT = 2.0

@@ -1,7 +1,7 @@
 """Write-back under faults and races, below the mount (issue 11; docs/writeback.md).
 
 The stack of tests/direct.py (Namespace + ChunkCache + Hydrator + WriteBack, no FUSE) runs on
-moto through tierfs.faultstore.FaultStore, and, where a fault must sit *on the wire* (an
+moto through tierfs.store.faultstore.FaultStore, and, where a fault must sit *on the wire* (an
 upload whose body is already sent but not yet answered), through tools/faultproxy.py too.
 Each test then checks what another S3 client sees in the bucket and what is left in the
 journal and the staging area, because those are what a user loses or keeps:

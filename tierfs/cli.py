@@ -8,7 +8,7 @@ mount.fuse3 use, so the two spellings can never drift apart. Long options win ov
 Error contract: every expected failure is one line ``tierfs: error: ...`` on stderr,
 exit 2 for usage/configuration errors and 1 for runtime failures; no tracebacks.
 Commands other than ``mount`` talk to the daemon over the control socket (see
-:mod:`tierfs.control`) and never stat inside a mount, so they work on a hung mount.
+:mod:`tierfs.control.protocol`) and never stat inside a mount, so they work on a hung mount.
 """
 
 from __future__ import annotations
@@ -30,9 +30,16 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .config import MountConfig, Source
-from .control import ControlClient, ControlError, ControlTimeout, ControlUnavailable, find_mount, pid_alive
+from .control.progress import ProgressBar
+from .control.protocol import (
+    ControlClient,
+    ControlError,
+    ControlTimeout,
+    ControlUnavailable,
+    find_mount,
+    pid_alive,
+)
 from .errors import ConfigError, FlushFailed
-from .progress import ProgressBar
 from .units import format_bytes, parse_duration, parse_mode, parse_size, split_addr
 
 ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -385,7 +392,7 @@ def apply_environment(config: MountConfig, environ: MutableMapping[str, str]) ->
 
 def _run_mount(config: MountConfig) -> int:
     apply_environment(config, os.environ)
-    from .daemon import run_mount  # lazy: --help and option parsing work without pyfuse3
+    from .daemon.lifecycle import run_mount  # lazy: --help and option parsing work without pyfuse3
 
     return run_mount(config)
 

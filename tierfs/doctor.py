@@ -40,7 +40,7 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from . import __version__
-from .config import Source
+from .config import DEFAULT_CACHE_ROOT, Source
 from .units import format_bytes
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
@@ -533,8 +533,6 @@ def run_checks(options: Options) -> list[Result]:
     ]
     cache_dir = options.cache_dir
     if cache_dir is None:
-        from .config import DEFAULT_CACHE_ROOT
-
         cache_dir = DEFAULT_CACHE_ROOT
     results += check_cache_dir(cache_dir, options.cache_size, options.cache_min_free)
     credentials, session = check_credentials(options)

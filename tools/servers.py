@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 import boto3
 import botocore.config
 
-from tierfs.control import pid_alive
-from tierfs.kerneltune import abort_connection, find_mount
+from tierfs.control.protocol import pid_alive
+from tierfs.fuse.kerneltune import abort_connection, find_mount
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

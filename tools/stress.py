@@ -464,27 +464,35 @@ class Writer(Worker):
 
     # -- operations (each holds the lock of every path it touches)
 
-    def write_new(self, rel: str, data: bytes, op: str, flags: int) -> None:
-        with self.model.locked(rel):
+    def change_file(self, rel: str, op: str, flags: int, write: Callable[[int], None]) -> None:
+        """Open ``rel``, let ``write(fd)`` change it (and the model), fsync some, close; then count the
+        change and maybe read it back. The caller holds the path's lock."""
+        fd = -1
+        try:
+            fd = os.open(self.path_of(rel), flags, 0o644)
+            write(fd)
+            self.after_write(fd, rel, op)
+            os.close(fd)
             fd = -1
-            try:
-                fd = os.open(self.path_of(rel), flags, 0o644)
-                self.model.set(rel, b"", op)  # created empty, or truncated: the writes merge into it
-                for offset in range(0, len(data), IO_CHUNK):
-                    piece = data[offset : offset + IO_CHUNK]
-                    write_all(fd, piece)
-                    self.model.set(rel, data[: offset + len(piece)], op, merge=True)
-                self.after_write(fd, rel, op)
+        except OSError as exc:
+            self.fail(op, rel, exc)
+            return
+        finally:
+            if fd >= 0:
                 os.close(fd)
-                fd = -1
-            except OSError as exc:
-                self.fail(op, rel, exc)
-                return
-            finally:
-                if fd >= 0:
-                    os.close(fd)
-            self.findings.count(op)
-            self.maybe_read_back(rel, op)
+        self.findings.count(op)
+        self.maybe_read_back(rel, op)
+
+    def write_new(self, rel: str, data: bytes, op: str, flags: int) -> None:
+        def write(fd: int) -> None:
+            self.model.set(rel, b"", op)  # created empty, or truncated: the writes merge into it
+            for offset in range(0, len(data), IO_CHUNK):
+                piece = data[offset : offset + IO_CHUNK]
+                write_all(fd, piece)
+                self.model.set(rel, data[: offset + len(piece)], op, merge=True)
+
+        with self.model.locked(rel):
+            self.change_file(rel, op, flags, write)
 
     def create_small(self) -> None:
         if names := self.free():
@@ -516,21 +524,7 @@ class Writer(Worker):
             old = self.model.get(rel)
             if old is None:
                 return
-            fd = -1
-            try:
-                fd = os.open(self.path_of(rel), flags)
-                self.model.set(rel, change(fd, old), op)
-                self.after_write(fd, rel, op)
-                os.close(fd)
-                fd = -1
-            except OSError as exc:
-                self.fail(op, rel, exc)
-                return
-            finally:
-                if fd >= 0:
-                    os.close(fd)
-            self.findings.count(op)
-            self.maybe_read_back(rel, op)
+            self.change_file(rel, op, flags, lambda fd: self.model.set(rel, change(fd, old), op))
 
     def pwrite(self) -> None:
         def change(fd: int, old: bytes) -> bytes:

@@ -25,8 +25,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .. import control
-from ..kerneltune import parse_mountinfo_line, read_mountinfo
+from ..control import protocol as control
+from ..fuse.kerneltune import parse_mountinfo_line, read_mountinfo
 from . import protocol
 from .view import CacheView, Fallback, Version
 

@@ -1,6 +1,6 @@
 """The daemon's side of direct reads, run by the mount's maintenance pass (every <= 5 s).
 
-Kept here rather than in mount.py so that the mount only calls :meth:`DirectReaders.maintain`
+Kept here rather than in daemon/mount.py so that the mount only calls :meth:`DirectReaders.maintain`
 and merges :meth:`DirectReaders.status`: publishing reader.json (the heartbeat readers
 require), applying the readers' access records to the chunk index's LRU, summing their
 counters for ``tierfs status``, and clearing LMDB reader slots left by dead reader processes
@@ -15,8 +15,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from ..chunkcache import FORMAT_VERSION, ChunkCache
-from ..kerneltune import find_mount
+from ..cache.chunkcache import FORMAT_VERSION, ChunkCache
+from ..fuse.kerneltune import find_mount
 from . import protocol
 
 log = logging.getLogger(__name__)

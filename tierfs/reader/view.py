@@ -36,7 +36,7 @@ from typing import Any
 
 import lmdb
 
-from ..chunkcache import (
+from ..cache.chunkcache import (
     _META_BLOCK_SIZE,
     _META_FORMAT,
     _RECORD,
@@ -45,8 +45,8 @@ from ..chunkcache import (
     ChunkKey,
     _Invalid,
 )
-from ..metadb import MAP_SIZE, SCHEMA_VERSION
-from ..records import Flag, Inode, Kind, ino_key
+from ..meta.cachedir import MAP_SIZE, SCHEMA_VERSION
+from ..meta.records import Flag, Inode, Kind, ino_key
 from . import protocol
 
 HEARTBEAT_CHECK = 1.0  # seconds between re-reads of reader.json

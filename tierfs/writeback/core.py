@@ -29,10 +29,10 @@ from typing import Any
 import trio
 
 from ..errors import FlushFailed, Permanent, StoreError
-from ..hydrator import Hydrator, ObjectVersion
-from ..namespace import Namespace
-from ..objectstore import ObjectStore
-from ..records import Flag, Inode, Kind
+from ..meta.namespace import Namespace
+from ..meta.records import Flag, Inode, Kind
+from ..read.hydrator import Hydrator, ObjectVersion
+from ..store.objectstore import ObjectStore
 from .files import BlockSink, StagedFiles
 from .journal import Journal, Op
 from .schedule import NODE_OPS, startable, target_key

@@ -25,8 +25,8 @@ from typing import Any, Protocol
 
 import trio
 
-from ..chunkcache import ChunkKey
-from ..hydrator import Hydrator, ObjectVersion
+from ..cache.chunkcache import ChunkKey
+from ..read.hydrator import Hydrator, ObjectVersion
 from .staging import Staging
 
 RunBlocking = Callable[..., Awaitable[Any]]

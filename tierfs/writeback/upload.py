@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .. import posixmeta
 from ..errors import NotFound, Permanent, PreconditionFailed
-from ..objectstore import ObjectInfo, ObjectStore
-from ..records import Inode
+from ..meta import posixmeta
+from ..meta.records import Inode
+from ..store.objectstore import ObjectInfo, ObjectStore
 from .journal import Op
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ PUT, multipart, copy) stays on boto3, where per-call cost does not matter.
 
 Credentials are not resolved a second time: the CRT asks boto3's credential object on
 every signing, so environment, profiles, shared files and refreshes behave exactly as
-for boto3. The CRT retries nothing itself: :class:`~tierfs.objectstore.S3ObjectStore`
+for boto3. The CRT retries nothing itself: :class:`~tierfs.store.objectstore.S3ObjectStore`
 retries under one deadline for both clients, and each attempt here is cancelled when it
 runs over the time it was given (the CRT has no read timeout of its own, so a stalled or
 trickling body would otherwise hold the caller forever).
@@ -24,7 +24,7 @@ from urllib.parse import quote, urlsplit
 from awscrt import auth, io, s3
 from awscrt.http import HttpHeaders, HttpRequest
 
-from .errors import Unavailable
+from ..errors import Unavailable
 from .s3errors import classify
 
 _CODE = re.compile(rb"<Code>([^<]{1,128})</Code>")

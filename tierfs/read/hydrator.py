@@ -41,9 +41,9 @@ from typing import Any, Protocol
 
 import trio
 
-from .chunkcache import ChunkKey
-from .errors import IntegrityError, StoreError, Unavailable
-from .objectstore import GetResult, ObjectInfo, ObjectStore
+from ..cache.chunkcache import ChunkKey
+from ..errors import IntegrityError, StoreError, Unavailable
+from ..store.objectstore import GetResult, ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ RunBlocking = Callable[..., Awaitable[Any]]
 
 
 class BlockCache(Protocol):
-    """What the hydrator needs of the persistent chunk cache (tierfs.chunkcache.ChunkCache)."""
+    """What the hydrator needs of the persistent chunk cache (tierfs.cache.chunkcache.ChunkCache)."""
 
     def get(self, ck: ChunkKey) -> bytes | None: ...
 

@@ -53,7 +53,7 @@ from typing import Any
 
 import trio
 
-from .errors import FlushFailed, TierfsError
+from ..errors import FlushFailed, TierfsError
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import lmdb
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

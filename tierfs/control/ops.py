@@ -3,7 +3,7 @@
 Paths arrive relative to the mountpoint and are resolved through the namespace (never
 through the kernel mount, which could be the thing that is hung). Long operations
 report progress at most every 0.25 s. A flush also states its deadline in a progress
-line every few seconds (see :mod:`tierfs.control`), so the CLI waiting for it knows how
+line every few seconds (see :mod:`tierfs.control.protocol`), so the CLI waiting for it knows how
 long to wait, and notices a daemon that stopped answering within seconds.
 """
 
@@ -18,13 +18,13 @@ from typing import Any
 
 import trio
 
-from . import control
-from .chunkcache import ChunkCache
-from .config import MountConfig
-from .errors import NotFound, StoreError
-from .hydrator import Hydrator, ObjectVersion
-from .namespace import Namespace
-from .records import ROOT_INO, Inode
+from ..cache.chunkcache import ChunkCache
+from ..config import MountConfig
+from ..errors import NotFound, StoreError
+from ..meta.namespace import Namespace
+from ..meta.records import ROOT_INO, Inode
+from ..read.hydrator import Hydrator, ObjectVersion
+from . import protocol
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ FLUSH_HEARTBEAT = 5.0  # seconds between a flush's deadline lines; the CLI's sil
 
 @dataclass(frozen=True)
 class MountParts:
-    """What the control operations act on, handed over by the mount's wiring (tierfs.mount).
+    """What the control operations act on, handed over by the mount's wiring (tierfs.daemon.mount).
 
     Layers and callables, not the mount itself: control depends on the layers below it and
     on nothing above. ``version_of`` is the one rule for where a file's bytes are now (a
@@ -70,9 +70,9 @@ class ControlOps:
             "unpin": self.unpin,
             "refresh": self.refresh,
         }
-        _, sock_path = control.registry_paths(str(cfg.mountpoint))
-        server = control.ControlServer(str(sock_path), handlers, owner_uid=os.getuid())
-        control.register(
+        _, sock_path = protocol.registry_paths(str(cfg.mountpoint))
+        server = protocol.ControlServer(str(sock_path), handlers, owner_uid=os.getuid())
+        protocol.register(
             str(cfg.mountpoint),
             pid=os.getpid(),
             source=str(cfg.source),
@@ -82,7 +82,7 @@ class ControlOps:
         try:
             await server.serve(task_status=task_status)
         finally:
-            control.unregister(str(cfg.mountpoint))
+            protocol.unregister(str(cfg.mountpoint))
 
     # -- path resolution -------------------------------------------------------------------------------
 
@@ -118,7 +118,7 @@ class ControlOps:
         """
         raw = args.get("timeout")
         if raw is not None and (isinstance(raw, bool) or not isinstance(raw, int | float) or raw <= 0):
-            raise control.ControlError(f"invalid flush timeout {raw!r} (expected positive seconds)")
+            raise protocol.ControlError(f"invalid flush timeout {raw!r} (expected positive seconds)")
         timeout = self.parts.cfg.flush_timeout if raw is None else float(raw)
         deadline = trio.current_time() + self.parts.flush_deadline(timeout)
 
@@ -177,7 +177,7 @@ class ControlOps:
                 async for path, node in self.files(list(args.get("paths", [])), bool(args.get("recursive"))):
                     targets.append((path, node))
             except (NotFound, StoreError, OSError) as exc:
-                raise control.ControlError(f"cannot resolve path: {exc}") from None
+                raise protocol.ControlError(f"cannot resolve path: {exc}") from None
             state["total_files"] = len(targets)
             state["total_bytes"] = sum(n.size for _, n in targets)
             await report(force=True)
@@ -196,7 +196,7 @@ class ControlOps:
                 await self.parts.run_io(action, node)
                 count += 1
         except (NotFound, StoreError, OSError) as exc:
-            raise control.ControlError(str(exc)) from None
+            raise protocol.ControlError(str(exc)) from None
         return {"files": count}
 
     async def evict(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
@@ -246,5 +246,5 @@ class ControlOps:
                 async for _, below in ns.walk(node, force=True):
                     listed += below.is_dir
         except (NotFound, StoreError, OSError) as exc:
-            raise control.ControlError(str(exc)) from None
+            raise protocol.ControlError(str(exc)) from None
         return {"directories_listed": listed}

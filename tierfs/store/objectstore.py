@@ -9,7 +9,7 @@ reader at most ~``timeout`` before :class:`~tierfs.errors.Unavailable` (EIO), ne
 multiple of it.
 
 **Errors** are classified once, by HTTP status and S3 error code (never by message
-text), in :func:`classify`; both clients (boto3 here, awscrt in :mod:`tierfs.crtget`)
+text), in :func:`classify`; both clients (boto3 here, awscrt in :mod:`tierfs.store.crtget`)
 call it. Only a definite 404 becomes :class:`NotFound`; timeouts, resets, 5xx and
 throttling are :class:`Unavailable` and never mean "deleted".
 
@@ -43,15 +43,8 @@ import botocore.session
 import botocore.utils
 from awscrt import checksums
 
+from ..errors import IntegrityError, NotFound, Permanent, RangeNotSatisfiable, StoreError, Unavailable
 from .crtget import CrtRangeReader
-from .errors import (
-    IntegrityError,
-    NotFound,
-    Permanent,
-    RangeNotSatisfiable,
-    StoreError,
-    Unavailable,
-)
 from .s3errors import classify
 
 T = TypeVar("T")

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
-from .units import format_bytes
+from ..units import format_bytes
 
 BAR_WIDTH = 24
 RATE_WINDOW = 5.0  # seconds of history the rate is averaged over

@@ -11,10 +11,10 @@ import logging
 import sys
 from typing import Any
 
-from .config import MountConfig
-from .errors import AccessDenied, ConfigError, NotFound, Unavailable
+from ..config import MountConfig
+from ..errors import AccessDenied, ConfigError, NotFound, Unavailable
+from ..store.objectstore import S3ObjectStore
 from .metrics import S3_LATENCY
-from .objectstore import S3ObjectStore
 
 
 def preflight_store(cfg: MountConfig) -> Any:

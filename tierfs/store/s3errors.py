@@ -6,7 +6,7 @@ Both clients use it: boto3's errors (``objectstore.map_error``) and the CRT read
 
 from __future__ import annotations
 
-from .errors import (
+from ..errors import (
     AccessDenied,
     IntegrityError,
     NotFound,

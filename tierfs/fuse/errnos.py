@@ -16,8 +16,8 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
-from .errors import AccessDenied, NotFound, StoreError
-from .records import Inode, Kind
+from ..errors import AccessDenied, NotFound, StoreError
+from ..meta.records import Inode, Kind
 
 log = logging.getLogger("tierfs.fuse")
 

@@ -28,9 +28,9 @@ from typing import Any, ParamSpec, TypeVar
 
 import trio
 
+from ..errors import NotFound, StoreError
+from ..store.objectstore import ObjectInfo, ObjectStore
 from . import keys, posixmeta
-from .errors import NotFound, StoreError
-from .objectstore import ObjectInfo, ObjectStore
 from .records import ROOT_INO, Flag, Inode, Kind, dentry_key, ino_key, type_bits
 from .tombstones import Tombstones
 

@@ -22,10 +22,10 @@ import os
 import sys
 from pathlib import Path
 
+from ..config import MountConfig
+from ..errors import ConfigError, TierfsError
+from ..fuse.kerneltune import parse_mountinfo_line, read_mountinfo
 from . import memory
-from .config import MountConfig
-from .errors import ConfigError, TierfsError
-from .kerneltune import parse_mountinfo_line, read_mountinfo
 from .mount import Mount
 
 log = logging.getLogger("tierfs")
@@ -118,7 +118,7 @@ def _serve_reporting(cfg: MountConfig, report: int | None) -> int:
                 os.close(report)
                 report = None
 
-    memory.limit_arenas()  # before any worker thread exists (docs in tierfs/memory.py)
+    memory.limit_arenas()  # before any worker thread exists (docs in tierfs/daemon/memory.py)
     try:
         with Mount(cfg, daemonized=report is not None) as mount:
             mount.serve(on_live=lambda: tell("OK\n"))

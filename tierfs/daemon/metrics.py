@@ -24,7 +24,7 @@ from prometheus_client import Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from .units import split_addr
+from ..units import split_addr
 
 log = logging.getLogger(__name__)
 

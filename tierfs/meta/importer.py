@@ -10,7 +10,7 @@ It is off by default because it costs one LIST per cached directory per interval
 whether or not anyone is reading. Directories never listed are not touched: they hold
 nothing stale, and listing them would turn the mount into a crawler of the whole bucket.
 
-All the consistency rules live in :class:`~tierfs.namespace.Namespace`: only a complete
+All the consistency rules live in :class:`~tierfs.meta.namespace.Namespace`: only a complete
 listing may delete entries, a failed LIST raises and changes nothing, LOCAL entries
 belong to write-back. This module only decides *which* directories to re-list and *when*.
 """
@@ -22,7 +22,7 @@ import time
 
 import trio
 
-from .errors import NotFound, StoreError, Unavailable
+from ..errors import NotFound, StoreError, Unavailable
 from .namespace import Namespace
 from .records import ROOT_INO
 

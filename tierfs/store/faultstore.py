@@ -1,7 +1,7 @@
-"""A fault-injecting :class:`~tierfs.objectstore.ObjectStore` wrapper, for tests without FUSE.
+"""A fault-injecting :class:`~tierfs.store.objectstore.ObjectStore` wrapper, for tests without FUSE.
 
 In the style of mountpoint-s3's ``failure_client``: it wraps any store (usually a real
-:class:`~tierfs.objectstore.S3ObjectStore` on moto or SeaweedFS) and, per method name,
+:class:`~tierfs.store.objectstore.S3ObjectStore` on moto or SeaweedFS) and, per method name,
 makes chosen calls
 
 - **fail**: raise a chosen :class:`~tierfs.errors.StoreError` instead of calling through;
@@ -34,7 +34,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import StoreError, Unavailable
+from ..errors import StoreError, Unavailable
 from .objectstore import GetResult, ListPage, ObjectInfo, ObjectStore
 
 T = TypeVar("T")

@@ -21,13 +21,13 @@ from typing import Any
 
 import pyfuse3
 
-from . import keys
-from .errors import NotFound
-from .fuseops import ErrorCounter, entry_attributes, fuse_errors, negative_entry
-from .hydrator import Hydrator, ObjectVersion
-from .namespace import Namespace, child_key
-from .records import Flag, Inode, Kind
-from .writeback import WriteBack
+from ..errors import NotFound
+from ..meta import keys
+from ..meta.namespace import Namespace, child_key
+from ..meta.records import Flag, Inode, Kind
+from ..read.hydrator import Hydrator, ObjectVersion
+from ..writeback import WriteBack
+from .errnos import ErrorCounter, entry_attributes, fuse_errors, negative_entry
 
 log = logging.getLogger(__name__)
 

@@ -15,30 +15,29 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyfuse3
 import trio
 
-from . import kerneltune, memory, metrics, sdnotify
-from .chunkcache import ChunkCache
-from .config import MountConfig
-from .control import ProgressCallback
-from .controlops import ControlOps, MountParts
-from .errors import ConfigError, FlushFailed
-from .fs import TierOperations
-from .hydrator import Hydrator
-from .importer import sweep_loop
-from .metadb import CacheDir
-from .namespace import Namespace, NamespacePolicy
-from .records import Inode
+from ..cache.chunkcache import ChunkCache
+from ..config import MountConfig
+from ..control.ops import ControlOps, MountParts
+from ..control.protocol import ProgressCallback
+from ..errors import ConfigError, FlushFailed
+from ..fuse import kerneltune
+from ..fuse.operations import TierOperations
+from ..meta.cachedir import CacheDir
+from ..meta.importer import sweep_loop
+from ..meta.namespace import Namespace, NamespacePolicy
+from ..meta.records import Inode
+from ..read.hydrator import Hydrator
+from ..reader.daemon import DirectReaders
+from ..writeback import WriteBack
+from ..writeback.journal import Journal
+from ..writeback.staging import Staging
+from . import memory, metrics, sdnotify
 from .startup import preflight_store, setup_logging
-from .writeback import WriteBack
-from .writeback.journal import Journal
-from .writeback.staging import Staging
-
-if TYPE_CHECKING:
-    from .reader.daemon import DirectReaders
 
 log = logging.getLogger("tierfs")
 
@@ -308,8 +307,6 @@ class Mount:
     def _direct_readers(self) -> None:
         """Publish reader.json, apply the readers' access records (before the access-time flush,
         so LRU and age-out see them) and sum their counters. Never raises."""
-        from .reader.daemon import DirectReaders
-
         if self.direct_readers is None:
             self.direct_readers = DirectReaders(
                 cache_dir=self.cfg.resolved_cache_dir, mountpoint=str(self.cfg.mountpoint),
@@ -319,8 +316,6 @@ class Mount:
         self.direct_readers.maintain(self.cache, (self.cachedir.env, self.cachedir.index_env))
 
     def _direct_status(self) -> dict[str, Any]:
-        from .reader.daemon import DirectReaders
-
         return self.direct_readers.status() if self.direct_readers else DirectReaders.empty_status()
 
     def _maintain_blocking(self) -> None:
