@@ -29,6 +29,9 @@ STATUS: dict[str, Any] = {
     "cache_bytes_on_disk": 1_000_000,
     "cache_limit_bytes": None,  # no cap: the series must be absent, not 0
     "compression_ratio": 2.0,
+    "direct_reads": 40,
+    "direct_bytes": 4_400_000,
+    "direct_fallbacks": {"dirty": 2, "miss": 9},
     "read_only": False,  # booleans are not metrics
     "operations": {},
 }
@@ -85,6 +88,10 @@ def test_scrape_exposes_the_status_counters(served: tuple[metrics.MetricsServer,
         "tierfs_cache_bytes": 2_000_000,
         "tierfs_cache_disk_bytes": 1_000_000,
         "tierfs_cache_compression_ratio": 2.0,
+        "tierfs_direct_reads_total": 40,
+        "tierfs_direct_bytes_total": 4_400_000,
+        'tierfs_direct_fallbacks_total{reason="dirty"}': 2,
+        'tierfs_direct_fallbacks_total{reason="miss"}': 9,
     }
     for name, value in expected.items():
         assert values.get(name) == value, f"{name}: {values.get(name)} != {value}"

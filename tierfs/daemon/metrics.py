@@ -92,6 +92,8 @@ _SCALARS: tuple[_Spec, ...] = (
     _Spec("dirty_bytes", "tierfs_dirty_bytes", "Bytes written locally and not yet uploaded", False),
     _Spec("uploads_pending", "tierfs_uploads_pending", "Write-back operations queued", False),
     _Spec("uptime_seconds", "tierfs_uptime_seconds", "Seconds since the mount started", False),
+    _Spec("direct_reads", "tierfs_direct_reads", "Reads served by direct readers from the cache dir", True),
+    _Spec("direct_bytes", "tierfs_direct_bytes", "Bytes served by direct readers from the cache dir", True),
 )
 
 
@@ -116,7 +118,12 @@ class StatusCollector(Collector):
             return
         up.add_metric([], 1)
         yield up
-        yield from _requests_family(status)
+        yield from _labelled_counter(
+            status, "s3_requests", "tierfs_s3_requests", "S3 API calls by operation", "op"
+        )
+        yield from _labelled_counter(
+            status, "direct_fallbacks", "tierfs_direct_fallbacks", "Direct reads sent to the mount", "reason"
+        )
         yield from _read_bytes_family(status)
         for spec in _SCALARS:
             value = status.get(spec.key)
@@ -127,13 +134,16 @@ class StatusCollector(Collector):
             yield family
 
 
-def _requests_family(status: Mapping[str, Any]) -> Iterator[Metric]:
-    requests = status.get("s3_requests")
-    if not isinstance(requests, Mapping):
+def _labelled_counter(
+    status: Mapping[str, Any], key: str, name: str, help: str, label: str
+) -> Iterator[Metric]:
+    """A status dict of counts by one label (e.g. fallbacks by reason) as one counter family."""
+    counts = status.get(key)
+    if not isinstance(counts, Mapping):
         return
-    family = CounterMetricFamily("tierfs_s3_requests", "S3 API calls by operation", labels=["op"])
-    for op, count in sorted(requests.items()):
-        family.add_metric([str(op)], float(count))
+    family = CounterMetricFamily(name, help, labels=[label])
+    for value, count in sorted(counts.items()):
+        family.add_metric([str(value)], float(count))
     yield family
 
 
