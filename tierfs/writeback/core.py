@@ -80,10 +80,8 @@ class WriteBack:
         concurrency: int = 16,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.bucket = bucket
         self.ns = namespace
         self.store = store
-        self.hydrator = hydrator
         self.staging = staging
         self.journal = journal
         self.files = StagedFiles(
