@@ -210,14 +210,17 @@ class Stack:
         await self.wb.removed(node)
 
     async def rename(self, old: str, new: str) -> None:
-        """rename(2): wb.removed(target) for a replaced name, then ns.rename, then wb.renamed."""
+        """rename(2) as fuse.operations does it: wb.removed(target) for a replaced name, then
+        ns.rename and wb.renamed inside wb.renaming."""
         root = await self.root()
+        node = self.node(old)
         target = self.ns.child(ROOT_INO, new)
         if target is not None:
             await self.run_io(self.ns.remove, ROOT_INO, new)
             await self.wb.removed(target)
-        moved, old_key = await self.run_io(self.ns.rename, root, old, root, new)
-        await self.wb.renamed(moved, old_key)
+        async with self.wb.renaming(node):
+            moved, old_key = await self.run_io(self.ns.rename, root, old, root, new)
+            await self.wb.renamed(moved, old_key)
 
     async def read(self, name: str) -> bytes:
         """The whole file as a read through the mount gets it (fs.read with a following handle)."""

@@ -413,8 +413,9 @@ class TierOperations(pyfuse3.Operations):
             if target is not None:
                 await self._io(self.ns.remove, new_parent.ino, new_name)
                 await wb.removed(target)
-            moved, old_key = await self._io(self.ns.rename, old_parent, old_name, new_parent, new_name)
-            await wb.renamed(moved, old_key)
+            async with wb.renaming(node):
+                moved, old_key = await self._io(self.ns.rename, old_parent, old_name, new_parent, new_name)
+                await wb.renamed(moved, old_key)
 
     @staticmethod
     def _check_name(parent: Inode, name: str, *, is_dir: bool) -> None:

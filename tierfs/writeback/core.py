@@ -22,7 +22,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +112,10 @@ class WriteBack:
         # whose rename is being journaled (they are re-journaled under the new name).
         self._dropping: set[int] = set()
         self._frozen: list[str] = []
+        # Directory renames between the namespace change and their journal entries; records
+        # below them must not stop being LOCAL meanwhile (see renaming() and _quiesce).
+        self._dir_renames = 0
+        self._deferred_quiesce: set[int] = set()
         self._copies: dict[int, list[Op]] = {}  # ino -> its pending rename copies, in journal order
         for op in self.ops:
             self._track(op)
@@ -359,6 +363,29 @@ class WriteBack:
         await self._append(("delete", {"key": node.key}), drop=drop)
         if not self.files.writers(node.ino):
             await self.files.discard(node.ino)
+
+    @contextlib.asynccontextmanager
+    async def renaming(self, node: Inode) -> AsyncIterator[None]:
+        """Bracket a rename from before the namespace moves ``node`` until its journal entries exist.
+
+        In between, the moved record is LOCAL but nothing is journaled under its new name yet:
+        an op of the inode finishing then must not settle it (a listing would drop the entry
+        whose object the pending copy has not made yet).
+        """
+        if node.is_dir:
+            self._dir_renames += 1
+        with self._holding([] if node.is_dir else [node.ino]):
+            try:
+                yield
+            finally:
+                if node.is_dir:
+                    self._dir_renames -= 1
+        if not self._dir_renames:
+            deferred, self._deferred_quiesce = self._deferred_quiesce, set()
+            for ino in sorted(deferred):
+                await self._quiesce(ino)
+        if not node.is_dir:
+            await self._quiesce(node.ino)
 
     async def renamed(self, moved: Inode, old_key: str) -> None:
         """Journal the bucket side of a rename that the namespace already carried out.
@@ -702,7 +729,13 @@ class WriteBack:
             op.seq, op.ino, key, outcome.etag, node.key if node else None, node.etag if node else None,
         )  # fmt: skip
         if node is None or node.key != key:
-            return  # renamed (or removed) meanwhile: our ETag describes a key that is no longer its name
+            # Renamed (or removed) meanwhile: our ETag describes a key that is no longer its name,
+            # unless a copy still pending reads from it: then reads go there (data_key), with it.
+            if node is not None and op.kind == "copy" and outcome.etag:
+                chain = [o for o in self._copies.get(op.ino, ()) if o.seq != op.seq]
+                if chain and chain[0].src == key:
+                    await self._run_io(lambda: self.ns.update(op.ino, etag=outcome.etag))
+            return
         if outcome.conflict_key:
             if self._pending_for(op.ino, besides=op.seq):
                 return  # later changes of ours follow; they will find the same conflict
@@ -740,6 +773,9 @@ class WriteBack:
         node = self.ns.get(ino)
         if node is None:
             self._last_put.pop(ino, None)
+            return
+        if self._dir_renames:
+            self._deferred_quiesce.add(ino)  # renaming() runs it once the rename is journaled
             return
         if self._pending_at_name(ino, node.key):
             return
