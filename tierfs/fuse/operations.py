@@ -288,7 +288,7 @@ class TierOperations(pyfuse3.Operations):
             del self._handles_of[ino]
             self.hydrator.forget(ino)
         if handle.writable and self.wb is not None:
-            await self.wb.release_writer(ino)
+            await self.wb.release_writer(ino, self._written_at.get(ino))
         if ino not in self._open_count:
             self._written_at.pop(ino, None)
 

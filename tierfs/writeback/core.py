@@ -345,7 +345,9 @@ class WriteBack:
             if node is not None:
                 await self._append(self._put(node))
 
-    async def release_writer(self, ino: int) -> None:
+    async def release_writer(self, ino: int, written_ns: int | None = None) -> None:
+        """A writer closed. ``written_ns``: when it last wrote, which becomes the mtime and ctime
+        the record keeps (the adapter shows them from memory until then)."""
         state = self.files.states.get(ino)
         if state is None:
             return
@@ -363,8 +365,10 @@ class WriteBack:
             return
         size = self.files.size_of(ino)
         if size is not None:
-            now = time.time_ns()
-            await self._run_io(lambda: self.ns.update(ino, size=size, mtime_ns=now, ctime_ns=now))
+            times: dict[str, int] = {}
+            if written_ns is not None:
+                times = {"mtime_ns": written_ns, "ctime_ns": max(written_ns, node.ctime_ns)}
+            await self._run_io(lambda: self.ns.update(ino, size=size, **times))
         self._wake.set()
 
     def _still_needed(self, ino: int, besides: int = 0) -> bool:
@@ -374,6 +378,8 @@ class WriteBack:
         """chmod/chown/utimens: a pending put carries the headers; otherwise rewrite them in place."""
         if self._has_waiting_put(node.ino) or (node.flags & Flag.LOCAL and not node.etag):
             return
+        if not node.key:
+            return  # the root of a whole-bucket mount has no object to carry its attributes
         kind = "marker" if node.is_dir else "meta"
         await self._append((kind, {"ino": node.ino}))
 
