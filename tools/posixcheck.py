@@ -207,24 +207,23 @@ class Checker:
             for kind in TYPES:
                 path = d / f"c.{kind}"
                 make(kind, path)
-                ops: list[tuple[str, Callable[[], object]]] = [
-                    ("chown", lambda p=path: os.chown(p, 65534, -1, follow_symlinks=False)),
-                    ("rename", lambda p=path: os.rename(p, p.with_name(p.name + "x"))),
+                renamed, extra = path.with_name(path.name + "x"), path.with_name("l")
+                steps: list[tuple[str, Callable[..., object], tuple[object, ...], Path]] = [
+                    ("chown", os.lchown, (path, 65534, -1), path),
+                    ("rename", os.rename, (path, renamed), renamed),
                 ]
                 if kind != "symlink":
-                    ops.insert(0, ("chmod", lambda p=path: os.chmod(p, 0o640)))
+                    steps.insert(0, ("chmod", os.chmod, (path, 0o640), path))
                 if kind not in ("dir", "symlink"):
-                    ops.append(("link", lambda p=path: os.link(p.with_name(p.name + "x"), p.with_name("l"))))
-                for what, op in ops:
-                    target = path if what != "link" else path.with_name(path.name + "x")
-                    before = os.lstat(target if what != "rename" else path).st_ctime
+                    steps.append(("link", os.link, (renamed, extra), renamed))
+                for what, fn, args, after_path in steps:
+                    before = os.lstat(path if what != "link" else renamed).st_ctime
                     time.sleep(NAP)
-                    op()
-                    after_path = path.with_name(path.name + "x") if what in ("rename", "link") else path
+                    fn(*args)
                     self.r.check(f"{kind}: {what} changes ctime", os.lstat(after_path).st_ctime > before)
                 if kind not in ("dir", "symlink"):
-                    os.unlink(path.with_name("l"))
-                remove(path.with_name(path.name + "x"))
+                    os.unlink(extra)
+                remove(renamed)
             # unsuccessful ops change nothing
             path = d / "denied"
             make("regular", path)
@@ -233,46 +232,31 @@ class Checker:
             code = self.other(lambda: os.chmod(path, 0o600))
             self.r.check("chmod by non-owner is EPERM", code == errno.EPERM, errno.errorcode.get(code))
             self.r.check("failed chmod keeps ctime", os.lstat(path).st_ctime == before)
-            # data and directories
-            fd = os.open(path, os.O_WRONLY)
-            before = os.fstat(fd)
-            time.sleep(NAP)
-            os.write(fd, b"data")
-            after = os.fstat(fd)
-            os.close(fd)
-            self.r.check(
-                "write changes mtime and ctime",
-                after.st_mtime > before.st_mtime and after.st_ctime > before.st_ctime,
-            )
-            before = os.lstat(path)
-            time.sleep(NAP)
-            os.truncate(path, 1)
-            after = os.lstat(path)
-            self.r.check(
-                "truncate changes mtime and ctime",
-                after.st_mtime > before.st_mtime and after.st_ctime > before.st_ctime,
-            )
-            before = os.lstat(path)
-            time.sleep(NAP)
-            os.close(os.open(path, os.O_WRONLY | os.O_TRUNC))
-            after = os.lstat(path)
-            self.r.check(
-                "open(O_TRUNC) changes mtime and ctime",
-                after.st_mtime > before.st_mtime and after.st_ctime > before.st_ctime,
-            )
-            for what, op in (
-                ("create", lambda: make("regular", d / "new")),
-                ("rename", lambda: os.rename(d / "new", d / "new2")),
-                ("unlink", lambda: os.unlink(d / "new2")),
-                ("mkdir", lambda: os.mkdir(d / "sub")),
-                ("rmdir", lambda: os.rmdir(d / "sub")),
-            ):
-                before = os.lstat(d)
+
+            def times_change(what: str, subject: Path, fn: Callable[..., object], *args: object) -> None:
+                first = os.lstat(subject)
                 time.sleep(NAP)
-                op()
-                after = os.lstat(d)
-                changed = after.st_mtime > before.st_mtime and after.st_ctime > before.st_ctime
-                self.r.check(f"directory {what} changes its mtime and ctime", changed)
+                fn(*args)
+                then = os.lstat(subject)
+                changed = then.st_mtime > first.st_mtime and then.st_ctime > first.st_ctime
+                self.r.check(f"{what} changes mtime and ctime", changed)
+
+            def write_open() -> None:
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.write(fd, b"data")
+                    self.r.check("write shows in fstat at once", os.fstat(fd).st_size == 4)
+                finally:
+                    os.close(fd)
+
+            times_change("write", path, write_open)
+            times_change("truncate", path, os.truncate, path, 1)
+            times_change("open(O_TRUNC)", path, lambda: os.close(os.open(path, os.O_WRONLY | os.O_TRUNC)))
+            times_change("directory: create", d, make, "regular", d / "new")
+            times_change("directory: rename", d, os.rename, d / "new", d / "new2")
+            times_change("directory: unlink", d, os.unlink, d / "new2")
+            times_change("directory: mkdir", d, os.mkdir, d / "sub")
+            times_change("directory: rmdir", d, os.rmdir, d / "sub")
             # utimensat
             os.utime(path, ns=(1_000_000_123, 2_000_000_456))
             st = os.lstat(path)
