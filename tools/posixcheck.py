@@ -279,6 +279,20 @@ class Checker:
             self.r.check("sticky: other user cannot rename", code == errno.EPERM, errno.errorcode.get(code))
             self.r.check("sticky: other user may create", self.other(lambda: make("regular", theirs)) == 0)
             self.r.check("sticky: owner may unlink", self.other(lambda: os.unlink(theirs)) == 0)
+            make("regular", theirs)
+            os.chown(theirs, self.uid, self.gids[0])
+            code = self.other(lambda: os.rename(theirs, mine))
+            self.r.check(
+                "sticky: cannot rename over another's file", code == errno.EPERM, errno.errorcode.get(code)
+            )
+            os.mkdir(d / "subdir")
+            code = self.other(lambda: os.rmdir(d / "subdir"))
+            self.r.check("sticky: other user cannot rmdir", code == errno.EPERM, errno.errorcode.get(code))
+        with self.scratch(0o1777) as d:
+            os.chown(d, self.uid, self.gids[0])
+            make("regular", d / "root-owned")
+            code = self.other(lambda: os.unlink(d / "root-owned"))
+            self.r.check("sticky: the directory's owner may unlink", code == 0, errno.errorcode.get(code))
         with self.scratch(0o777) as d:
             path = d / "owned"
             make("regular", path, 0o644)

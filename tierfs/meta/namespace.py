@@ -426,6 +426,9 @@ class Namespace:
             etag=obj.etag,
             mtime_ns=obj.mtime_ns,
             flags=existing.flags & ~Flag.META_KNOWN,
+            kind=Kind.FILE,  # until its headers are read again: a symlink or FIFO may be data now
+            rdev=0,
+            ctime_ns=0,  # changed elsewhere: ctime follows mtime, as for every foreign object
             mode=type_bits(Kind.FILE) | self.policy.file_mode,
             uid=self.policy.uid,
             gid=self.policy.gid,
@@ -451,6 +454,7 @@ class Namespace:
         gid: int | None = None,
         flags: Flag = Flag.NONE,
         rdev: int = 0,
+        ctime_ns: int = 0,
     ) -> Inode:
         ino = int.from_bytes(txn.get(b"next_ino", db=self.meta), "big")
         txn.put(b"next_ino", (ino + 1).to_bytes(8, "big"), db=self.meta)
@@ -459,7 +463,7 @@ class Namespace:
             ino, kind, flags, parent, size, mtime_ns, mtime_ns,
             mode if mode is not None else type_bits(kind) | perm,
             self.policy.uid if uid is None else uid, self.policy.gid if gid is None else gid,
-            checked, name, key, etag, mtime_ns, rdev,
+            checked, name, key, etag, ctime_ns, rdev,
         )  # fmt: skip
         txn.put(ino_key(ino), inode.pack(), db=self.inodes)
         txn.put(dentry_key(parent, name), ino_key(ino), db=self.dentries)
@@ -590,6 +594,7 @@ class Namespace:
             node = self._insert(
                 txn, parent.ino, name, kind, size, now, key, "",
                 checked=checked, mode=mode, uid=uid, gid=gid, flags=Flag.LOCAL | Flag.META_KNOWN, rdev=rdev,
+                ctime_ns=now,
             )  # fmt: skip
             self._touch_in(txn, parent.ino, now)
             return node

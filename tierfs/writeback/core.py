@@ -482,8 +482,8 @@ class WriteBack:
             for obj in remote:
                 new_key = moved.key + obj.key[len(old_key) :]
                 local = await self._run_io(self.ns.path_of_key, new_key)
-                if local is not None and self._has_waiting_put(local.ino):
-                    ops.append(("delete", {"key": obj.key}))
+                if local is not None and local.key == new_key and self._has_waiting_put(local.ino):
+                    ops.append(("delete", {"key": obj.key}))  # an extra hard link (other key) is copied
                 elif local is not None and local.is_dir:
                     # A marker is rewritten, not copied: some servers (SeaweedFS) store ``dir/``
                     # keys as directories that CopyObject cannot read.
