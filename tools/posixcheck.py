@@ -190,6 +190,20 @@ class Checker:
                 )
                 self.r.check(f"{kind}: unlinked name gone", code_of(os.lstat, b) == errno.ENOENT)
                 os.unlink(a)
+            os.mkdir(d / "p1")
+            os.mkdir(d / "p2")
+            os.mkdir(d / "p1" / "child")
+            counts = (os.lstat(d / "p1").st_nlink, os.lstat(d / "p2").st_nlink)
+            self.r.check("directory nlink counts subdirectories", counts == (3, 2), counts)
+            os.rename(d / "p1" / "child", d / "p2" / "moved")
+            counts = (os.lstat(d / "p1").st_nlink, os.lstat(d / "p2").st_nlink)
+            self.r.check("rename of a directory moves its .. link", counts == (2, 3), counts)
+            same = os.lstat(d / "p2" / "moved" / "..").st_ino == os.lstat(d / "p2").st_ino
+            self.r.check("renamed directory's .. is its new parent", same)
+            os.rmdir(d / "p2" / "moved")
+            self.r.check("rmdir drops the parent's nlink", os.lstat(d / "p2").st_nlink == 2)
+            os.rmdir(d / "p1")
+            os.rmdir(d / "p2")
             for kind in TYPES:  # rename over every kind of existing non-directory
                 if kind == "dir":
                     continue

@@ -89,7 +89,7 @@ def entry_attributes(inode: Inode, *, timeout: float, blksize: int) -> pyfuse3.E
     attrs.entry_timeout = timeout
     attrs.attr_timeout = timeout
     attrs.st_mode = inode.mode
-    attrs.st_nlink = 2 if inode.kind is Kind.DIR else inode.nlink
+    attrs.st_nlink = max(2, inode.nlink) if inode.kind is Kind.DIR else inode.nlink
     attrs.st_uid = inode.uid
     attrs.st_gid = inode.gid
     attrs.st_rdev = inode.rdev

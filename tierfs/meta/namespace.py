@@ -155,7 +155,7 @@ class Namespace:
                 root = Inode(
                     ROOT_INO, Kind.DIR, Flag.NONE, ROOT_INO, 0, now, now,
                     type_bits(Kind.DIR) | self.policy.dir_mode, self.policy.uid, self.policy.gid,
-                    0.0, "", self.policy.root_prefix, "", now,
+                    0.0, "", self.policy.root_prefix, "", now, 0, 2,
                 )  # fmt: skip
                 txn.put(ino_key(ROOT_INO), root.pack(), db=self.inodes)
                 if txn.get(b"next_ino", db=self.meta) is None:
@@ -463,11 +463,19 @@ class Namespace:
             ino, kind, flags, parent, size, mtime_ns, mtime_ns,
             mode if mode is not None else type_bits(kind) | perm,
             self.policy.uid if uid is None else uid, self.policy.gid if gid is None else gid,
-            checked, name, key, etag, ctime_ns, rdev,
+            checked, name, key, etag, ctime_ns, rdev, 2 if kind is Kind.DIR else 1,
         )  # fmt: skip
         txn.put(ino_key(ino), inode.pack(), db=self.inodes)
         txn.put(dentry_key(parent, name), ino_key(ino), db=self.dentries)
+        if kind is Kind.DIR:
+            self._count_subdir_in(txn, parent, +1)
         return inode
+
+    def _count_subdir_in(self, txn: Any, ino: int, delta: int) -> None:
+        """A directory's nlink is 2 + its subdirectories (each one's ``..``), as on ext4."""
+        node = self._get_in(txn, ino)
+        if node is not None and node.is_dir:
+            txn.put(ino_key(ino), node.with_(nlink=max(2, node.nlink + delta)).pack(), db=self.inodes)
 
     def _remove_subtree(
         self, txn: Any, parent: int, name: str, inode: Inode, changes: list[tuple[Inode, Inode | None]]
@@ -491,6 +499,8 @@ class Namespace:
                 continue
             txn.delete(dentry_key(p, n), db=self.dentries)
             txn.delete(ino_key(node.ino), db=self.inodes)
+            if node.is_dir:
+                self._count_subdir_in(txn, p, -1)
             changes.append((node, None))
 
     # -- helpers inside a transaction ---------------------------------------------------------------
@@ -686,6 +696,8 @@ class Namespace:
             self._touch_in(txn, parent, now)
             directory = self._get_in(txn, parent)
             key = child_key(directory.key if directory else "", name, is_dir=node.is_dir)
+            if node.is_dir:
+                self._count_subdir_in(txn, parent, -1)
             if node.nlink <= 1 or node.is_dir:
                 txn.delete(ino_key(node.ino), db=self.inodes)
                 return Unlinked(node, node.key)
@@ -737,6 +749,9 @@ class Namespace:
             txn.put(dentry_key(new_parent.ino, new_name), ino_key(node.ino), db=self.dentries)
             for ino in {old_parent.ino, new_parent.ino}:
                 self._touch_in(txn, ino, now)
+            if node.is_dir and old_parent.ino != new_parent.ino:
+                self._count_subdir_in(txn, old_parent.ino, -1)
+                self._count_subdir_in(txn, new_parent.ino, +1)
             # Moved entries are LOCAL until write-back has copied them: a listing of the
             # new place must not drop them while the bucket does not show them yet.
             moved = node.with_(

@@ -55,7 +55,7 @@ class Inode:
     etag: str
     ctime_ns: int = 0  # 0: never changed here (shown as mtime, the rule for foreign objects)
     rdev: int = 0  # device number of a character or block device
-    nlink: int = 1  # names of this inode (hard links); directories show 2
+    nlink: int = 1  # names of this inode (hard links); a directory: 2 + its subdirectories
 
     @property
     def is_dir(self) -> bool:
@@ -102,7 +102,10 @@ class Inode:
         key = bytes(raw[off + ln : off + ln + lk]).decode()
         end = off + ln + lk + le
         etag = bytes(raw[off + ln + lk : end]).decode()
-        ctime, rdev, nlink = _TAIL.unpack_from(raw, end) if len(raw) >= end + _TAIL.size else (0, 0, 1)
+        if len(raw) >= end + _TAIL.size:
+            ctime, rdev, nlink = _TAIL.unpack_from(raw, end)
+        else:  # written before the tail: subdirectories were not counted
+            ctime, rdev, nlink = 0, 0, 2 if kind == Kind.DIR else 1
         return cls(
             ino, Kind(kind), Flag(flags), parent, size, mtime, atime, mode, uid, gid, checked,
             name, key, etag, ctime, rdev, nlink,
