@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import stat
 import subprocess
@@ -235,3 +236,60 @@ def test_matrix_as_root_and_other_uid(public_dir: Path, bucket_name: str, mounte
     passed, total = result.stdout.strip().splitlines()[-1].split()[0].split("/")
     assert passed == total and int(total) > 100
     mount.umount()
+
+
+@pytest.mark.parametrize("seed", [12, 29, 47])
+def test_random_links_renames_and_writes_export_every_name(
+    seed: int, bucket_name: str, mounter: Mounter, s3: Any
+) -> None:
+    """A seeded mix of link, unlink, rename, write and chmod over a few names, flushed at random
+    points: afterwards every name in the mount is an object with its bytes and mode, and the
+    bucket holds nothing else."""
+    rng = random.Random(seed)
+    mount = mounter(f"s3://{bucket_name}", *FAST)
+    root = mount.path
+    os.mkdir(root / "sub")
+    names = [f"n{i}" for i in range(6)] + [f"sub/m{i}" for i in range(4)]
+
+    def existing() -> list[str]:
+        return [n for n in names if os.path.lexists(root / n)]
+
+    for step in range(160):
+        here = existing()
+        free = [n for n in names if n not in here]
+        op = rng.choice(["create", "link", "unlink", "rename", "write", "chmod", "flush"])
+        if op == "create" and free:
+            (root / rng.choice(free)).write_bytes(f"created at {step}".encode())
+        elif op == "link" and here and free:
+            os.link(root / rng.choice(here), root / rng.choice(free))
+        elif op == "unlink" and here:
+            os.unlink(root / rng.choice(here))
+        elif op == "rename" and here:
+            os.rename(root / rng.choice(here), root / rng.choice(names))
+        elif op == "write" and here:
+            with open(root / rng.choice(here), "ab") as f:
+                f.write(f" +{step}".encode())
+        elif op == "chmod" and here:
+            os.chmod(root / rng.choice(here), rng.choice([0o600, 0o640, 0o644]))
+        elif op == "flush":
+            flush(mount)
+    flush(mount)
+    expected = {n: ((root / n).read_bytes(), stat.S_IMODE(os.lstat(root / n).st_mode)) for n in existing()}
+    assert bucket_keys(s3, bucket_name) - {"sub/"} == set(expected)
+    for name, (body, mode) in expected.items():
+        got, meta = get_object(s3, bucket_name, name)
+        assert got == body, name
+        assert int(meta["file-permissions"], 8) & 0o7777 == mode, name
+    inodes: dict[int, int] = {}
+    for name in expected:
+        st = os.lstat(root / name)
+        inodes[st.st_ino] = inodes.get(st.st_ino, 0) + 1
+    for name in expected:
+        st = os.lstat(root / name)
+        assert st.st_nlink == inodes[st.st_ino], name
+    links = {name: os.lstat(root / name).st_nlink for name in expected}
+    mount.umount()
+    warm = mounter(f"s3://{bucket_name}", *FAST, cache_dir=mount.cache_dir)
+    for name, (body, _) in expected.items():
+        assert (warm.path / name).read_bytes() == body, name
+        assert os.lstat(warm.path / name).st_nlink == links[name], name
