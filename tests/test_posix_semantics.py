@@ -293,3 +293,19 @@ def test_random_links_renames_and_writes_export_every_name(
     for name, (body, _) in expected.items():
         assert (warm.path / name).read_bytes() == body, name
         assert os.lstat(warm.path / name).st_nlink == links[name], name
+
+
+def test_readdir_shows_foreign_special_files_with_their_type(
+    bucket_name: str, mounter: Mounter, s3: Any
+) -> None:
+    """readdirplus hands the kernel attributes without a lookup: the zero-byte objects of a listed
+    directory are HEADed before its entries are shown, once."""
+    for i in range(3):
+        fifo = {"file-permissions": "0010644"}
+        s3.put_object(Bucket=bucket_name, Key=f"d/pipe{i}", Body=b"", Metadata=fifo)
+    s3.put_object(Bucket=bucket_name, Key="d/plain", Body=b"data")
+    mount = mounter(f"s3://{bucket_name}", *FAST)
+    with os.scandir(mount.path / "d") as entries:  # d_type alone: no lookup, no stat
+        regular = {e.name: e.is_file(follow_symlinks=False) for e in entries}
+    assert regular == {"pipe0": False, "pipe1": False, "pipe2": False, "plain": True}
+    assert stat.S_ISFIFO(os.lstat(mount.path / "d" / "pipe1").st_mode)

@@ -23,7 +23,7 @@ import pyfuse3
 
 from ..errors import NotFound
 from ..meta import keys
-from ..meta.namespace import Namespace, Unlinked, child_key, needs_head
+from ..meta.namespace import Namespace, Unlinked, child_key
 from ..meta.records import Flag, Inode, Kind, kind_of_mode
 from ..read.hydrator import Hydrator, ObjectVersion
 from ..writeback import WriteBack
@@ -182,12 +182,9 @@ class TierOperations(pyfuse3.Operations):
         node = await self.ns.ensure_listed(inode)
         if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        await self.ns.learn_empty_below(node)
         fh = self._new_fh()
-        entries = list(self.ns.children(inode))
-        unknown = [n for _, ino in entries if (n := self.ns.get(ino)) is not None and needs_head(n)]
-        if unknown:
-            await self.ns.learn_empty(unknown)
-        self._dirs[fh] = entries
+        self._dirs[fh] = list(self.ns.children(inode))
         return fh
 
     @handler

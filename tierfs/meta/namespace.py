@@ -208,6 +208,35 @@ class Namespace:
             child = self.child(parent_ino, name) or child
         return child
 
+    async def learn_empty_below(self, directory: Inode) -> None:
+        """Before a directory's entries are shown: HEAD its unread zero-byte objects, if its last
+        listing found any (``Flag.EMPTY_UNREAD``), so that readdir shows FIFOs as FIFOs. Other
+        directories cost nothing here."""
+        if not directory.flags & Flag.EMPTY_UNREAD:
+            return
+        await self.learn_empty(await self._run(self._unread_children, directory.ino))
+
+        def settle_flag() -> None:
+            with self.env.begin(write=True) as txn:
+                current = self._get_in(txn, directory.ino)
+                if current is not None and not any(
+                    needs_head(child) for child in self._children_records_in(txn, directory.ino)
+                ):
+                    cleared = current.with_(flags=current.flags & ~Flag.EMPTY_UNREAD)
+                    txn.put(ino_key(directory.ino), cleared.pack(), db=self.inodes)
+
+        await self._run(settle_flag)
+
+    def _children_records_in(self, txn: Any, parent: int) -> Iterator[Inode]:
+        for _, ino in self._children_in(txn, parent):
+            node = self._get_in(txn, ino)
+            if node is not None:
+                yield node
+
+    def _unread_children(self, parent: int) -> list[Inode]:
+        with self.env.begin(buffers=True) as txn:
+            return [node for node in self._children_records_in(txn, parent) if needs_head(node)]
+
     async def learn_empty(self, nodes: list[Inode]) -> None:
         """HEAD zero-byte objects whose headers were never read, concurrently (see :func:`needs_head`).
 
@@ -297,6 +326,7 @@ class Namespace:
         changes: list[tuple[Inode, Inode | None]] = []
         before = {name for name, _ in self.children(directory.ino)} if directory.checked > 0 else None
         marker = False
+        empty_unread = False
         self.counters.lists += 1
         for page in self.store.list_dir(directory.key):
             with self.env.begin(write=True) as txn:
@@ -320,6 +350,9 @@ class Namespace:
                         continue
                     self._apply_file(txn, directory, name, obj, existing, changes, started)
                     seen.add(name)
+                    changed = existing is None or existing.etag != obj.etag or needs_head(existing)
+                    if obj.size == 0 and changed:
+                        empty_unread = True
         with self.env.begin(write=True) as txn:
             for name, obj in deferred_files.items():
                 if name in seen:
@@ -337,6 +370,7 @@ class Namespace:
                 self._remove_subtree(txn, directory.ino, name, gone, changes)
             current = self._get_in(txn, directory.ino) or directory
             flags = (current.flags | Flag.MARKER) if marker else (current.flags & ~Flag.MARKER)
+            flags = (flags | Flag.EMPTY_UNREAD) if empty_unread else flags
             txn.put(
                 ino_key(directory.ino), current.with_(checked=started, flags=flags).pack(), db=self.inodes
             )

@@ -27,6 +27,7 @@ class Flag(IntFlag):
     META_KNOWN = 1  # POSIX headers have been read (HEAD/GET) or written by us
     LOCAL = 2  # created or changed here; the bucket may not have it yet (write-back owns it)
     MARKER = 4  # a ``dir/`` marker object exists for this directory
+    EMPTY_UNREAD = 8  # a directory holds zero-byte objects whose headers were never read (needs_head)
 
 
 _HEAD = struct.Struct(">BBQQqqIIIdHHH")
