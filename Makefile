@@ -30,7 +30,7 @@ define apt_install
 	fi
 endef
 
-.PHONY: all deps bench-deps venv .venv lint test demo bench bench-rss bench-accel stress clean \
+.PHONY: all deps bench-deps venv .venv lint test demo bench bench-cold bench-rss bench-accel stress clean \
 	install uninstall deb install-test deb-test container-test container-deps
 
 all: test
@@ -76,6 +76,11 @@ demo: deps $(STAMP)
 
 bench: deps bench-deps $(STAMP)
 	$(PY) -m tools.bench $(BENCH_ARGS)
+
+# Cold small files and `tierfs prefetch` against awscrt with 16 GETs in flight, boto3 and
+# `aws s3 cp --recursive` (issue 16).
+bench-cold: deps $(STAMP)
+	$(PY) -m tools.bench_cold $(BENCH_ARGS)
 
 bench-rss: deps $(STAMP)
 	$(PY) -m tools.bench_rss $(BENCH_ARGS)

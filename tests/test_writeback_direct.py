@@ -363,6 +363,32 @@ async def test_a_read_after_rename_overwrite_rename_does_not_follow_a_stale_pend
         assert await stack.read("c") == new
 
 
+async def test_an_open_for_write_whose_get_outlives_the_rename_copy_reads_the_new_key(world: World) -> None:
+    """Found by the stress test with delayed requests (``make stress STRESS_ARGS=--delay-faults``).
+    ``a`` is renamed to ``b`` and opened for write at once: staging its bytes starts a GET of ``a``
+    (the pending copy's source, where the bytes still are). The GET is slow, and meanwhile the
+    journaled copy a -> b and the delete of ``a`` run, so the GET finds no object and the open
+    failed with ENOENT. The open must find the bytes where they are now (read/follow.py)."""
+    old, added = payload(72, 300_000), b"appended after the rename"
+    world.bucket.put("a", old)  # written by another client: nothing of it is cached here
+    async with running(world.home, world.moto.endpoint_url, world.name, Options(delay=0.0)) as stack:
+        await stack.root()
+        stack.store.stall("copy", 30.0, times=1)
+        await stack.rename("a", "b")
+        await wait_stalled(stack.store)
+        gets = stack.store.calls["get_range"]
+        stack.store.delay("get_range", 1.0, key_prefix="a", times=1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stack.open_writer, "b")
+            await wait_for(lambda: stack.store.calls["get_range"] > gets, 10.0, "the GET staging b")
+            stack.store.release()  # the copy and then the delete of a run while the GET waits
+            await wait_for(lambda: world.bucket.list_keys() == ["b"], 10.0, "copy a -> b, delete a")
+        await stack.pwrite("b", len(old), added)
+        await stack.close_writer("b")
+        await stack.flush()
+        await assert_clean(stack, world, {"b": old + added})
+
+
 @pytest.mark.parametrize("writer", ["closed", "still-open"])
 async def test_bytes_written_during_an_upload_never_retire_under_its_etag(world: World, writer: str) -> None:
     """A write that lands while the previous version's upload is on the wire: when that upload

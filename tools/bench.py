@@ -83,7 +83,7 @@ WORKLOADS: list[tuple[str, str]] = [
     ("loader_warm", "8b DataLoader procs, warm disk"),
     ("epoch_one", "9 epoch one (lower is better)"),
 ]
-SYSTEMS = ("local", "boto3", "tierfs", "s3fs", "rclone")
+SYSTEMS = ("local", "boto3", "nullfs", "tierfs", "s3fs", "rclone")
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,8 @@ TARGETS = [
     Target("large seq warm on disk >= 0.7x local", "large_warm_disk", "local", 0.7),
     Target("random pread warm >= 0.5x local", "pread_warm", "local", 0.5),
     Target("stat cold >= 0.5x local", "stat_cold", "local", 0.5),
+    Target("small warm page cache >= 0.9x nullfs", "small_warm_page", "nullfs", 0.9),
+    Target("small warm on disk >= 0.8x nullfs", "small_warm_disk", "nullfs", 0.8),
     Target("small cold >= 3x boto3", "small_cold", "boto3", 3.0),
     Target("small cold >= 3x rclone", "small_cold", "rclone", 3.0),
     Target("large seq cold >= 0.9x boto3", "large_cold", "boto3", 0.9),
@@ -306,6 +308,26 @@ class TierfsSystem(MountSystem):
 
     def _tierfs(self, *args: str) -> subprocess.CompletedProcess[str]:
         return run_quiet([sys.executable, "-m", "tierfs", *args], env=child_env())
+
+
+class NullSystem(MountSystem):
+    """tools.nullfs, the do-nothing pyfuse3 filesystem: the binding's ceiling for the small-file rows.
+
+    With ``keep_cache`` it stands for page-cache hits; without, every READ reaches the daemon,
+    which is what tierfs's warm-on-disk row pays on top of its own work.
+    """
+
+    name = "nullfs"
+
+    def __init__(self, workdir: Path, dataset: Dataset, keep_cache: bool) -> None:
+        super().__init__(workdir, "", "")
+        self.dataset = dataset
+        self.keep_cache = keep_cache
+
+    def command(self) -> list[str]:
+        command = [sys.executable, "-m", "tools.nullfs", str(self.mountpoint)]
+        command += ["--files", str(self.dataset.small_files), "--size", str(self.dataset.small_size)]
+        return command + (["--keep-cache"] if self.keep_cache else [])
 
 
 class S3fsSystem(MountSystem):
@@ -526,6 +548,27 @@ class Runner:
             lambda d: boto3_random(c, b, ds.shard_keys(), ds.shard_size, o.preads, o.threads),
         )
 
+    # -- the binding's ceiling -----------------------------------------------------
+
+    def run_nullfs(self, workdir: Path) -> None:
+        """The do-nothing filesystem over the same small-file tree, in the two modes tierfs is held to.
+
+        Each mode reads the tree once first, as tierfs's warm rows follow an earlier pass.
+        """
+        small, o = self.dataset.small_keys(), self.opts
+        for keep_cache, workload in ((True, "small_warm_page"), (False, "small_warm_disk")):
+            system = NullSystem(workdir, self.dataset, keep_cache)
+            with system.mounted(fresh=False) as m:
+                read_small(m.path, small, o.threads, False)
+                self.timed(
+                    "nullfs",
+                    workload,
+                    m.pid,
+                    lambda d, path=m.path: read_small(path, small, o.threads, d),
+                    drop=not keep_cache,
+                )
+            system.cleanup()
+
     # -- FUSE mounts ---------------------------------------------------------------
 
     def run_mount(self, system: MountSystem, epoch: bool) -> None:
@@ -631,6 +674,11 @@ def render(report: Report, systems: Sequence[str]) -> str:
     lines.append(
         "t/X = tierfs relative to X (higher is better; for epoch one, X's seconds / tierfs's seconds)"
     )
+    if "nullfs" in systems:
+        lines.append(
+            "nullfs = the do-nothing pyfuse3 filesystem (tools/nullfs.py): keep_cache in row 7, "
+            "every read reaching it in row 5"
+        )
     lines.append("")
     width = max(len(t["label"]) for t in report.targets) if report.targets else 10
     lines.append(f"{'target'.ljust(width)}  {'ratio':>7}  verdict")
@@ -782,6 +830,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         shutil.rmtree(workdir / "local", ignore_errors=True)
                     elif name == "boto3":
                         runner.run_boto3()
+                    elif name == "nullfs":
+                        runner.run_nullfs(workdir)
                     else:
                         mount = factories[name]()
                         mounts.append(mount)

@@ -275,7 +275,7 @@ class Measure:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _rate(items: int, nbytes: int, seconds: float, unit: str, dropped: bool) -> Measure:
+def rate(items: int, nbytes: int, seconds: float, unit: str, dropped: bool) -> Measure:
     seconds = max(seconds, 1e-9)
     value = nbytes / MiB / seconds if unit == "MiB/s" else items / seconds
     return Measure(round(value, 1), unit, round(seconds, 3), items, nbytes, dropped)
@@ -317,7 +317,7 @@ def stat_tree(root: Path, threads: int, dropped: bool) -> Measure:
     jobs = [f"{name}/{sub}" for name in top if (root / name).is_dir() for sub in os.listdir(root / name)]
     jobs += [name for name in top if not (root / name).is_dir()]
     count = len(top) + _parallel(walk, jobs, threads)
-    return _rate(count, 0, time.perf_counter() - start, "entries/s", dropped)
+    return rate(count, 0, time.perf_counter() - start, "entries/s", dropped)
 
 
 def read_whole(path: str | Path) -> int:
@@ -334,14 +334,14 @@ def read_small(root: Path, keys: Sequence[str], threads: int, dropped: bool) -> 
     paths = [root / key for key in shuffled(keys)]
     start = time.perf_counter()
     nbytes = _parallel(read_whole, paths, threads)
-    return _rate(len(paths), nbytes, time.perf_counter() - start, "files/s", dropped)
+    return rate(len(paths), nbytes, time.perf_counter() - start, "files/s", dropped)
 
 
 def read_sequential(root: Path, keys: Sequence[str], dropped: bool) -> Measure:
     """Read each shard front to back with 1 MiB reads, one thread per shard (shards in parallel). MiB/s."""
     start = time.perf_counter()
     nbytes = _parallel(read_whole, [root / key for key in keys], max(1, len(keys)))
-    return _rate(len(keys), nbytes, time.perf_counter() - start, "MiB/s", dropped)
+    return rate(len(keys), nbytes, time.perf_counter() - start, "MiB/s", dropped)
 
 
 def _offsets(size: int, count: int, seed: int) -> list[int]:
@@ -371,7 +371,7 @@ def random_pread(
     finally:
         for fd in fds:
             os.close(fd)
-    return _rate(per_thread * threads, nbytes, elapsed, "preads/s", dropped)
+    return rate(per_thread * threads, nbytes, elapsed, "preads/s", dropped)
 
 
 def _read_batch(paths: list[str]) -> int:
@@ -406,7 +406,7 @@ def loader_pass(
         start = time.perf_counter()
         nbytes = sum(pool.imap_unordered(_read_batch, batches, chunksize=1))
         elapsed = time.perf_counter() - start
-    return _rate(len(order), nbytes, elapsed, "files/s", dropped)
+    return rate(len(order), nbytes, elapsed, "files/s", dropped)
 
 
 def epoch_one(
@@ -441,7 +441,7 @@ def boto3_list(client: S3Client, bucket: str) -> Measure:
     count = 0
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         count += len(page.get("Contents", []))
-    return _rate(count, 0, time.perf_counter() - start, "entries/s", False)
+    return rate(count, 0, time.perf_counter() - start, "entries/s", False)
 
 
 def boto3_small(client: S3Client, bucket: str, keys: Sequence[str], threads: int) -> Measure:
@@ -453,7 +453,7 @@ def boto3_small(client: S3Client, bucket: str, keys: Sequence[str], threads: int
 
     start = time.perf_counter()
     nbytes = _parallel(get, order, threads)
-    return _rate(len(order), nbytes, time.perf_counter() - start, "files/s", False)
+    return rate(len(order), nbytes, time.perf_counter() - start, "files/s", False)
 
 
 def boto3_sequential(client: S3Client, bucket: str, keys: Sequence[str], size: int, streams: int) -> Measure:
@@ -468,7 +468,7 @@ def boto3_sequential(client: S3Client, bucket: str, keys: Sequence[str], size: i
 
     start = time.perf_counter()
     nbytes = _parallel(get, ranges, len(ranges))
-    return _rate(len(keys), nbytes, time.perf_counter() - start, "MiB/s", False)
+    return rate(len(keys), nbytes, time.perf_counter() - start, "MiB/s", False)
 
 
 def boto3_random(
@@ -487,7 +487,7 @@ def boto3_random(
 
     start = time.perf_counter()
     nbytes = _parallel(worker, range(threads), threads)
-    return _rate(per_thread * threads, nbytes, time.perf_counter() - start, "preads/s", False)
+    return rate(per_thread * threads, nbytes, time.perf_counter() - start, "preads/s", False)
 
 
 # --------------------------------------------------------------------------- helpers for mounts

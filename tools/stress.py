@@ -1033,6 +1033,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rss-limit", type=float, default=DEFAULT_RSS_LIMIT_MIB, metavar="MIB")
     parser.add_argument("--workdir", type=Path, default=None, help="keep server data, cache and logs here")
     parser.add_argument(
+        "--mount-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for `tierfs mount` (repeatable), e.g. --mount-arg=--log-level --mount-arg=debug",
+    )
+    parser.add_argument(
         "--keep",
         action="store_true",
         help="keep the whole work directory (default: only the logs of a failed run)",
@@ -1051,6 +1058,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         threads=args.threads,
         writeback_delay=args.writeback_delay,
         rss_limit_mib=args.rss_limit,
+        mount_args=tuple(args.mount_arg),
         **({} if args.seed is None else {"seed": args.seed}),
     )
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tierfs-stress-"))

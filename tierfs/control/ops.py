@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,7 +147,6 @@ class ControlOps:
         failed: list[dict[str, str]] = []
         op_id = f"prefetch-{time.monotonic_ns()}"
         self.active[op_id] = state
-        limiter = trio.CapacityLimiter(jobs)
         last_report = 0.0
 
         async def report(force: bool = False) -> None:
@@ -157,15 +156,15 @@ class ControlOps:
                 last_report = now
                 await progress(dict(state))
 
-        async def one(path: str, node: Inode) -> None:
-            async with limiter:
-                version = self.parts.version_of(node)
+        def on_bytes(n: int) -> None:
+            state["done_bytes"] += n
 
-                def on_bytes(n: int) -> None:
-                    state["done_bytes"] += n
-
+        async def worker(todo: Iterator[tuple[str, Inode]]) -> None:
+            """One of ``jobs`` workers sharing one iterator: a task per file would cost memory
+            in proportion to the directory (a million files, a million tasks)."""
+            for path, node in todo:
                 try:
-                    await hydrator.hydrate(version, on_bytes)
+                    await hydrator.hydrate(self.parts.version_of(node), on_bytes)
                     state["done_files"] += 1
                 except (StoreError, OSError) as exc:
                     failed.append({"path": path, "error": str(exc)})
@@ -181,9 +180,10 @@ class ControlOps:
             state["total_files"] = len(targets)
             state["total_bytes"] = sum(n.size for _, n in targets)
             await report(force=True)
+            todo = iter(targets)
             async with trio.open_nursery() as nursery:
-                for path, node in targets:
-                    nursery.start_soon(one, path, node)
+                for _ in range(min(jobs, len(targets))):
+                    nursery.start_soon(worker, todo)
             await report(force=True)
         finally:
             del self.active[op_id]

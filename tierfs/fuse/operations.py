@@ -25,6 +25,7 @@ from ..errors import NotFound
 from ..meta import keys
 from ..meta.namespace import Namespace, Unlinked, child_key
 from ..meta.records import Flag, Inode, Kind, kind_of_mode
+from ..read.follow import read_following
 from ..read.hydrator import Hydrator, ObjectVersion
 from ..writeback import WriteBack
 from .errnos import ErrorCounter, entry_attributes, fuse_errors, negative_entry
@@ -262,15 +263,20 @@ class TierOperations(pyfuse3.Operations):
             staged = await self.wb.read(ino, off, size)
             if staged is not None:
                 return staged
+        return await read_following(
+            lambda: self._read_version(handle), lambda version: self.hydrator.read(version, off, size)
+        )
+
+    def _read_version(self, handle: FileHandle) -> ObjectVersion:
+        """What a read through ``handle`` reads now (asked again if the bytes move meanwhile)."""
         version = handle.version
         if handle.follow or not version.etag:
             # Written through this handle and uploaded since: read the version the bucket now has.
-            node = self._inode(ino)
-            version = self.version_of(node)
-        elif self.wb is not None and (current := self.ns.get(ino)) is not None:
+            return self.version_of(self._inode(version.ino))
+        if self.wb is not None and (current := self.ns.get(version.ino)) is not None:
             # Renamed since the open: follow the data to wherever the bucket has it now.
-            version = dataclasses.replace(version, key=self.version_of(current).key)
-        return await self.hydrator.read(version, off, size)
+            return dataclasses.replace(version, key=self.version_of(current).key)
+        return version
 
     @handler
     async def release(self, fh: int) -> None:

@@ -31,6 +31,7 @@ import trio
 from ..errors import FlushFailed, Permanent, StoreError
 from ..meta.namespace import Namespace
 from ..meta.records import Flag, Inode, Kind
+from ..read.follow import read_following
 from ..read.hydrator import Hydrator, ObjectVersion
 from ..store.objectstore import ObjectStore
 from .files import BlockSink, StagedFiles
@@ -289,9 +290,17 @@ class WriteBack:
         local: copies still pending from earlier renames no longer say where they are (data_key)."""
         if node.ino in self.files.staged:
             return
-        source = ObjectVersion(node.ino, self.data_key(node.ino, node.key), node.etag, node.size)
-        await self.files.stage(node.ino, None if empty else source)
+        if empty:
+            await self.files.stage(node.ino, None)
+        else:
+            await read_following(
+                lambda: self._source_of(self.ns.get(node.ino) or node),
+                lambda source: self.files.stage(node.ino, source),
+            )
         self._copies.pop(node.ino, None)
+
+    def _source_of(self, node: Inode) -> ObjectVersion:
+        return ObjectVersion(node.ino, self.data_key(node.ino, node.key), node.etag, node.size)
 
     async def created(self, node: Inode, content: bytes = b"", *, open_writer: bool = False) -> None:
         """A new file, symlink or directory was created here (``open_writer``: by create(2), still open)."""
