@@ -223,9 +223,8 @@ class TierOperations(pyfuse3.Operations):
             wb = self._writable()
             self._follow_local(inode)
             await wb.open_for_write(node, truncate=bool(flags & os.O_TRUNC))
-            if flags & os.O_TRUNC:
-                now = time.time_ns()
-                node = await self._io(lambda: self.ns.update(inode, mtime_ns=now, ctime_ns=now)) or node
+            if flags & os.O_TRUNC:  # a change of the data like a write: its time is kept the same way
+                self._written_at[inode] = time.time_ns()
         follow = writable or (self.wb is not None and self.wb.is_staged(inode))
         info = pyfuse3.FileInfo(fh=self._register(FileHandle(self.version_of(node), writable, follow)))
         # Keep the kernel's page cache across opens unless the object changed since we
