@@ -1,9 +1,10 @@
 """The FUSE adapter: translates pyfuse3 requests into calls on the layers below.
 
-It owns only per-open-handle state. Everything it does on the trio loop is short
-(LMDB reads, dict lookups); S3, disk and LMDB writes happen in the layers it calls,
-in worker threads. Every handler is wrapped by :func:`fuse_errors`, so only
-``FUSEError`` ever reaches pyfuse3.
+It owns only state that lives while files are open: handles, and the time of the last
+write of a file open for writing, shown as its mtime until the close records it.
+Everything it does on the trio loop is short (LMDB reads, dict lookups); S3, disk and
+LMDB writes happen in the layers it calls, in worker threads. Every handler is wrapped
+by :func:`fuse_errors`, so only ``FUSEError`` ever reaches pyfuse3.
 """
 
 from __future__ import annotations
