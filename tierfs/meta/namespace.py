@@ -9,7 +9,8 @@ Invariants (see docs/namespace.md):
 - Only a *complete* listing may delete entries. A failed LIST or HEAD (timeout, 5xx)
   raises :class:`~tierfs.errors.Unavailable` and changes nothing (rclone #9530).
 - Entries flagged LOCAL belong to write-back and are never overwritten or removed by a
-  listing; the journal decides their fate.
+  listing; the journal decides their fate. So do hard-linked inodes (nlink > 1): the
+  record holds the first name, ``ns.links`` the others (docs/namespace.md).
 - A key and a prefix with the same name show the directory; the object is logged as
   shadowed. Hostile keys (``..``, empty segments, NUL, >255 bytes) are hidden and counted.
 
