@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TYPES = ("regular", "dir", "fifo", "block", "char", "socket", "symlink")
+GROUPS = ("types", "ctime", "perms", "names", "fifo", "unlinked")
 NAP = 1.05  # ctime checks compare whole seconds, as the conformance suites do
 
 
@@ -381,6 +382,22 @@ class Checker:
                     errno.errorcode.get(code),
                 )
 
+    def unlinked_while_open(self) -> None:
+        with self.scratch() as d:
+            path = d / "open"
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                os.write(fd, b"still here")
+                os.unlink(path)
+                st = os.fstat(fd)
+                self.r.check("fstat of an unlinked open file: nlink 0", st.st_nlink == 0, st.st_nlink)
+                self.r.check("an unlinked open file stays readable", os.pread(fd, 10, 0) == b"still here")
+                os.write(fd, b"!")
+                self.r.check("and writable", os.fstat(fd).st_size == 11)
+            finally:
+                os.close(fd)
+            self.r.check("gone after the last close", code_of(os.lstat, path) == errno.ENOENT)
+
     def fifo_works(self) -> None:
         with self.scratch() as d:
             path = d / "pipe"
@@ -413,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gid", type=int, default=65534)
     parser.add_argument("--gid2", type=int, default=65533)
     parser.add_argument("-v", "--verbose", action="store_true")
-    parser.add_argument("--only", choices=("types", "ctime", "perms", "names", "fifo"), action="append")
+    parser.add_argument("--only", choices=GROUPS, action="append")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         parser.error("run as root: the checks switch to other uids")
@@ -421,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     checker = Checker(args.directory, args.uid, args.gid, args.gid2, results)
     groups = {
         "types": checker.types_and_links, "ctime": checker.ctimes, "perms": checker.permissions,
-        "names": checker.names, "fifo": checker.fifo_works,
+        "names": checker.names, "fifo": checker.fifo_works, "unlinked": checker.unlinked_while_open,
     }  # fmt: skip
     old_umask = os.umask(0o022)
     try:

@@ -97,6 +97,9 @@ class TierOperations(pyfuse3.Operations):
         # ino -> time of its last write(2), while open: mtime and ctime change with every write,
         # but the record is written once, when the last writer closes (not one commit per write).
         self._written_at: dict[int, int] = {}
+        # ino -> its last record, for files unlinked while open: fstat still works (nlink 0)
+        # until the last handle closes, as POSIX keeps the file until then.
+        self._unlinked_open: dict[int, Inode] = {}
 
     # -- helpers --------------------------------------------------------------------------------------
 
@@ -135,7 +138,7 @@ class TierOperations(pyfuse3.Operations):
         return node
 
     def _inode(self, ino: int) -> Inode:
-        inode = self.ns.get(ino)
+        inode = self.ns.get(ino) or self._unlinked_open.get(ino)
         if inode is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return inode
@@ -294,6 +297,7 @@ class TierOperations(pyfuse3.Operations):
             await self.wb.release_writer(ino, self._written_at.get(ino))
         if ino not in self._open_count:
             self._written_at.pop(ino, None)
+            self._unlinked_open.pop(ino, None)
 
     async def flush(self, fh: int) -> None:
         """close() uploads later (after --writeback-delay); fsync() is the durable point.
@@ -415,6 +419,8 @@ class TierOperations(pyfuse3.Operations):
             if gone is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             if gone.remaining is None:
+                if gone.node.ino in self._open_count:
+                    self._unlinked_open[gone.node.ino] = gone.node.with_(nlink=0, ctime_ns=time.time_ns())
                 await wb.removed(gone.node)
             elif gone.promoted:
                 await wb.promoted(gone.remaining, gone.node.key)
