@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -309,3 +310,20 @@ def test_readdir_shows_foreign_special_files_with_their_type(
         regular = {e.name: e.is_file(follow_symlinks=False) for e in entries}
     assert regular == {"pipe0": False, "pipe1": False, "pipe2": False, "plain": True}
     assert stat.S_ISFIFO(os.lstat(mount.path / "d" / "pipe1").st_mode)
+
+
+def test_listings_keep_hard_links_whose_objects_do_not_exist_yet(
+    bucket_name: str, mounter: Mounter, s3: Any
+) -> None:
+    """A relisting while the link's object does not exist yet keeps the name (and its nlink).
+    (That directories, whose nlink counts their subdirectories, are still dropped by listings
+    is test_consistency's sweep test.)"""
+    s3.put_object(Bucket=bucket_name, Key="other", Body=b"")
+    mount = mounter(f"s3://{bucket_name}", "--writeback-delay", "1h", "--metadata-ttl", "1s")
+    (mount.path / "f").write_bytes(b"data")  # its upload waits an hour, and the copy behind it
+    os.link(mount.path / "f", mount.path / "alias")
+    time.sleep(1.5)
+    assert sorted(os.listdir(mount.path)) == ["alias", "f", "other"]  # the root was listed again
+    assert os.lstat(mount.path / "alias").st_nlink == 2
+    assert (mount.path / "alias").read_bytes() == b"data"
+    assert bucket_keys(s3, bucket_name) == {"other"}

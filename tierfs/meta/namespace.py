@@ -81,7 +81,8 @@ def _local_since(node: Inode, started: float) -> bool:
     pages show: applying the page would bring back the version our upload just replaced,
     or drop a file whose object the page predates.
     """
-    return bool(node.flags & Flag.LOCAL) or node.nlink > 1 or node.checked > started
+    hard_linked = node.nlink > 1 and not node.is_dir  # a directory's nlink counts subdirectories
+    return bool(node.flags & Flag.LOCAL) or hard_linked or node.checked > started
 
 
 @dataclass(frozen=True)

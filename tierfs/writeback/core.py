@@ -193,7 +193,7 @@ class WriteBack:
             if kind not in ("put", "meta") or not fields.get("ino"):
                 continue
             node = self.ns.get(fields["ino"])
-            if node is None or node.nlink <= 1:
+            if node is None or node.is_dir or node.nlink <= 1:
                 continue
             src = fields.get("key") or node.key
             out.extend(("copy", {"src": src, "key": key, "ino": 0}) for key in self.ns.link_keys(node.ino))
