@@ -414,16 +414,6 @@ def test_foreign_headers_show_after_first_read(
 # --------------------------------------------------------------------------- refused operations
 
 
-def test_hard_link_and_fifo_refused(mounted: tuple[Mount, str], s3: Any) -> None:
-    mount, name = mounted
-    (mount.path / "f").write_bytes(b"x")
-    expect_errno(errno.EPERM, lambda: os.link(mount.path / "f", mount.path / "hard"))
-    expect_errno(errno.EPERM, lambda: os.mkfifo(mount.path / "fifo"))
-    assert sorted(os.listdir(mount.path)) == ["f"]
-    flush(mount)
-    assert bucket_keys(s3, name) == {"f"}
-
-
 def test_read_only_mount_refuses_writes(bucket: Callable[..., str], mounter: Mounter, s3: Any) -> None:
     name = bucket()
     s3.put_object(Bucket=name, Key="ro.txt", Body=b"read me")

@@ -159,3 +159,26 @@ def test_resolve_object_shape_beats_a_wrong_type_in_the_header() -> None:
     assert resolve(PosixMeta(mode=0o120777), is_dir=True, **DEFAULTS).mode == stat.S_IFDIR | 0o777
     # s3fs-style mode without type bits.
     assert resolve(PosixMeta(mode=0o644), is_dir=False, **DEFAULTS).mode == stat.S_IFREG | 0o644
+
+
+# --------------------------------------------------------------------------- special files (issue 12)
+
+
+def test_device_numbers_round_trip_in_our_header() -> None:
+    import os
+
+    meta = PosixMeta(mode=stat.S_IFBLK | 0o640, rdev=os.makedev(8, 17))
+    headers = encode(meta)
+    assert headers["tierfs-rdev"] == "8:17" and headers["file-permissions"] == "0060640"
+    assert decode(headers).rdev == os.makedev(8, 17)
+    assert decode({"tierfs-rdev": "8-17"}).rdev is None  # garbage is ignored
+
+
+@pytest.mark.parametrize("file_type", [stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK])
+def test_special_type_bits_count_for_empty_objects_only(file_type: int) -> None:
+    meta = PosixMeta(mode=file_type | 0o600, rdev=7)
+    empty = resolve(meta, is_dir=False, size=0, **DEFAULTS)
+    assert stat.S_IFMT(empty.mode) == file_type
+    assert empty.rdev == (7 if file_type in (stat.S_IFCHR, stat.S_IFBLK) else 0)
+    with_data = resolve(meta, is_dir=False, size=1, **DEFAULTS)  # a copied header must not hide data
+    assert stat.S_IFMT(with_data.mode) == stat.S_IFREG and with_data.rdev == 0

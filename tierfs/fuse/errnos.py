@@ -89,16 +89,16 @@ def entry_attributes(inode: Inode, *, timeout: float, blksize: int) -> pyfuse3.E
     attrs.entry_timeout = timeout
     attrs.attr_timeout = timeout
     attrs.st_mode = inode.mode
-    attrs.st_nlink = 2 if inode.kind is Kind.DIR else 1
+    attrs.st_nlink = max(2, inode.nlink) if inode.kind is Kind.DIR else inode.nlink
     attrs.st_uid = inode.uid
     attrs.st_gid = inode.gid
-    attrs.st_rdev = 0
+    attrs.st_rdev = inode.rdev
     attrs.st_size = inode.size
     attrs.st_blksize = blksize
     attrs.st_blocks = (inode.size + 511) // 512
     attrs.st_atime_ns = inode.atime_ns
     attrs.st_mtime_ns = inode.mtime_ns
-    attrs.st_ctime_ns = inode.mtime_ns
+    attrs.st_ctime_ns = inode.shown_ctime_ns
     return attrs
 
 

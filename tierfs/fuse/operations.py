@@ -1,9 +1,10 @@
 """The FUSE adapter: translates pyfuse3 requests into calls on the layers below.
 
-It owns only per-open-handle state. Everything it does on the trio loop is short
-(LMDB reads, dict lookups); S3, disk and LMDB writes happen in the layers it calls,
-in worker threads. Every handler is wrapped by :func:`fuse_errors`, so only
-``FUSEError`` ever reaches pyfuse3.
+It owns only state that lives while files are open: handles, and the time of the last
+write of a file open for writing, shown as its mtime until the close records it.
+Everything it does on the trio loop is short (LMDB reads, dict lookups); S3, disk and
+LMDB writes happen in the layers it calls, in worker threads. Every handler is wrapped
+by :func:`fuse_errors`, so only ``FUSEError`` ever reaches pyfuse3.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import pyfuse3
 
 from ..errors import NotFound
 from ..meta import keys
-from ..meta.namespace import Namespace, child_key
-from ..meta.records import Flag, Inode, Kind
+from ..meta.namespace import Namespace, Unlinked, child_key
+from ..meta.records import Flag, Inode, Kind, kind_of_mode
 from ..read.follow import read_following
 from ..read.hydrator import Hydrator, ObjectVersion
 from ..writeback import WriteBack
@@ -93,6 +94,12 @@ class TierOperations(pyfuse3.Operations):
         # million-file epoch does not keep a million entries (forgetting one only means
         # the page cache is kept, and the change hook invalidates changed inodes anyway).
         self._served_etag: OrderedDict[int, str] = OrderedDict()
+        # ino -> time of its last write(2), while open: mtime and ctime change with every write,
+        # but the record is written once, when the last writer closes (not one commit per write).
+        self._written_at: dict[int, int] = {}
+        # ino -> its last record, for files unlinked while open: fstat still works (nlink 0)
+        # until the last handle closes, as POSIX keeps the file until then.
+        self._unlinked_open: dict[int, Inode] = {}
 
     # -- helpers --------------------------------------------------------------------------------------
 
@@ -106,6 +113,9 @@ class TierOperations(pyfuse3.Operations):
             size = self.wb.size_of(inode.ino)
             if size is not None and size != inode.size:
                 inode = inode.with_(size=size)
+        written = self._written_at.get(inode.ino, 0)
+        if written > inode.mtime_ns:
+            inode = inode.with_(mtime_ns=written, ctime_ns=max(written, inode.ctime_ns))
         return entry_attributes(inode, timeout=self.timeout, blksize=self.blksize)
 
     def _writable(self) -> WriteBack:
@@ -128,7 +138,7 @@ class TierOperations(pyfuse3.Operations):
         return node
 
     def _inode(self, ino: int) -> Inode:
-        inode = self.ns.get(ino)
+        inode = self.ns.get(ino) or self._unlinked_open.get(ino)
         if inode is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return inode
@@ -143,6 +153,8 @@ class TierOperations(pyfuse3.Operations):
         if text == "..":
             parent = self._inode(parent_inode)
             return self._attrs(self._inode(parent.parent))
+        if len(name) > keys.NAME_MAX:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         try:
             child = await self.ns.lookup(parent_inode, text)
         except NotFound:
@@ -175,6 +187,7 @@ class TierOperations(pyfuse3.Operations):
         node = await self.ns.ensure_listed(inode)
         if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        await self.ns.learn_empty_below(node)
         fh = self._new_fh()
         self._dirs[fh] = list(self.ns.children(inode))
         return fh
@@ -214,6 +227,8 @@ class TierOperations(pyfuse3.Operations):
             wb = self._writable()
             self._follow_local(inode)
             await wb.open_for_write(node, truncate=bool(flags & os.O_TRUNC))
+            if flags & os.O_TRUNC:  # a change of the data like a write: its time is kept the same way
+                self._written_at[inode] = time.time_ns()
         follow = writable or (self.wb is not None and self.wb.is_staged(inode))
         info = pyfuse3.FileInfo(fh=self._register(FileHandle(self.version_of(node), writable, follow)))
         # Keep the kernel's page cache across opens unless the object changed since we
@@ -279,7 +294,10 @@ class TierOperations(pyfuse3.Operations):
             del self._handles_of[ino]
             self.hydrator.forget(ino)
         if handle.writable and self.wb is not None:
-            await self.wb.release_writer(ino)
+            await self.wb.release_writer(ino, self._written_at.get(ino))
+        if ino not in self._open_count:
+            self._written_at.pop(ino, None)
+            self._unlinked_open.pop(ino, None)
 
     async def flush(self, fh: int) -> None:
         """close() uploads later (after --writeback-delay); fsync() is the durable point.
@@ -309,15 +327,26 @@ class TierOperations(pyfuse3.Operations):
         self._note_served(node)
         return pyfuse3.FileInfo(fh=fh), self._attrs(node)
 
-    async def _new_entry(self, parent_inode: int, name: bytes, kind: Kind, mode: int, ctx: Any) -> Inode:
+    async def _new_entry(
+        self, parent_inode: int, name: bytes, kind: Kind, mode: int, ctx: Any, *, rdev: int = 0
+    ) -> Inode:
+        """A new entry owned by the caller. Below a set-group-ID directory it takes the directory's
+        group (and a new directory keeps the bit), as on Linux: this is the filesystem's job, the
+        kernel only passes the caller's ids."""
         text = os.fsdecode(name)
         parent = await self._dir(parent_inode)
         self._check_name(parent, text, is_dir=kind is Kind.DIR)
         if self.ns.child(parent_inode, text) is not None:
             raise pyfuse3.FUSEError(errno.EEXIST)
         umask = getattr(ctx, "umask", 0)
+        mode &= ~umask
+        gid = ctx.gid
+        if parent.mode & stat.S_ISGID:
+            gid = parent.gid
+            if kind is Kind.DIR:
+                mode |= stat.S_ISGID
         node: Inode = await self._io(
-            lambda: self.ns.create(parent, text, kind, mode=mode & ~umask, uid=ctx.uid, gid=ctx.gid)
+            lambda: self.ns.create(parent, text, kind, mode=mode, uid=ctx.uid, gid=gid, rdev=rdev)
         )
         return node
 
@@ -326,7 +355,9 @@ class TierOperations(pyfuse3.Operations):
         handle = self._files.get(fh)
         if handle is None or not handle.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
-        return await self._writable().write(handle.version.ino, off, buf)
+        written: int = await self._writable().write(handle.version.ino, off, buf)
+        self._written_at[handle.version.ino] = time.time_ns()
+        return written
 
     @handler
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
@@ -358,28 +389,43 @@ class TierOperations(pyfuse3.Operations):
 
     @handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        wb = self._writable()
+        self._writable()
         node = await self._existing(parent_inode, os.fsdecode(name))
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        with self.ns.tombstones.holding(node.key):
-            await self._io(self.ns.remove, parent_inode, node.name)
-            await wb.removed(node)
+        await self._drop_name(self._inode(parent_inode), os.fsdecode(name), node)
 
     @handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        wb = self._writable()
+        self._writable()
         node = await self._existing(parent_inode, os.fsdecode(name))
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         await self.ns.ensure_listed(node.ino)
-        with self.ns.tombstones.holding(node.key):
-            await self._io(self.ns.remove, parent_inode, node.name)
-            await wb.removed(node)
+        await self._drop_name(self._inode(parent_inode), os.fsdecode(name), node)
+
+    async def _drop_name(self, parent: Inode, name: str, node: Inode) -> None:
+        """Remove one name of ``node`` in the namespace and journal what the bucket must do:
+        delete the inode with its last name, delete only this name's object while other hard
+        links remain, or move the record to another of its names when this one was its own."""
+        wb = self._writable()
+        key = child_key(parent.key, name, is_dir=node.is_dir)
+        with self.ns.tombstones.holding(node.key, key):
+            gone: Unlinked | None = await self._io(self.ns.remove, parent.ino, name)
+            if gone is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            if gone.remaining is None:
+                if gone.node.ino in self._open_count:
+                    self._unlinked_open[gone.node.ino] = gone.node.with_(nlink=0, ctime_ns=time.time_ns())
+                await wb.removed(gone.node)
+            elif gone.promoted:
+                await wb.promoted(gone.remaining, gone.node.key)
+            else:
+                await wb.name_removed(gone.key)
 
     @handler
     async def rename(
@@ -403,7 +449,7 @@ class TierOperations(pyfuse3.Operations):
         target = self.ns.child(new_parent.ino, new_name)
         if target is not None:
             if target.ino == node.ino:
-                return
+                return  # two names of one inode: POSIX says rename does nothing
             if flags & RENAME_NOREPLACE:
                 raise pyfuse3.FUSEError(errno.EEXIST)
             if target.is_dir and not node.is_dir:
@@ -412,13 +458,23 @@ class TierOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
             if target.is_dir:
                 await self.ns.ensure_listed(target.ino)
+                if next(iter(self.ns.children(target.ino)), None) is not None:
+                    raise pyfuse3.FUSEError(errno.ENOTEMPTY)
         if node.is_dir:
             await self._list_subtree(node.ino)
-        hidden = (node.key, target.key) if target is not None else (node.key,)
-        with self.ns.tombstones.holding(*hidden):
-            if target is not None:
-                await self._io(self.ns.remove, new_parent.ino, new_name)
-                await wb.removed(target)
+        if target is not None:
+            await self._drop_name(new_parent, new_name, target)
+        if not self.ns.is_own_name(node, old_parent.ino, old_name):
+            # An extra hard link moves: copy the inode's object to the new name, drop the old one.
+            old_key = child_key(old_parent.key, old_name, is_dir=False)
+            with self.ns.tombstones.holding(old_key):
+                new_key = await self._io(
+                    self.ns.rename_link, node, old_parent, old_name, new_parent, new_name
+                )
+                await wb.linked(self._inode(node.ino), new_key)
+                await wb.name_removed(old_key)
+            return
+        with self.ns.tombstones.holding(node.key):
             async with wb.renaming(node):
                 moved, old_key = await self._io(self.ns.rename, old_parent, old_name, new_parent, new_name)
                 await wb.renamed(moved, old_key)
@@ -464,35 +520,58 @@ class TierOperations(pyfuse3.Operations):
             changes["gid"] = attr.st_gid
         if fields.update_atime:
             changes["atime_ns"] = attr.st_atime_ns
+        now = time.time_ns()
         if fields.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
+            self._written_at.pop(inode, None)  # an explicit time wins over the last write's
         elif fields.update_size:
-            changes["mtime_ns"] = time.time_ns()
-        if changes:
-            changes["flags"] = node.flags | Flag.META_KNOWN
-            updated = await self._io(lambda: self.ns.update(inode, **changes))
-            if updated is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            if not fields.update_size or len(changes) > 2:
-                await wb.metadata_changed(updated)
-            node = updated
+            changes["mtime_ns"] = now
+        exported = bool(changes) and not (fields.update_size and set(changes) == {"mtime_ns"})
+        # Every attribute change is a status change, even chown(-1, -1): ctime becomes now
+        # (or what the kernel asks for).
+        changes["ctime_ns"] = attr.st_ctime_ns if fields.update_ctime else now
+        changes["flags"] = node.flags | Flag.META_KNOWN
+        updated = await self._io(lambda: self.ns.update(inode, **changes))
+        if updated is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if exported:
+            await wb.metadata_changed(updated)
         return self._attrs(self._inode(inode))
 
     @handler
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        """Objects cannot share data, so hard links are refused (EPERM, as s3fs and mountpoint-s3 do)."""
-        raise pyfuse3.FUSEError(errno.EPERM)
+        """A hard link: one more name for the inode (the kernel refuses directories). The bucket
+        has no links, so the new name is exported as a copy of the object (docs/namespace.md)."""
+        wb = self._writable()
+        node = self._inode(inode)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        text = os.fsdecode(new_name)
+        parent = await self._dir(new_parent_inode)
+        self._check_name(parent, text, is_dir=False)
+        if self.ns.child(parent.ino, text) is not None:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        key = child_key(parent.key, text, is_dir=False)
+        linked: Inode = await self._io(self.ns.link, node, parent, text)
+        await wb.linked(linked, key)
+        return self._attrs(linked)
 
     @handler
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        """Only regular files can be objects; devices, FIFOs and sockets get EPERM."""
-        if not stat.S_ISREG(mode):
-            raise pyfuse3.FUSEError(errno.EPERM)
+        """Regular files, FIFOs, sockets and devices. The kernel gives a special inode its pipe,
+        socket or device behaviour itself (its open never reaches us); we keep its mode and
+        ``rdev`` and export it as a zero-byte object whose headers carry them."""
         wb = self._writable()
-        node = await self._new_entry(parent_inode, name, Kind.FILE, mode, ctx)
+        kind = kind_of_mode(mode)
+        if kind not in (Kind.FILE, Kind.SPECIAL):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        keep_rdev = stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        node = await self._new_entry(
+            parent_inode, name, kind, stat.S_IFMT(mode) | (mode & 0o7777), ctx, rdev=rdev if keep_rdev else 0
+        )
         await wb.created(node)
         return self._attrs(node)

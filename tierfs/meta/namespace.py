@@ -9,7 +9,8 @@ Invariants (see docs/namespace.md):
 - Only a *complete* listing may delete entries. A failed LIST or HEAD (timeout, 5xx)
   raises :class:`~tierfs.errors.Unavailable` and changes nothing (rclone #9530).
 - Entries flagged LOCAL belong to write-back and are never overwritten or removed by a
-  listing; the journal decides their fate.
+  listing; the journal decides their fate. So do hard-linked inodes (nlink > 1): the
+  record holds the first name, ``ns.links`` the others (docs/namespace.md).
 - A key and a prefix with the same name show the directory; the object is logged as
   shadowed. Hostile keys (``..``, empty segments, NUL, >255 bytes) are hidden and counted.
 
@@ -31,7 +32,18 @@ import trio
 from ..errors import NotFound, StoreError
 from ..store.objectstore import ObjectInfo, ObjectStore
 from . import keys, posixmeta
-from .records import ROOT_INO, Flag, Inode, Kind, dentry_key, ino_key, type_bits
+from .records import (
+    ROOT_INO,
+    Flag,
+    Inode,
+    Kind,
+    dentry_key,
+    ino_key,
+    kind_of_mode,
+    link_key,
+    split_link_key,
+    type_bits,
+)
 from .tombstones import Tombstones
 
 log = logging.getLogger(__name__)
@@ -69,7 +81,34 @@ def _local_since(node: Inode, started: float) -> bool:
     pages show: applying the page would bring back the version our upload just replaced,
     or drop a file whose object the page predates.
     """
-    return bool(node.flags & Flag.LOCAL) or node.checked > started
+    hard_linked = node.nlink > 1 and not node.is_dir  # a directory's nlink counts subdirectories
+    return bool(node.flags & Flag.LOCAL) or hard_linked or node.checked > started
+
+
+@dataclass(frozen=True)
+class Unlinked:
+    """What removing one name did. ``remaining`` is the record after, when other hard links keep
+    the inode: its key is ``key`` unless the removed name was the record's own (``promoted``)."""
+
+    node: Inode  # the record before
+    key: str  # the key of the removed name
+    remaining: Inode | None = None
+
+    @property
+    def promoted(self) -> bool:
+        return self.remaining is not None and self.remaining.key != self.node.key
+
+
+def needs_head(node: Inode) -> bool:
+    """A zero-byte object whose headers were never read may be a FIFO, socket or device (its
+    type bits are in ``file-permissions``), and it is never opened to read them for free: a
+    FIFO's open never reaches us. So these, and only these, cost one HEAD, once."""
+    return (
+        node.kind is Kind.FILE
+        and node.size == 0
+        and bool(node.etag)
+        and not node.flags & (Flag.META_KNOWN | Flag.LOCAL)
+    )
 
 
 def child_key(parent_prefix: str, name: str, *, is_dir: bool) -> str:
@@ -96,6 +135,7 @@ class Namespace:
         self.inodes = env.open_db(b"ns.inodes")
         self.dentries = env.open_db(b"ns.dentries")
         self.meta = env.open_db(b"meta")
+        self.links = env.open_db(b"ns.links")  # extra names of hard-linked inodes (records.link_key)
         self.counters = NamespaceCounters()
         self.change_hooks: list[ChangeHook] = []
         self.entry_hooks: list[EntryHook] = []
@@ -117,7 +157,7 @@ class Namespace:
                 root = Inode(
                     ROOT_INO, Kind.DIR, Flag.NONE, ROOT_INO, 0, now, now,
                     type_bits(Kind.DIR) | self.policy.dir_mode, self.policy.uid, self.policy.gid,
-                    0.0, "", self.policy.root_prefix, "",
+                    0.0, "", self.policy.root_prefix, "", now, 0, 2,
                 )  # fmt: skip
                 txn.put(ino_key(ROOT_INO), root.pack(), db=self.inodes)
                 if txn.get(b"next_ino", db=self.meta) is None:
@@ -165,7 +205,58 @@ class Namespace:
         child = self.child(parent_ino, name)
         if child is None:
             raise NotFound(f"{parent.key}{name}")
+        if needs_head(child):
+            await self.learn_empty([child])
+            child = self.child(parent_ino, name) or child
         return child
+
+    async def learn_empty_below(self, directory: Inode) -> None:
+        """Before a directory's entries are shown: HEAD its unread zero-byte objects, if its last
+        listing found any (``Flag.EMPTY_UNREAD``), so that readdir shows FIFOs as FIFOs. Other
+        directories cost nothing here."""
+        if not directory.flags & Flag.EMPTY_UNREAD:
+            return
+        await self.learn_empty(await self._run(self._unread_children, directory.ino))
+
+        def settle_flag() -> None:
+            with self.env.begin(write=True) as txn:
+                current = self._get_in(txn, directory.ino)
+                if current is not None and not any(
+                    needs_head(child) for child in self._children_records_in(txn, directory.ino)
+                ):
+                    cleared = current.with_(flags=current.flags & ~Flag.EMPTY_UNREAD)
+                    txn.put(ino_key(directory.ino), cleared.pack(), db=self.inodes)
+
+        await self._run(settle_flag)
+
+    def _children_records_in(self, txn: Any, parent: int) -> Iterator[Inode]:
+        for _, ino in self._children_in(txn, parent):
+            node = self._get_in(txn, ino)
+            if node is not None:
+                yield node
+
+    def _unread_children(self, parent: int) -> list[Inode]:
+        with self.env.begin(buffers=True) as txn:
+            return [node for node in self._children_records_in(txn, parent) if needs_head(node)]
+
+    async def learn_empty(self, nodes: list[Inode]) -> None:
+        """HEAD zero-byte objects whose headers were never read, concurrently (see :func:`needs_head`).
+
+        A failed HEAD leaves the entry a regular empty file for now and is tried again next time.
+        """
+
+        def head_one(node: Inode) -> None:
+            try:
+                info = self.store.head(node.key)
+            except StoreError as exc:
+                log.debug("HEAD of empty object %s failed: %s", node.key, exc)
+                return
+            self.learn_metadata(node.ino, info, remember=True)
+
+        async with trio.open_nursery() as nursery:
+            for node in nodes:
+                if needs_head(node):
+                    nursery.start_soon(self._run, head_one, node)
 
     async def ensure_listed(self, ino: int, *, force: bool = False, ahead: bool = True) -> Inode:
         """Return the directory record, after (re)listing it if it is stale or ``force`` is set.
@@ -237,6 +328,7 @@ class Namespace:
         changes: list[tuple[Inode, Inode | None]] = []
         before = {name for name, _ in self.children(directory.ino)} if directory.checked > 0 else None
         marker = False
+        empty_unread = False
         self.counters.lists += 1
         for page in self.store.list_dir(directory.key):
             with self.env.begin(write=True) as txn:
@@ -260,6 +352,9 @@ class Namespace:
                         continue
                     self._apply_file(txn, directory, name, obj, existing, changes, started)
                     seen.add(name)
+                    changed = existing is None or existing.etag != obj.etag or needs_head(existing)
+                    if obj.size == 0 and changed:
+                        empty_unread = True
         with self.env.begin(write=True) as txn:
             for name, obj in deferred_files.items():
                 if name in seen:
@@ -277,6 +372,7 @@ class Namespace:
                 self._remove_subtree(txn, directory.ino, name, gone, changes)
             current = self._get_in(txn, directory.ino) or directory
             flags = (current.flags | Flag.MARKER) if marker else (current.flags & ~Flag.MARKER)
+            flags = (flags | Flag.EMPTY_UNREAD) if empty_unread else flags
             txn.put(
                 ino_key(directory.ino), current.with_(checked=started, flags=flags).pack(), db=self.inodes
             )
@@ -366,6 +462,9 @@ class Namespace:
             etag=obj.etag,
             mtime_ns=obj.mtime_ns,
             flags=existing.flags & ~Flag.META_KNOWN,
+            kind=Kind.FILE,  # until its headers are read again: a symlink or FIFO may be data now
+            rdev=0,
+            ctime_ns=0,  # changed elsewhere: ctime follows mtime, as for every foreign object
             mode=type_bits(Kind.FILE) | self.policy.file_mode,
             uid=self.policy.uid,
             gid=self.policy.gid,
@@ -390,6 +489,8 @@ class Namespace:
         uid: int | None = None,
         gid: int | None = None,
         flags: Flag = Flag.NONE,
+        rdev: int = 0,
+        ctime_ns: int = 0,
     ) -> Inode:
         ino = int.from_bytes(txn.get(b"next_ino", db=self.meta), "big")
         txn.put(b"next_ino", (ino + 1).to_bytes(8, "big"), db=self.meta)
@@ -398,11 +499,19 @@ class Namespace:
             ino, kind, flags, parent, size, mtime_ns, mtime_ns,
             mode if mode is not None else type_bits(kind) | perm,
             self.policy.uid if uid is None else uid, self.policy.gid if gid is None else gid,
-            checked, name, key, etag,
+            checked, name, key, etag, ctime_ns, rdev, 2 if kind is Kind.DIR else 1,
         )  # fmt: skip
         txn.put(ino_key(ino), inode.pack(), db=self.inodes)
         txn.put(dentry_key(parent, name), ino_key(ino), db=self.dentries)
+        if kind is Kind.DIR:
+            self._count_subdir_in(txn, parent, +1)
         return inode
+
+    def _count_subdir_in(self, txn: Any, ino: int, delta: int) -> None:
+        """A directory's nlink is 2 + its subdirectories (each one's ``..``), as on ext4."""
+        node = self._get_in(txn, ino)
+        if node is not None and node.is_dir:
+            txn.put(ino_key(ino), node.with_(nlink=max(2, node.nlink + delta)).pack(), db=self.inodes)
 
     def _remove_subtree(
         self, txn: Any, parent: int, name: str, inode: Inode, changes: list[tuple[Inode, Inode | None]]
@@ -416,8 +525,18 @@ class Namespace:
                     child = self._get_in(txn, child_ino)
                     if child is not None:
                         stack.append((node.ino, child_name, child))
+            elif not self.is_own_name(node, p, n):  # an extra hard link: the inode keeps its other names
+                txn.delete(dentry_key(p, n), db=self.dentries)
+                txn.delete(link_key(node.ino, p, n), db=self.links)
+                current = self._get_in(txn, node.ino)
+                if current is not None:
+                    fewer = current.with_(nlink=max(1, current.nlink - 1))
+                    txn.put(ino_key(node.ino), fewer.pack(), db=self.inodes)
+                continue
             txn.delete(dentry_key(p, n), db=self.dentries)
             txn.delete(ino_key(node.ino), db=self.inodes)
+            if node.is_dir:
+                self._count_subdir_in(txn, p, -1)
             changes.append((node, None))
 
     # -- helpers inside a transaction ---------------------------------------------------------------
@@ -450,12 +569,13 @@ class Namespace:
 
     # -- updates from data reads ----------------------------------------------------------------------
 
-    def learn_metadata(self, ino: int, info: ObjectInfo) -> None:
+    def learn_metadata(self, ino: int, info: ObjectInfo, *, remember: bool = False) -> None:
         """Apply POSIX headers that a GET/HEAD returned (blocking; call from a thread).
 
         Headers are free with the first GET of an object, so attributes of files that
         have been read are exact without any HEAD; see docs/namespace.md. Objects without
-        headers cost no write at all.
+        headers cost no write at all, unless ``remember`` (the HEAD of an empty object,
+        which is never repeated) asks for the record to say they were read.
         """
         if info.metadata is None:
             return
@@ -465,21 +585,23 @@ class Namespace:
         attrs = posixmeta.resolve(
             posixmeta.decode(info.metadata),
             is_dir=node.is_dir,
+            size=node.size,
             default_uid=self.policy.uid,
             default_gid=self.policy.gid,
             default_file_mode=self.policy.file_mode,
             default_dir_mode=self.policy.dir_mode,
             fallback_mtime_ns=node.mtime_ns,
         )
-        kind = Kind.SYMLINK if attrs.mode & 0o170000 == 0o120000 else node.kind
+        kind = node.kind if node.is_dir else kind_of_mode(attrs.mode)
         changes = {
             "kind": kind,
             "mode": attrs.mode,
             "uid": attrs.uid,
             "gid": attrs.gid,
             "mtime_ns": attrs.mtime_ns,
+            "rdev": attrs.rdev,
         }
-        if all(getattr(node, k) == v for k, v in changes.items()):
+        if not remember and all(getattr(node, k) == v for k, v in changes.items()):
             return  # no headers beyond what the listing gave: spare the commit (and its fsync)
         with self.env.begin(write=True) as txn:
             current = self._get_in(txn, ino)
@@ -496,19 +618,39 @@ class Namespace:
     # These run in worker threads: each is one short write transaction.
 
     def create(
-        self, parent: Inode, name: str, kind: Kind, *, mode: int, uid: int, gid: int, size: int = 0
+        self,
+        parent: Inode,
+        name: str,
+        kind: Kind,
+        *,
+        mode: int,
+        uid: int,
+        gid: int,
+        size: int = 0,
+        rdev: int = 0,
     ) -> Inode:
-        """Add a LOCAL entry (created here; write-back will make it an object)."""
+        """Add a LOCAL entry (created here; write-back will make it an object); the parent's
+        mtime and ctime change in the same transaction."""
         now = time.time_ns()
         key = child_key(parent.key, name, is_dir=kind is Kind.DIR)
         with self.env.begin(write=True) as txn:
             if self._child_in(txn, parent.ino, name) is not None:
                 raise FileExistsError(name)
             checked = self._clock() if kind is Kind.DIR else 0.0  # a new directory is complete as it is
-            return self._insert(
+            node = self._insert(
                 txn, parent.ino, name, kind, size, now, key, "",
-                checked=checked, mode=mode, uid=uid, gid=gid, flags=Flag.LOCAL | Flag.META_KNOWN,
+                checked=checked, mode=mode, uid=uid, gid=gid, flags=Flag.LOCAL | Flag.META_KNOWN, rdev=rdev,
+                ctime_ns=now,
             )  # fmt: skip
+            self._touch_in(txn, parent.ino, now)
+            return node
+
+    def _touch_in(self, txn: Any, ino: int, now: int, *, mtime: bool = True) -> None:
+        """A directory's entries changed (or an inode's metadata did): its ctime, and mtime, become now."""
+        node = self._get_in(txn, ino)
+        if node is not None:
+            changed = node.with_(ctime_ns=now, mtime_ns=now) if mtime else node.with_(ctime_ns=now)
+            txn.put(ino_key(ino), changed.pack(), db=self.inodes)
 
     def put(self, inode: Inode) -> None:
         with self.env.begin(write=True) as txn:
@@ -531,8 +673,55 @@ class Namespace:
         """
         return self.update(ino, checked=self._clock(), **changes)
 
-    def remove(self, parent: int, name: str) -> Inode | None:
-        """Unlink one entry (a directory must be empty); returns what was removed."""
+    def is_own_name(self, node: Inode, parent: int, name: str) -> bool:
+        """Whether (parent, name) is the name the record carries, not one of its extra hard links."""
+        return node.parent == parent and node.name == name
+
+    def _link_names_in(self, txn: Any, ino: int) -> list[tuple[int, str]]:
+        prefix = ino_key(ino)
+        out: list[tuple[int, str]] = []
+        cur = txn.cursor(db=self.links)
+        if cur.set_range(prefix):
+            for k in cur.iternext(values=False):
+                if bytes(k[:8]) != prefix:
+                    break
+                _, parent, name = split_link_key(bytes(k))
+                out.append((parent, name))
+        return out
+
+    def link_keys(self, ino: int) -> list[str]:
+        """The keys of the extra names of a hard-linked inode (each is exported as its own object)."""
+        with self.env.begin(buffers=True) as txn:
+            out: list[str] = []
+            for parent, name in self._link_names_in(txn, ino):
+                directory = self._get_in(txn, parent)
+                if directory is not None:
+                    out.append(child_key(directory.key, name, is_dir=False))
+            return out
+
+    def link(self, node: Inode, new_parent: Inode, new_name: str) -> Inode:
+        """link(2): one more name for ``node``; its nlink and ctime, and the directory's times, change."""
+        now = time.time_ns()
+        with self.env.begin(write=True) as txn:
+            if self._child_in(txn, new_parent.ino, new_name) is not None:
+                raise FileExistsError(new_name)
+            current = self._get_in(txn, node.ino)
+            if current is None:
+                raise FileNotFoundError(node.name)
+            txn.put(dentry_key(new_parent.ino, new_name), ino_key(node.ino), db=self.dentries)
+            txn.put(link_key(node.ino, new_parent.ino, new_name), b"", db=self.links)
+            linked = current.with_(nlink=current.nlink + 1, ctime_ns=now)
+            txn.put(ino_key(node.ino), linked.pack(), db=self.inodes)
+            self._touch_in(txn, new_parent.ino, now)
+            return linked
+
+    def remove(self, parent: int, name: str) -> Unlinked | None:
+        """Unlink one name (a directory must be empty); None if there is no such entry.
+
+        The inode goes with its last name. While other hard links remain, removing the
+        record's own name moves the record to one of them (``Unlinked.promoted``).
+        """
+        now = time.time_ns()
         with self.env.begin(write=True) as txn:
             node = self._child_in(txn, parent, name)
             if node is None:
@@ -540,15 +729,52 @@ class Namespace:
             if node.is_dir and next(iter(self._children_in(txn, node.ino)), None) is not None:
                 raise OSError(39, "Directory not empty")  # ENOTEMPTY
             txn.delete(dentry_key(parent, name), db=self.dentries)
-            txn.delete(ino_key(node.ino), db=self.inodes)
-            return node
+            self._touch_in(txn, parent, now)
+            directory = self._get_in(txn, parent)
+            key = child_key(directory.key if directory else "", name, is_dir=node.is_dir)
+            if node.is_dir:
+                self._count_subdir_in(txn, parent, -1)
+            if node.nlink <= 1 or node.is_dir:
+                txn.delete(ino_key(node.ino), db=self.inodes)
+                return Unlinked(node, node.key)
+            remaining = node.with_(nlink=node.nlink - 1, ctime_ns=now)
+            if self.is_own_name(node, parent, name):
+                links = self._link_names_in(txn, node.ino)
+                new_parent, new_name = links[0]
+                txn.delete(link_key(node.ino, new_parent, new_name), db=self.links)
+                target = self._get_in(txn, new_parent)
+                remaining = remaining.with_(
+                    parent=new_parent, name=new_name, flags=remaining.flags | Flag.LOCAL,
+                    key=child_key(target.key if target else "", new_name, is_dir=False),
+                )  # fmt: skip
+            else:
+                txn.delete(link_key(node.ino, parent, name), db=self.links)
+            txn.put(ino_key(node.ino), remaining.pack(), db=self.inodes)
+            return Unlinked(node, key, remaining)
+
+    def rename_link(
+        self, node: Inode, old_parent: Inode, old_name: str, new_parent: Inode, new_name: str
+    ) -> str:
+        """Move an extra hard-link name (the record keeps its own); returns the new name's key."""
+        now = time.time_ns()
+        with self.env.begin(write=True) as txn:
+            txn.delete(dentry_key(old_parent.ino, old_name), db=self.dentries)
+            txn.delete(link_key(node.ino, old_parent.ino, old_name), db=self.links)
+            txn.put(dentry_key(new_parent.ino, new_name), ino_key(node.ino), db=self.dentries)
+            txn.put(link_key(node.ino, new_parent.ino, new_name), b"", db=self.links)
+            for ino in {old_parent.ino, new_parent.ino}:
+                self._touch_in(txn, ino, now)
+            self._touch_in(txn, node.ino, now, mtime=False)
+        return child_key(new_parent.key, new_name, is_dir=False)
 
     def rename(self, old_parent: Inode, old_name: str, new_parent: Inode, new_name: str) -> tuple[Inode, str]:
         """Move an entry (and, for a directory, rewrite the keys of everything below it).
 
         The caller has already removed any target entry. Returns the moved inode and
-        its old key. Bucket changes are the write-back journal's business.
+        its old key. Bucket changes are the write-back journal's business. The moved
+        inode's ctime and both directories' mtime and ctime become now.
         """
+        now = time.time_ns()
         with self.env.begin(write=True) as txn:
             node = self._child_in(txn, old_parent.ino, old_name)
             if node is None:
@@ -557,19 +783,25 @@ class Namespace:
             new_key = child_key(new_parent.key, new_name, is_dir=node.is_dir)
             txn.delete(dentry_key(old_parent.ino, old_name), db=self.dentries)
             txn.put(dentry_key(new_parent.ino, new_name), ino_key(node.ino), db=self.dentries)
+            for ino in {old_parent.ino, new_parent.ino}:
+                self._touch_in(txn, ino, now)
+            if node.is_dir and old_parent.ino != new_parent.ino:
+                self._count_subdir_in(txn, old_parent.ino, -1)
+                self._count_subdir_in(txn, new_parent.ino, +1)
             # Moved entries are LOCAL until write-back has copied them: a listing of the
             # new place must not drop them while the bucket does not show them yet.
             moved = node.with_(
-                parent=new_parent.ino, name=new_name, key=new_key, flags=node.flags | Flag.LOCAL
+                parent=new_parent.ino, name=new_name, key=new_key, flags=node.flags | Flag.LOCAL, ctime_ns=now
             )
             txn.put(ino_key(node.ino), moved.pack(), db=self.inodes)
             if node.is_dir:
                 stack = [node.ino]
                 while stack:
-                    for _, child_ino in list(self._children_in(txn, stack.pop())):
+                    directory = stack.pop()
+                    for _, child_ino in list(self._children_in(txn, directory)):
                         child = self._get_in(txn, child_ino)
-                        if child is None:
-                            continue
+                        if child is None or child.parent != directory:
+                            continue  # an extra hard link: its key follows its directory's (link_keys)
                         relocated = child.with_(
                             key=new_key + child.key[len(old_key) :], flags=child.flags | Flag.LOCAL
                         )

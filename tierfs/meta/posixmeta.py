@@ -13,11 +13,14 @@ defaults apply) rather than making the object unreadable.
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+
+from .records import SPECIAL_TYPES
 
 # FSx for Lustre names.
 FSX_MODE = "file-permissions"
@@ -25,6 +28,10 @@ FSX_UID = "file-owner"
 FSX_GID = "file-group"
 FSX_MTIME = "file-mtime"
 FSX_ATIME = "file-atime"
+# Ours: the device number of a character or block device, as ``<major>:<minor>`` in decimal.
+# FSx has no header for it; its file-permissions carries the type bits, which is enough for
+# FIFOs and sockets.
+TIERFS_RDEV = "tierfs-rdev"
 # s3fs names.
 S3FS_MODE = "mode"
 S3FS_UID = "uid"
@@ -35,6 +42,7 @@ _MAX_ID = (1 << 32) - 2  # (uid_t)-1 means "no change" to the kernel and is neve
 _MAX_MODE = 0o177777
 _FSX_TIME_RE = re.compile(r"^(\d+)(ns)?$")
 _DECIMAL_RE = re.compile(r"^\d+$")
+_RDEV_RE = re.compile(r"^(\d{1,10}):(\d{1,10})$")
 _NS_PER_S = 1_000_000_000
 _NS_PER_MS = 1_000_000
 
@@ -48,17 +56,19 @@ class PosixMeta:
     gid: int | None = None
     mtime_ns: int | None = None
     atime_ns: int | None = None
+    rdev: int | None = None
 
 
 @dataclass(frozen=True)
 class ResolvedAttrs:
     """Attributes to show after the mount's defaults filled the gaps."""
 
-    mode: int  # full st_mode including S_IFREG/S_IFDIR/S_IFLNK
+    mode: int  # full st_mode including its type bits
     uid: int
     gid: int
     mtime_ns: int
     atime_ns: int
+    rdev: int = 0
 
     @property
     def is_symlink(self) -> bool:
@@ -111,6 +121,16 @@ def _s3fs_time(text: str) -> int | None:
     return int(seconds * _NS_PER_S)
 
 
+def _rdev(text: str) -> int | None:
+    match = _RDEV_RE.match(text)
+    if not match:
+        return None
+    major, minor = (int(g) for g in match.groups())
+    if major >= 1 << 32 or minor >= 1 << 32:
+        return None
+    return os.makedev(major, minor)
+
+
 def _first(metadata: Mapping[str, str], *candidates: tuple[str, Callable[[str], int | None]]) -> int | None:
     """The first candidate header that is present *and* parses; so a garbage FSx value falls back to s3fs."""
     for name, parse in candidates:
@@ -132,6 +152,7 @@ def decode(metadata: Mapping[str, str]) -> PosixMeta:
         gid=_first(lowered, (FSX_GID, _id), (S3FS_GID, _id)),
         mtime_ns=_first(lowered, (FSX_MTIME, _fsx_time), (S3FS_MTIME, _s3fs_time)),
         atime_ns=_first(lowered, (FSX_ATIME, _fsx_time)),
+        rdev=_first(lowered, (TIERFS_RDEV, _rdev)),
     )
 
 
@@ -148,6 +169,8 @@ def encode(meta: PosixMeta) -> dict[str, str]:
         out[FSX_MTIME] = f"{meta.mtime_ns}ns"
     if meta.atime_ns is not None:
         out[FSX_ATIME] = f"{meta.atime_ns}ns"
+    if meta.rdev:
+        out[TIERFS_RDEV] = f"{os.major(meta.rdev)}:{os.minor(meta.rdev)}"
     return out
 
 
@@ -155,6 +178,7 @@ def resolve(
     meta: PosixMeta,
     *,
     is_dir: bool,
+    size: int = 0,
     default_uid: int,
     default_gid: int,
     default_file_mode: int,
@@ -165,13 +189,15 @@ def resolve(
 
     The object's shape decides file versus directory, since a header can be stale or
     copied; only S_IFLNK is taken from the header, because a symlink is stored as a
-    plain object whose body is the target and nothing else marks it.
+    plain object whose body is the target and nothing else marks it, and so are the
+    special types (FIFO, socket, devices), but only for a zero-byte object: a header
+    copied onto an object with data must not hide that data.
     """
     header_type = stat.S_IFMT(meta.mode) if meta.mode is not None else 0
     if is_dir:
         file_type = stat.S_IFDIR
-    elif header_type == stat.S_IFLNK:
-        file_type = stat.S_IFLNK
+    elif header_type == stat.S_IFLNK or (header_type in SPECIAL_TYPES and size == 0):
+        file_type = header_type
     else:
         file_type = stat.S_IFREG
     if meta.mode is not None:
@@ -185,4 +211,5 @@ def resolve(
         gid=meta.gid if meta.gid is not None else default_gid,
         mtime_ns=mtime_ns,
         atime_ns=meta.atime_ns if meta.atime_ns is not None else mtime_ns,
+        rdev=(meta.rdev or 0) if file_type in (stat.S_IFCHR, stat.S_IFBLK) else 0,
     )

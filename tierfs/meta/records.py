@@ -19,6 +19,7 @@ class Kind(IntEnum):
     FILE = 1
     DIR = 2
     SYMLINK = 3
+    SPECIAL = 4  # FIFO, socket, character or block device: ``mode`` carries which, ``rdev`` the device
 
 
 class Flag(IntFlag):
@@ -26,9 +27,13 @@ class Flag(IntFlag):
     META_KNOWN = 1  # POSIX headers have been read (HEAD/GET) or written by us
     LOCAL = 2  # created or changed here; the bucket may not have it yet (write-back owns it)
     MARKER = 4  # a ``dir/`` marker object exists for this directory
+    EMPTY_UNREAD = 8  # a directory holds zero-byte objects whose headers were never read (needs_head)
 
 
 _HEAD = struct.Struct(">BBQQqqIIIdHHH")
+# Appended after the strings, so records written before it existed still decode (with
+# ctime = mtime, no device and one name): a cache dir survives the upgrade.
+_TAIL = struct.Struct(">qQI")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +54,17 @@ class Inode:
     name: str
     key: str
     etag: str
+    ctime_ns: int = 0  # 0: never changed here (shown as mtime, the rule for foreign objects)
+    rdev: int = 0  # device number of a character or block device
+    nlink: int = 1  # names of this inode (hard links); a directory: 2 + its subdirectories
 
     @property
     def is_dir(self) -> bool:
         return self.kind is Kind.DIR
+
+    @property
+    def shown_ctime_ns(self) -> int:
+        return self.ctime_ns or self.mtime_ns
 
     def with_(self, **changes: object) -> Inode:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -78,6 +90,7 @@ class Inode:
             + name
             + key
             + etag
+            + _TAIL.pack(self.ctime_ns, self.rdev, self.nlink)
         )
 
     @classmethod
@@ -88,21 +101,34 @@ class Inode:
         off = _HEAD.size
         name = bytes(raw[off : off + ln]).decode()
         key = bytes(raw[off + ln : off + ln + lk]).decode()
-        etag = bytes(raw[off + ln + lk : off + ln + lk + le]).decode()
+        end = off + ln + lk + le
+        etag = bytes(raw[off + ln + lk : end]).decode()
+        if len(raw) >= end + _TAIL.size:
+            ctime, rdev, nlink = _TAIL.unpack_from(raw, end)
+        else:  # written before the tail: subdirectories were not counted
+            ctime, rdev, nlink = 0, 0, 2 if kind == Kind.DIR else 1
         return cls(
-            ino, Kind(kind), Flag(flags), parent, size, mtime, atime, mode, uid, gid, checked, name, key, etag
-        )
+            ino, Kind(kind), Flag(flags), parent, size, mtime, atime, mode, uid, gid, checked,
+            name, key, etag, ctime, rdev, nlink,
+        )  # fmt: skip
+
+
+SPECIAL_TYPES = frozenset({stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK})
 
 
 def type_bits(kind: Kind) -> int:
+    """The st_mode type of a kind; a SPECIAL record keeps its own type in ``mode``."""
     return {Kind.FILE: stat.S_IFREG, Kind.DIR: stat.S_IFDIR, Kind.SYMLINK: stat.S_IFLNK}[kind]
 
 
 def kind_of_mode(mode: int) -> Kind:
-    if stat.S_ISDIR(mode):
+    file_type = stat.S_IFMT(mode)
+    if file_type == stat.S_IFDIR:
         return Kind.DIR
-    if stat.S_ISLNK(mode):
+    if file_type == stat.S_IFLNK:
         return Kind.SYMLINK
+    if file_type in SPECIAL_TYPES:
+        return Kind.SPECIAL
     return Kind.FILE
 
 
@@ -112,3 +138,12 @@ def ino_key(ino: int) -> bytes:
 
 def dentry_key(parent: int, name: str) -> bytes:
     return parent.to_bytes(8, "big") + name.encode()
+
+
+def link_key(ino: int, parent: int, name: str) -> bytes:
+    """A hard link's extra name of ``ino`` (the record holds its first name): ino, parent, name."""
+    return ino.to_bytes(8, "big") + dentry_key(parent, name)
+
+
+def split_link_key(raw: bytes) -> tuple[int, int, str]:
+    return int.from_bytes(raw[:8], "big"), int.from_bytes(raw[8:16], "big"), bytes(raw[16:]).decode()

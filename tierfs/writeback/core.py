@@ -47,6 +47,7 @@ Progress = Callable[[dict[str, Any]], Awaitable[None]]
 RETRY_BACKOFF = (1.0, 2.0, 5.0)  # seconds before the 1st, 2nd and later retries of a transient failure
 PERMANENT_BACKOFF = 60.0  # a permanent failure is retried in the background this rarely (creds may be fixed)
 DEFAULT_FLUSH_TIMEOUT = 600.0
+JournalOp = tuple[str, dict[str, Any]]  # (kind, fields) of an op to journal
 
 @dataclass
 class WriteBackStats:
@@ -180,8 +181,27 @@ class WriteBack:
             else:
                 self._copies.pop(op.ino, None)
 
+    def _with_link_copies(self, ops: tuple[JournalOp, ...]) -> list[JournalOp]:
+        """``ops``, each put or meta of a hard-linked inode followed by copies to its other names.
+
+        The bucket has no links: every name is its own object, and a change of the inode
+        must reach all of them. A copy touches its source, so it runs after the op before it.
+        """
+        out: list[JournalOp] = []
+        for kind, fields in ops:
+            out.append((kind, fields))
+            if kind not in ("put", "meta") or not fields.get("ino"):
+                continue
+            node = self.ns.get(fields["ino"])
+            if node is None or node.is_dir or node.nlink <= 1:
+                continue
+            src = fields.get("key") or node.key
+            out.extend(("copy", {"src": src, "key": key, "ino": 0}) for key in self.ns.link_keys(node.ino))
+        return out
+
     async def _append(self, *ops: tuple[str, dict[str, Any]], drop: list[Op] | None = None) -> None:
         """Journal ``ops`` (and forget ``drop``) in one transaction, then wake the executor."""
+        ops = tuple(self._with_link_copies(ops))
         gone = [op for op in drop or [] if op.seq not in self._running]
         seqs = {op.seq for op in gone}
         self._dropping |= seqs
@@ -334,7 +354,9 @@ class WriteBack:
             if node is not None:
                 await self._append(self._put(node))
 
-    async def release_writer(self, ino: int) -> None:
+    async def release_writer(self, ino: int, written_ns: int | None = None) -> None:
+        """A writer closed. ``written_ns``: when it last wrote, which becomes the mtime and ctime
+        the record keeps (the adapter shows them from memory until then)."""
         state = self.files.states.get(ino)
         if state is None:
             return
@@ -352,7 +374,10 @@ class WriteBack:
             return
         size = self.files.size_of(ino)
         if size is not None:
-            await self._run_io(self.ns.update, ino, size=size, mtime_ns=time.time_ns())
+            times: dict[str, int] = {}
+            if written_ns is not None:
+                times = {"mtime_ns": written_ns, "ctime_ns": max(written_ns, node.ctime_ns)}
+            await self._run_io(lambda: self.ns.update(ino, size=size, **times))
         self._wake.set()
 
     def _still_needed(self, ino: int, besides: int = 0) -> bool:
@@ -362,6 +387,8 @@ class WriteBack:
         """chmod/chown/utimens: a pending put carries the headers; otherwise rewrite them in place."""
         if self._has_waiting_put(node.ino) or (node.flags & Flag.LOCAL and not node.etag):
             return
+        if not node.key:
+            return  # the root of a whole-bucket mount has no object to carry its attributes
         kind = "marker" if node.is_dir else "meta"
         await self._append((kind, {"ino": node.ino}))
 
@@ -372,6 +399,22 @@ class WriteBack:
         await self._append(("delete", {"key": node.key}), drop=drop)
         if not self.files.writers(node.ino):
             await self.files.discard(node.ino)
+
+    async def linked(self, node: Inode, key: str) -> None:
+        """link(2): the new name ``key`` becomes a copy of the inode's object (after its pending put)."""
+        await self._append(("copy", {"src": node.key, "key": key, "ino": 0}))
+
+    async def name_removed(self, key: str) -> None:
+        """One hard link of an inode was unlinked; its object goes, the inode's other names stay."""
+        await self._append(("delete", {"key": key}))
+
+    async def promoted(self, node: Inode, old_key: str) -> None:
+        """The record's own name was unlinked and ``node`` now carries another of its hard links:
+        like a rename from ``old_key``, except that the new key holds a copy already. It is deleted
+        first, so that the rename's put (a staged file) finds the key free and is not a conflict."""
+        async with self.renaming(node):
+            await self._append(("delete", {"key": node.key}))
+            await self.renamed(node, old_key)
 
     @contextlib.asynccontextmanager
     async def renaming(self, node: Inode) -> AsyncIterator[None]:
@@ -448,8 +491,8 @@ class WriteBack:
             for obj in remote:
                 new_key = moved.key + obj.key[len(old_key) :]
                 local = await self._run_io(self.ns.path_of_key, new_key)
-                if local is not None and self._has_waiting_put(local.ino):
-                    ops.append(("delete", {"key": obj.key}))
+                if local is not None and local.key == new_key and self._has_waiting_put(local.ino):
+                    ops.append(("delete", {"key": obj.key}))  # an extra hard link (other key) is copied
                 elif local is not None and local.is_dir:
                     # A marker is rewritten, not copied: some servers (SeaweedFS) store ``dir/``
                     # keys as directories that CopyObject cannot read.

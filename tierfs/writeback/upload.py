@@ -52,7 +52,8 @@ class Outcome:
 def headers_of(node: Inode, token: str) -> dict[str, str]:
     meta = posixmeta.encode(
         posixmeta.PosixMeta(
-            mode=node.mode, uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns, atime_ns=node.atime_ns
+            mode=node.mode, uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns, atime_ns=node.atime_ns,
+            rdev=node.rdev or None,
         )
     )
     meta[OP_TOKEN_HEADER] = token
