@@ -30,7 +30,7 @@ define apt_install
 	fi
 endef
 
-.PHONY: all deps bench-deps venv .venv lint test demo bench bench-rss bench-accel stress clean \
+.PHONY: all deps bench-deps venv .venv lint test demo bench bench-rss bench-accel bench-shared stress clean \
 	install uninstall deb install-test deb-test container-test container-deps
 
 all: test
@@ -76,6 +76,10 @@ demo: deps $(STAMP)
 
 bench: deps bench-deps $(STAMP)
 	$(PY) -m tools.bench $(BENCH_ARGS)
+
+# Two nodes, one shared cache tier, the origin behind a shaping proxy (docs/shared-cache.md).
+bench-shared: deps $(STAMP)
+	$(PY) -m tools.bench_shared $(BENCH_ARGS)
 
 bench-rss: deps $(STAMP)
 	$(PY) -m tools.bench_rss $(BENCH_ARGS)
