@@ -319,8 +319,8 @@ class ChunkCache:
     def touch(self, cks: Iterable[ChunkKey]) -> None:
         """Record reads served from memory above this cache, so LRU and age-out see them.
 
-        Cheap enough for the event loop: no I/O, one short lock; persisted by
-        :meth:`flush_access_times` like the times recorded by :meth:`get`.
+        Cheap enough for the event loop: no I/O, one short lock; persisted by the next maintenance
+        pass like the times recorded by :meth:`get`.
         """
         self._index.note_read([ck.digest() for ck in cks])
 
@@ -329,9 +329,6 @@ class ChunkCache:
         records of :mod:`tierfs.reader`, applied by the daemon's maintenance), so LRU and
         age-out see them like hits. Returns how many were recorded."""
         return self._index.note_reads_at(times)
-
-    def flush_access_times(self) -> None:
-        self._index.flush_access_times()
 
     # ------------------------------------------------------------------ removal
 

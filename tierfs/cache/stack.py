@@ -28,9 +28,6 @@ class Tiers:
         self.local = tuple(t for t in self.all if t.level is Level.LOCAL)
         self.shared = tuple(t for t in self.all if t.level is Level.SHARED)
 
-    def tier(self, name: str) -> CacheTier:
-        return next(t for t in self.all if t.name == name)
-
     # -- the read path, level by level ------------------------------------------------------------------
 
     def from_memory(self, ck: ChunkKey) -> bytes | None:
