@@ -106,8 +106,7 @@ class _Fetched:
 
     blocks: dict[int, bytes]
     store_error: str | None
-    origin_gets: int = 0
-    origin_blocks: int = 0
+    origin_gets: int = 0  # ranged GETs sent to the origin (none when the shared tier had the run)
     origin_bytes: int = 0
 
 
@@ -525,7 +524,7 @@ class Hydrator:
             [(keys[i], out[i]) for i in run],
             fill_shared=[(keys[i], from_origin[i]) for i in run if i in from_origin] if obj.etag else (),
         )
-        return _Fetched(out, error, len(gaps), len(from_origin), sum(len(b) for b in from_origin.values()))
+        return _Fetched(out, error, len(gaps), sum(len(b) for b in from_origin.values()))
 
     def _block_length(self, obj: ObjectVersion, index: int) -> int:
         return min(self.block_size, obj.size - index * self.block_size)
