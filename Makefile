@@ -30,7 +30,8 @@ define apt_install
 	fi
 endef
 
-.PHONY: all deps bench-deps venv .venv lint test demo bench bench-cold bench-rss bench-accel stress clean \
+.PHONY: all deps bench-deps venv .venv lint test demo bench bench-cold bench-rss bench-accel bench-shared stress \
+	clean \
 	install uninstall deb install-test deb-test container-test container-deps
 
 all: test
@@ -81,6 +82,10 @@ bench: deps bench-deps $(STAMP)
 # `aws s3 cp --recursive` (issue 16).
 bench-cold: deps $(STAMP)
 	$(PY) -m tools.bench_cold $(BENCH_ARGS)
+
+# Two nodes, one shared cache tier, the origin behind a shaping proxy (docs/shared-cache.md).
+bench-shared: deps $(STAMP)
+	$(PY) -m tools.bench_shared $(BENCH_ARGS)
 
 bench-rss: deps $(STAMP)
 	$(PY) -m tools.bench_rss $(BENCH_ARGS)

@@ -25,7 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from tierfs.cache.chunkcache import ChunkCache, ChunkKey
+from tierfs.cache.chunkcache import ChunkCache
+from tierfs.cache.chunkkey import ChunkKey
+from tierfs.cache.memory import MemoryTier
+from tierfs.cache.stack import Tiers
 from tierfs.meta.cachedir import CacheDir
 from tierfs.meta.namespace import Namespace, NamespacePolicy
 from tierfs.meta.records import ROOT_INO, Inode, Kind
@@ -81,6 +84,8 @@ class Stack:
             max_age=math.inf,
             compression_level=None,
         )
+        self.memory = MemoryTier(64 << 20)
+        self.tiers = Tiers([self.memory, self.cache])
         self.inner = S3ObjectStore(
             bucket,
             endpoint_url=endpoint,
@@ -99,7 +104,7 @@ class Stack:
         self.hydrator = Hydrator(
             bucket=bucket,
             store=self.store,
-            cache=self.cache,
+            tiers=self.tiers,
             run_s3=self.run_s3,
             run_io=self.run_io,
             block_size=BLOCK,
@@ -114,7 +119,7 @@ class Stack:
             hydrator=self.hydrator,
             staging=Staging(home / "staging"),
             journal=self.journal,
-            cache=self.cache,
+            cache=self.tiers,
             run_s3=self.run_s3,
             run_io=self.run_io,
             delay=options.delay,

@@ -15,13 +15,13 @@ from typing import Any
 
 from mounting import Mount, Mounter, tierfs_ok, wait_until
 
-from tierfs.cache.chunkcache import ChunkKey
+from tierfs.cache.chunkkey import ChunkKey
 from tierfs.reader import protocol
 from tools.servers import MotoS3, s3_client
 
 _ATIME = """
 import sys, lmdb
-from tierfs.cache.chunkcache import _RECORD
+from tierfs.cache.index import _RECORD
 env = lmdb.open(sys.argv[1], readonly=True, max_dbs=32, lock=True)
 with env.begin() as txn:
     raw = txn.get(bytes.fromhex(sys.argv[2]), db=env.open_db(b"cache.chunks", txn=txn, create=False))

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from mounting import Mount, Mounter, MountFailed, run_tierfs, tierfs_ok, wait_until
 
-from tierfs.cache.chunkcache import ChunkKey
+from tierfs.cache.chunkkey import ChunkKey
 from tools.servers import SeaweedFS, child_env, free_port, s3_client
 
 MiB = 1 << 20

@@ -356,3 +356,25 @@ def test_flush_and_umount_take_a_positive_timeout(tmp_path: Path) -> None:
         assert done.returncode == 2
         assert done.stderr.startswith(f"tierfs: error: argument {args[2]}: ")
         assert len(done.stderr.splitlines()) == 1
+
+
+def test_shared_cache_options_long_and_in_fstab() -> None:
+    config = parse_mount_args(["s3://bkt", "/mnt"])
+    assert config.shared_cache is None and config.shared_cache_timeout == 0.5
+    long_form = parse_mount_args(
+        ["s3://bkt", "/mnt", "--shared-cache", "s3://tier/pre/fix", "--shared-cache-endpoint-url",
+         "http://10.0.0.5:8333", "--shared-cache-profile", "tier", "--shared-cache-timeout", "0.2"]
+    )  # fmt: skip
+    fstab = parse_mount_args(
+        ["s3://bkt", "/mnt", "-o", "shared_cache=s3://tier/pre/fix,shared_cache_endpoint_url=http://10.0.0.5:8333,"
+         "shared_cache_profile=tier,shared_cache_timeout=0.2"]
+    )  # fmt: skip
+    for c in (long_form, fstab):
+        assert c.shared_cache == Source("tier", "pre/fix/")
+        assert (c.shared_cache_endpoint_url, c.shared_cache_profile, c.shared_cache_timeout) == (
+            "http://10.0.0.5:8333", "tier", 0.2,
+        )  # fmt: skip
+    with pytest.raises(ConfigError, match="must not be the mounted bucket"):
+        parse_mount_args(["s3://bkt/data", "/mnt", "--shared-cache", "s3://bkt/data"])
+    with pytest.raises(ConfigError):
+        parse_mount_args(["s3://bkt", "/mnt", "--shared-cache", "tier-without-scheme"])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tierfs.cache import shared
 from tierfs.cli import parse_mount_args
 from tierfs.daemon import mount
 from tierfs.fuse import kerneltune
@@ -62,6 +63,7 @@ def test_design_doc_numbers() -> None:
     assert f"GETs of {objectstore.CRT_MAX_GET >> 20} MiB or less go to the CRT" in design
     assert f"raised to {kerneltune.DEFAULT_READ_AHEAD_KB // 1024} MiB" in design
     assert f"`max_background` to {kerneltune.DEFAULT_MAX_BACKGROUND}" in design
+    assert f"own pool of {shared.LOOKUP_THREADS} threads (`shared.LOOKUP_THREADS`)" in design
 
 
 def test_writeback_doc_numbers() -> None:
@@ -78,3 +80,15 @@ def test_writeback_doc_numbers() -> None:
 def test_tombstone_grace_outlives_a_listing() -> None:
     """docs/writeback.md relies on a tombstone outliving any one directory listing."""
     assert tombstones.GRACE >= 10 * 60
+
+
+def test_shared_cache_doc_numbers() -> None:
+    doc = " ".join(_text("docs/shared-cache.md").split())
+    config = parse_mount_args(["s3://bucket", "/mnt/data"])
+    assert f"`--shared-cache-timeout SECONDS` | `{config.shared_cache_timeout:g}`" in doc
+    assert f"skipped for {shared.BACKOFF:g} s (`shared.BACKOFF`)" in doc
+    assert f"at most {shared.QUEUE_BYTES >> 20} MiB (`shared.QUEUE_BYTES`)" in doc
+    assert f"emptied by {['no', 'one', 'two', 'three'][shared.WRITERS]} background threads" in doc
+    assert f"a {shared._ENTRY.size}-byte header (`struct \"{shared._ENTRY.format}\"`)" in doc
+    assert f"magic `{shared.ENTRY_MAGIC.decode()}`, version {shared.ENTRY_VERSION}" in doc
+    assert _readme_defaults()["shared-cache-timeout"] == f"{config.shared_cache_timeout:g}"

@@ -24,7 +24,7 @@ import botocore.exceptions
 import pytest
 from mounting import REPO_ROOT, Mounter, tierfs_ok, wait_until
 
-from tools.faultproxy import OBJECT_PATH, FaultProxy, Rule
+from tools.faultproxy import OBJECT_PATH, FaultProxy, Pacer, Rule
 from tools.servers import ACCESS_KEY, REGION, SECRET_KEY, MotoS3, SeaweedFS, child_env, s3_client
 
 if TYPE_CHECKING:
@@ -109,6 +109,31 @@ def test_delay_holds_the_request_then_forwards_it(
     assert get(client, name) == BODY
     assert time.monotonic() - started >= 0.55  # the injected pause is a floor, whatever the machine
     assert proxy.counts["delay"] == 1 and proxy.forwarded == 1
+
+
+def test_pacer_books_bytes_at_its_rate() -> None:
+    now = [100.0]
+    pacer = Pacer(1000.0, burst=0.5, clock=lambda: now[0])
+    assert pacer.reserve(500) == 0.0  # within the burst credit: no wait
+    assert pacer.reserve(1000) == 1.0  # the bucket is a second ahead of the clock
+    now[0] += 10  # idle: credit is capped at the burst, not ten seconds
+    assert pacer.reserve(1000) == 0.5
+    assert pacer.reserve(0) == 0.5
+
+
+def test_shaping_adds_latency_caps_bandwidth_and_counts_bodies(
+    moto: MotoS3, bucket: Callable[..., str]
+) -> None:
+    name = bucket(moto)
+    s3_client(moto.endpoint_url).put_object(Bucket=name, Key=KEY, Body=BODY)
+    with FaultProxy(moto.endpoint_url, latency=0.2, bandwidth=1e6) as proxy:
+        client = s3_client(proxy.endpoint_url, read_timeout=30.0, attempts=1)
+        started = time.monotonic()
+        assert get(client, name) == BODY
+        elapsed = time.monotonic() - started
+    # floors, whatever the machine: 0.2 s of latency, and 300 KiB at 1 MB/s less 0.05 s of burst
+    assert elapsed >= 0.2 + len(BODY) / 1e6 - 0.06
+    assert proxy.body_bytes == len(BODY) and proxy.by_method == {"GET": 1}
 
 
 def test_close_drops_the_connection_without_forwarding(

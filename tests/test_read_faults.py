@@ -39,7 +39,10 @@ import trio
 from mounting import Mount, Mounter
 from test_chunkcache import Harness
 
-from tierfs.cache.chunkcache import ChunkCache, ChunkKey
+from tierfs.cache.chunkcache import ChunkCache
+from tierfs.cache.chunkkey import ChunkKey
+from tierfs.cache.memory import MemoryTier
+from tierfs.cache.stack import Tiers
 from tierfs.errors import IntegrityError, Unavailable
 from tierfs.read.hydrator import FAILURE_MEMORY, Hydrator, ObjectVersion
 from tierfs.store.faultstore import FaultStore
@@ -154,10 +157,11 @@ class Rig:
         self.harness = Harness(tmp_path)
         self.cache = self.harness.open(block_size=MiB)
         self.limiter = trio.CapacityLimiter(slots)
+        self.memory = MemoryTier(64 << 20)
         self.hydrator = Hydrator(
             bucket=bucket,
             store=self.store,
-            cache=self.cache,
+            tiers=Tiers([self.memory, self.cache]),
             run_s3=self.run_s3,
             run_io=self.run_io,
             block_size=MiB,
@@ -244,7 +248,7 @@ async def test_a_short_body_is_never_cached_or_served(make_rig: Callable[..., Ri
         with pytest.raises(IntegrityError):
             await read_all(rig, obj)
         assert rig.cached(obj) == [None, None, None]
-        assert rig.hydrator.hot.size == 0
+        assert rig.memory.size == 0
         await trio.sleep(FAILURE_MEMORY + 0.1)
         assert await read_all(rig, obj) == body  # the store is honest again
     assert rig.cached(obj) == [body[:MiB], body[MiB : 2 * MiB], body[2 * MiB :]]

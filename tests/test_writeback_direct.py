@@ -428,7 +428,7 @@ async def test_bytes_written_during_an_upload_never_retire_under_its_etag(world:
         node = stack.node("f")
         assert node.etag == hashlib.md5(v2_bytes).hexdigest(), "the namespace kept an ETag of other bytes"
         assert await stack.read("f") == v2_bytes
-        stack.hydrator.hot.clear()  # from the disk cache or the bucket now, not from memory
+        stack.memory.clear()  # from the disk cache or the bucket now, not from memory
         assert await stack.read("f") == v2_bytes
 
 

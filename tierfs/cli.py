@@ -303,6 +303,24 @@ MOUNT_OPTIONS: tuple[MountOption, ...] = (
     ),
     MountOption("metrics_addr", "serve Prometheus metrics on HOST:PORT", _parse_addr, "HOST:PORT"),
     MountOption("s3_concurrency", "parallel S3 requests (default 16)", _parse_concurrency, "N"),
+    MountOption(
+        "shared_cache",
+        "a cache tier shared by nodes, in a bucket of an S3-compatible cluster (default off)",
+        Source.parse,
+        "s3://BUCKET[/PREFIX]",
+    ),
+    MountOption(
+        "shared_cache_endpoint_url", "endpoint of the shared tier (default: the origin's)", _parse_str, "URL"
+    ),
+    MountOption(
+        "shared_cache_profile", "AWS profile for the shared tier (default: the origin's)", _parse_str, "NAME"
+    ),
+    MountOption(
+        "shared_cache_timeout",
+        "a read waits this long for the shared tier before using the origin (default 0.5)",
+        _parse_duration,
+        "SECONDS",
+    ),
     MountOption("debug_fuse", "log every FUSE request (very verbose)", field="fuse_debug"),
 )
 _OPTIONS_BY_NAME = {opt.name: opt for opt in MOUNT_OPTIONS}

@@ -77,6 +77,11 @@ class MountConfig:
     s3_concurrency: int = 16
     fuse_debug: bool = False
     cache_group: int | None = None  # gid whose members may read the cache directly (docs/reader.md)
+    # The shared cache tier (docs/shared-cache.md): a bucket on an S3-compatible cluster near the nodes.
+    shared_cache: Source | None = None
+    shared_cache_endpoint_url: str | None = None  # None: the origin's endpoint
+    shared_cache_profile: str | None = None  # None: the origin's credentials
+    shared_cache_timeout: float = 0.5  # a read waits this long for the tier, then goes to the origin
 
     @property
     def resolved_cache_dir(self) -> Path:
@@ -101,3 +106,7 @@ class MountConfig:
             raise ConfigError("--cache-min-free must be a share between 0 and 1 (e.g. 0.1 or 10%)")
         if self.cache_compression is not None and not 1 <= self.cache_compression <= 22:
             raise ConfigError("zstd level must be within 1..22")
+        if self.shared_cache_timeout <= 0:
+            raise ConfigError("--shared-cache-timeout must be positive")
+        if self.shared_cache is not None and self.shared_cache == self.source:
+            raise ConfigError("--shared-cache must not be the mounted bucket and prefix itself")

@@ -23,6 +23,13 @@ Use from tests::
 or from the command line (prints the port, runs until SIGINT/SIGTERM, prints the counters)::
 
     python -m tools.faultproxy --upstream http://127.0.0.1:8333 --flip 0.1 --methods GET
+
+It also shapes traffic like a remote region: ``latency`` seconds added to every request and a
+``bandwidth`` cap (bytes/s) on the response bodies of all connections together, a token bucket
+(:class:`Pacer`). ``body_bytes`` and ``by_method`` count what reached the client, so a benchmark
+can tell how much a client took from the origin behind the proxy::
+
+    python -m tools.faultproxy --upstream http://127.0.0.1:8333 --latency 0.03 --bandwidth 100M
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import BinaryIO, Self
@@ -92,6 +99,30 @@ class Rule:
         if self.methods is not None and method not in self.methods:
             return False
         return self._pattern is None or self._pattern.search(target) is not None
+
+
+class Pacer:
+    """A token bucket shared by every connection: ``rate`` bytes/s, with at most ``burst`` seconds of
+    credit. ``reserve(n)`` books ``n`` bytes and returns how long the caller must wait before sending
+    them; the clock is injectable so the arithmetic is tested without sleeping."""
+
+    def __init__(
+        self, rate: float, *, burst: float = 0.05, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if rate <= 0:
+            raise ValueError("bandwidth must be positive")
+        self.rate = rate
+        self._burst = burst
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._free_at = clock() - burst  # when the booked bytes have drained; starts with full credit
+
+    def reserve(self, size: int) -> float:
+        with self._lock:
+            now = self._clock()
+            start = max(self._free_at, now - self._burst)
+            self._free_at = start + size / self.rate
+            return max(0.0, self._free_at - now)
 
 
 @dataclass(frozen=True)
@@ -320,7 +351,11 @@ class FaultProxy:
         seed: int = 0,
         host: str = "127.0.0.1",
         port: int = 0,
+        latency: float = 0.0,
+        bandwidth: float | None = None,
     ) -> None:
+        """``latency``: seconds added to every request; ``bandwidth``: bytes/s of response bodies, over
+        all connections together (None: no cap)."""
         url = urlsplit(upstream)
         if url.scheme != "http" or url.hostname is None:
             raise ValueError(f"upstream must be http://HOST:PORT, not {upstream!r}")
@@ -341,6 +376,10 @@ class FaultProxy:
         self.connections = 0  # client connections accepted (fewer than requests: keep-alive works)
         self.stalled = 0  # requests held by a stall right now
         self.injections: deque[Injection] = deque(maxlen=10_000)
+        self.latency = latency
+        self._pacer = Pacer(bandwidth) if bandwidth else None
+        self.body_bytes = 0  # response body bytes sent to clients
+        self.by_method: Counter[str] = Counter()  # requests forwarded, by method
 
     # -- life cycle ------------------------------------------------------------------------------------
 
@@ -411,6 +450,8 @@ class FaultProxy:
                 "forwarded": self.forwarded,
                 "connections": self.connections,
                 "faults": dict(self.counts),
+                "body_bytes": self.body_bytes,
+                "by_method": dict(self.by_method),
             }
 
     # -- per request -----------------------------------------------------------------------------------
@@ -486,6 +527,8 @@ class FaultProxy:
             body = _read_exact(rfile, int(request.header("content-length") or 0))
         rule = self._choose(method, target)
         mode = rule.mode if rule is not None else None
+        if self.latency > 0:
+            self._stopping.wait(self.latency)
 
         if rule is not None and mode == "error":
             status = rule.statuses[int(self._random() * len(rule.statuses)) % len(rule.statuses)]
@@ -507,6 +550,7 @@ class FaultProxy:
         response = upstream.exchange(raw_head + body, method)
         with self._lock:
             self.forwarded += 1
+            self.by_method[method] += 1
         payload = response.body
         if mode == "lose":
             self._note("lose", method, target, response.start)
@@ -530,8 +574,25 @@ class FaultProxy:
                 client.sendall(head_out[: len(head_out) // 2])
                 self._note("truncate", method, target, "inside the head")
             return False
-        client.sendall(head_out if bodyless else head_out + payload)
+        if bodyless:
+            client.sendall(head_out)
+        else:
+            self._send_paced(client, head_out, payload)
         return not close
+
+    def _send_paced(self, client: socket.socket, head: bytes, payload: bytes) -> None:
+        """Send a response, its body within the bandwidth cap (in 64 KiB slices) if there is one."""
+        with self._lock:
+            self.body_bytes += len(payload)
+        if self._pacer is None:
+            client.sendall(head + payload)
+            return
+        client.sendall(head)
+        view = memoryview(payload)
+        for at in range(0, len(view), 64 * 1024):
+            piece = view[at : at + 64 * 1024]
+            self._stopping.wait(self._pacer.reserve(len(piece)))
+            client.sendall(piece)
 
     def _stall(self, bound: float) -> None:
         """Hold the calling request until :meth:`release`, the proxy stops, or ``bound`` seconds."""
@@ -618,14 +679,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--path", help="only requests whose target matches this regular expression")
     parser.add_argument("--skip", type=int, default=0, help="let the first N matching requests through")
     parser.add_argument("--count", type=int, help="inject each fault at most N times")
+    parser.add_argument("--latency", type=float, default=0.0, metavar="S", help="added to every request")
+    parser.add_argument("--bandwidth", type=_rate, metavar="RATE", help="cap on response bytes/s, e.g. 100M")
     return parser
+
+
+def _rate(text: str) -> float:
+    """Bytes per second: a number with an optional K/M/G suffix (powers of 1000, as network rates)."""
+    units = {"K": 1e3, "M": 1e6, "G": 1e9}
+    scale = units.get(text[-1:].upper(), 1.0)
+    return float(text[:-1] if scale != 1.0 else text) * scale
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         rules = rules_from_args(ns)
-        proxy = FaultProxy(ns.upstream, rules, seed=ns.seed, host=ns.host, port=ns.port)
+        proxy = FaultProxy(
+            ns.upstream, rules, seed=ns.seed, host=ns.host, port=ns.port, latency=ns.latency,
+            bandwidth=ns.bandwidth,
+        )  # fmt: skip
     except ValueError as exc:
         print(f"faultproxy: error: {exc}", file=sys.stderr)
         return 2

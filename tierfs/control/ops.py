@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from ..cache.chunkcache import ChunkCache
+from ..cache.stack import Tiers
 from ..config import MountConfig
 from ..errors import NotFound, StoreError
 from ..meta.namespace import Namespace
@@ -44,7 +44,7 @@ class MountParts:
     cfg: MountConfig
     namespace: Namespace
     hydrator: Hydrator
-    cache: ChunkCache
+    tiers: Tiers
     status: Callable[[], dict[str, Any]]
     flush: Callable[..., Awaitable[dict[str, Any]]]  # (progress, *, timeout) -> result
     flush_deadline: Callable[[float], float]
@@ -207,13 +207,14 @@ class ControlOps:
 
         def drop(node: Inode) -> None:
             nonlocal freed
-            freed += self.parts.cache.drop_object(bucket, self._data_key(node))
+            freed += self.parts.tiers.drop_object(bucket, self._data_key(node))
             dropped.append(node)
 
         result = await self._each_file(args, drop)
-        # Drop the in-memory and kernel copies too (on the loop), so the next read really goes to S3.
+        # Every tier dropped its copy (memory included); the kernel's goes too, so the next read
+        # really goes down the tiers. The shared tier keeps its entries: they are content-addressed
+        # copies of the same version, and serve this node's next read as they serve every node's.
         for node in dropped:
-            self.parts.hydrator.discard(self.parts.version_of(node))
             self.parts.invalidate(node.ino)
         return {**result, "freed_bytes": freed}
 
@@ -222,11 +223,11 @@ class ControlOps:
 
     async def pin(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         bucket = self.parts.cfg.source.bucket
-        return await self._each_file(args, lambda node: self.parts.cache.pin(bucket, self._data_key(node)))
+        return await self._each_file(args, lambda node: self.parts.tiers.pin(bucket, self._data_key(node)))
 
     async def unpin(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         bucket = self.parts.cfg.source.bucket
-        return await self._each_file(args, lambda node: self.parts.cache.unpin(bucket, self._data_key(node)))
+        return await self._each_file(args, lambda node: self.parts.tiers.unpin(bucket, self._data_key(node)))
 
     async def refresh(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         ns = self.ns

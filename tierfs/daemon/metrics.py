@@ -94,6 +94,13 @@ _SCALARS: tuple[_Spec, ...] = (
     _Spec("uptime_seconds", "tierfs_uptime_seconds", "Seconds since the mount started", False),
     _Spec("direct_reads", "tierfs_direct_reads", "Reads served by direct readers from the cache dir", True),
     _Spec("direct_bytes", "tierfs_direct_bytes", "Bytes served by direct readers from the cache dir", True),
+    _Spec("shared_hits", "tierfs_shared_hits", "Blocks served from the shared cache tier", True),
+    _Spec("shared_misses", "tierfs_shared_misses", "Shared-tier lookups that found no valid entry", True),
+    _Spec("shared_bytes", "tierfs_shared_bytes", "Bytes served from the shared cache tier", True),
+    _Spec("shared_puts", "tierfs_shared_puts", "Blocks uploaded to the shared cache tier", True),
+    _Spec("shared_put_dropped", "tierfs_shared_put_dropped", "Shared-tier fills dropped (queue full)", True),
+    _Spec("shared_errors", "tierfs_shared_errors", "Shared-tier requests failed or entries invalid", True),
+    _Spec("shared_get_ms", "tierfs_shared_get_ms", "Mean latency of a shared-tier GET (ms)", False),
 )
 
 

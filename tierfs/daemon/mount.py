@@ -21,6 +21,9 @@ import pyfuse3
 import trio
 
 from ..cache.chunkcache import ChunkCache
+from ..cache.memory import MemoryTier
+from ..cache.shared import SharedTier
+from ..cache.stack import Tiers
 from ..config import MountConfig
 from ..control.ops import ControlOps, MountParts
 from ..control.protocol import ProgressCallback
@@ -37,11 +40,12 @@ from ..writeback import WriteBack
 from ..writeback.journal import Journal
 from ..writeback.staging import Staging
 from . import memory, metrics, sdnotify
-from .startup import preflight_store, setup_logging
+from .startup import preflight_store, setup_logging, shared_store
 
 log = logging.getLogger("tierfs")
 
 IO_THREADS = 8
+HOT_BYTES = 64 << 20  # the memory tier
 # An inode (data and attributes), ("attr", inode) for attributes only, or (parent inode, name).
 Invalidation = int | tuple[str, int] | tuple[int, str]
 MAINTENANCE_INTERVAL = 5.0
@@ -68,7 +72,7 @@ class Mount:
         owner = f"{cfg.endpoint_url or 'aws'}|{cfg.source}"
         self.cachedir = CacheDir(cache_root, owner)
         env = self.cachedir.env
-        self.cache = ChunkCache(
+        self.disk = ChunkCache(
             self.cachedir.index_env,
             cache_root,
             block_size=cfg.block_size,
@@ -77,6 +81,7 @@ class Mount:
             max_age=cfg.cache_max_age,
             compression_level=cfg.cache_compression,
         )
+        self.tiers = Tiers([MemoryTier(HOT_BYTES), self.disk, *self._shared_tier()])
         self.s3_limiter = trio.CapacityLimiter(cfg.s3_concurrency)
         self.io_limiter = trio.CapacityLimiter(IO_THREADS)
         policy = NamespacePolicy(
@@ -95,7 +100,7 @@ class Mount:
         self.hydrator = Hydrator(
             bucket=cfg.source.bucket,
             store=self.store,
-            cache=self.cache,
+            tiers=self.tiers,
             run_s3=self.run_s3,
             run_io=self.run_io,
             block_size=cfg.block_size,
@@ -113,7 +118,7 @@ class Mount:
                 hydrator=self.hydrator,
                 staging=Staging(cache_root / "staging"),
                 journal=Journal(env),
-                cache=self.cache,
+                cache=self.tiers,
                 run_s3=self.run_s3,
                 run_io=self.run_io,
                 delay=cfg.writeback_delay,
@@ -136,12 +141,21 @@ class Mount:
         )
         return self
 
+    def _shared_tier(self) -> list[SharedTier]:
+        store = shared_store(self.cfg)
+        if store is None or self.cfg.shared_cache is None:
+            return []
+        # The origin, named as in the cache dir's owner tag: nodes share entries when they name
+        # the origin alike (the same --endpoint-url), and two origins never collide.
+        origin = self.cfg.endpoint_url or "aws"
+        prefix = self.cfg.shared_cache.prefix
+        return [SharedTier(store, prefix=prefix, origin=origin, block_size=self.cfg.block_size)]
+
     def __exit__(self, *exc: object) -> None:
         if self.metrics is not None:
             self.metrics.close()
         try:
-            self.cache.flush_access_times()
-            self.cache.close()
+            self.tiers.close()
         finally:
             self.cachedir.close()
 
@@ -172,7 +186,7 @@ class Mount:
     def _on_object_changed(self, old: Inode, new: Inode | None) -> None:
         """Namespace hook (worker thread): drop stale chunks, then have the kernel drop its caches."""
         if not old.is_dir:
-            self.cache.drop_object(self.cfg.source.bucket, old.key, keep_etag=new.etag if new else None)
+            self.tiers.drop_object(self.cfg.source.bucket, old.key, keep_etag=new.etag if new else None)
         self.queue_invalidation(old.ino)
 
     def queue_invalidation(self, item: Invalidation) -> None:
@@ -313,17 +327,15 @@ class Mount:
                 bucket=self.cfg.source.bucket, source=str(self.cfg.source), block_size=self.cfg.block_size,
                 group=self.cfg.cache_group,
             )  # fmt: skip
-        self.direct_readers.maintain(self.cache, (self.cachedir.env, self.cachedir.index_env))
+        self.direct_readers.maintain(self.disk, (self.cachedir.env, self.cachedir.index_env))
 
     def _direct_status(self) -> dict[str, Any]:
         return self.direct_readers.status() if self.direct_readers else DirectReaders.empty_status()
 
     def _maintain_blocking(self) -> None:
         self._direct_readers()
-        self.cache.flush_access_times()
+        self.tiers.maintain()  # access times persisted, age-out, eviction
         self.cachedir.index_env.sync(True)  # bounds what an OS crash can tear; not needed for safety
-        self.cache.sweep_aged()
-        self.cache.enforce_limits()
         memory.trim()
 
     async def _start_control(self, nursery: trio.Nursery) -> None:
@@ -332,7 +344,7 @@ class Mount:
                 cfg=self.cfg,
                 namespace=self.namespace,
                 hydrator=self.hydrator,
-                cache=self.cache,
+                tiers=self.tiers,
                 status=self.status,
                 flush=self.flush,
                 flush_deadline=self.flush_deadline,
@@ -356,7 +368,6 @@ class Mount:
     # -- status -----------------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        cache = self.cache.stats()
         hyd = self.hydrator.stats
         requests = dict(self.store.requests)
         lookups = hyd.cache_hits + hyd.cache_misses
@@ -368,15 +379,7 @@ class Mount:
             "uptime_seconds": round(time.time() - self.started, 1),
             "read_only": self.cfg.read_only,
             "metadata_ttl": None if math.isinf(self.cfg.metadata_ttl) else self.cfg.metadata_ttl,
-            "cache_bytes": cache.logical_bytes,
-            "cache_bytes_on_disk": cache.disk_bytes,
-            "cache_limit_bytes": cache.limit_bytes,
-            "cache_free_disk_bytes": cache.free_disk_bytes,
-            "chunks_cached": cache.chunks,
-            "pinned_bytes": cache.pinned_bytes,
-            "evictions": cache.evictions,
-            "cache_corrupt": cache.corrupt,
-            "compression_ratio": round(cache.compression_ratio, 3),
+            **self.tiers.status(),
             "cache_hits": hyd.cache_hits,
             "cache_misses": hyd.cache_misses,
             "cache_store_failed": hyd.cache_store_failed,

@@ -49,6 +49,41 @@ def preflight_store(cfg: MountConfig) -> Any:
     )
 
 
+def shared_store(cfg: MountConfig) -> S3ObjectStore | None:
+    """The client of the shared cache tier's bucket, or None without ``--shared-cache``.
+
+    Every call is bounded by ``--shared-cache-timeout`` with no retries: the tier answers fast or is
+    a miss. A bucket that does not exist or refuses our credentials is a configuration error, found
+    here; a tier that does not answer now is not (it may come up later; until then reads use the
+    origin), so that only logs a warning.
+    """
+    shared = cfg.shared_cache
+    if shared is None:
+        return None
+    endpoint = cfg.shared_cache_endpoint_url or cfg.endpoint_url
+    store = S3ObjectStore(
+        shared.bucket,
+        endpoint_url=endpoint,
+        region=cfg.region,
+        profile=cfg.shared_cache_profile or cfg.profile,
+        timeout=cfg.shared_cache_timeout,
+        retries=0,
+        max_pool=32,
+        observe=lambda op, seconds: S3_LATENCY.labels(f"shared_{op}").observe(seconds),
+    )
+    where = endpoint or "the default S3 endpoint"
+    try:
+        store.check_bucket()
+    except NotFound:
+        raise ConfigError(f"shared cache bucket {shared.bucket!r} does not exist at {where}") from None
+    except AccessDenied as exc:
+        raise ConfigError(f"access to shared cache bucket {shared.bucket!r} denied: {exc}") from None
+    except Unavailable as exc:
+        log = logging.getLogger("tierfs")
+        log.warning("shared cache tier at %s not answering (%s): reads use the origin", where, exc)
+    return store
+
+
 def setup_logging(cfg: MountConfig, daemonized: bool) -> None:
     level = getattr(logging, cfg.log_level.upper(), logging.INFO)
     handlers: list[logging.Handler] = []

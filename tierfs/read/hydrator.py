@@ -1,7 +1,9 @@
 """The hydrator: turns (object version, offset, length) into bytes.
 
-Lookup order for every block: a small in-memory LRU of recent blocks (on the loop),
-then the persistent chunk cache (a worker thread), then S3. Misses are fetched as
+Lookup order for every block is the cache tiers' (``tierfs.cache.stack.Tiers``): memory (on
+the loop), then the local disk tier (a worker thread), then, inside the fetch of a missing run,
+the shared tier (``tierfs.cache.shared``, with its own short timeout), then the origin. Misses
+are fetched as
 *runs* of consecutive blocks in one ranged GET, so the request size is decoupled from
 the 1 MiB cache granularity: a cold 110 KiB sample is one GET, a sequential reader's
 GETs grow to ``max_run_blocks`` MiB.
@@ -21,7 +23,8 @@ Invariants:
   length is never cached or served; the run is fetched once more, then the read fails.
 - The cache is an optimisation, never a reason to fail a read: when storing a fetched
   block fails (ENOSPC, an LMDB map or disk error) the bytes are served uncached and
-  ``cache_store_failed`` counts it.
+  ``cache_store_failed`` counts it. A shared tier that is down, slow or full is a miss.
+- Hits are counted once, here (``HydratorStats``); the shared tier counts its own.
 - Sequential readers are detected per inode; the read-ahead window starts at one
   aligned segment (``max_run`` blocks) and doubles per hit up to ``max_window_blocks``;
   it is fetched in whole segments by background tasks, bounded by the S3 limiter.
@@ -37,35 +40,18 @@ import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
-from ..cache.chunkcache import ChunkKey
+from ..cache.chunkkey import ChunkKey
+from ..cache.stack import Tiers
 from ..errors import IntegrityError, StoreError, Unavailable
 from ..store.objectstore import GetResult, ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 
 RunBlocking = Callable[..., Awaitable[Any]]
-
-
-class BlockCache(Protocol):
-    """What the hydrator needs of the persistent chunk cache (tierfs.cache.chunkcache.ChunkCache)."""
-
-    def get(self, ck: ChunkKey) -> bytes | None: ...
-
-    def get_range(self, ck: ChunkKey, start: int, length: int) -> bytes | None: ...
-
-    def put(self, ck: ChunkKey, data: bytes) -> None: ...
-
-    def put_many(self, items: list[tuple[ChunkKey, bytes]]) -> None:
-        """Store blocks; raises OSError (ENOSPC, EIO) when they cannot be stored."""
-        ...
-
-    def contains(self, ck: ChunkKey) -> bool: ...
-
-    def touch(self, cks: list[ChunkKey]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -120,6 +106,8 @@ class _Fetched:
 
     blocks: dict[int, bytes]
     store_error: str | None
+    origin_gets: int = 0  # ranged GETs sent to the origin (none when the shared tier had the run)
+    origin_bytes: int = 0
 
 
 def _again(error: StoreError) -> StoreError:
@@ -148,47 +136,6 @@ def contiguous_runs(indices: list[int], max_run: int) -> list[list[int]]:
     return runs
 
 
-class HotBlocks:
-    """Bounded LRU of recently used blocks in memory, keyed by chunk digest.
-
-    It serves the many kernel reads that fall into one 1 MiB block (128 KiB requests
-    without raised readahead) without a thread hop or disk read per request.
-    """
-
-    def __init__(self, limit_bytes: int) -> None:
-        self.limit = limit_bytes
-        self.size = 0
-        self._blocks: OrderedDict[bytes, bytes] = OrderedDict()
-
-    def __contains__(self, digest: bytes) -> bool:
-        return digest in self._blocks
-
-    def get(self, digest: bytes) -> bytes | None:
-        data = self._blocks.get(digest)
-        if data is not None:
-            self._blocks.move_to_end(digest)
-        return data
-
-    def put(self, digest: bytes, data: bytes) -> None:
-        old = self._blocks.pop(digest, None)
-        if old is not None:
-            self.size -= len(old)
-        self._blocks[digest] = data
-        self.size += len(data)
-        while self.size > self.limit and self._blocks:
-            _, evicted = self._blocks.popitem(last=False)
-            self.size -= len(evicted)
-
-    def discard(self, digest: bytes) -> None:
-        old = self._blocks.pop(digest, None)
-        if old is not None:
-            self.size -= len(old)
-
-    def clear(self) -> None:
-        self._blocks.clear()
-        self.size = 0
-
-
 # Objects up to this size are read from the disk cache on the trio thread (see _from_disk):
 # small file I/O, like the LMDB reads the loop already does, not the big I/O kept off it.
 LOOP_READ_MAX = 256 * 1024
@@ -210,13 +157,12 @@ class Hydrator:
         *,
         bucket: str,
         store: ObjectStore,
-        cache: BlockCache,
+        tiers: Tiers,
         run_s3: RunBlocking,
         run_io: RunBlocking,
         block_size: int,
         spawn: Callable[[Callable[[], Awaitable[None]]], None],
         learn_metadata: MetadataSink | None = None,
-        hot_bytes: int = 64 << 20,
         max_run_blocks: int = 8,
         max_window_blocks: int = 32,
         max_parallel_runs: int = 16,
@@ -227,13 +173,12 @@ class Hydrator:
         own ``timeout`` attribute (S3ObjectStore has one), else no bound of our own."""
         self.bucket = bucket
         self.store = store
-        self.cache = cache
+        self.tiers = tiers
         self._run_s3 = run_s3
         self._run_io = run_io
         self.block_size = block_size
         self._spawn = spawn
         self._learn = learn_metadata
-        self.hot = HotBlocks(hot_bytes)
         self.max_run = max_run_blocks
         self.max_window = max_window_blocks
         self.max_parallel_runs = max_parallel_runs
@@ -282,7 +227,7 @@ class Hydrator:
         out: dict[int, bytes] = {}
         missing: list[int] = []
         for i in indices:
-            data = self.hot.get(self.chunk_key(obj, i).digest())
+            data = self.tiers.from_memory(self.chunk_key(obj, i))
             if data is not None:
                 out[i] = data
             else:
@@ -290,7 +235,7 @@ class Hydrator:
         if out:
             self.stats.cache_hits += len(out)
             self.stats.bytes_from_cache += sum(len(b) for b in out.values())
-            self.cache.touch([self.chunk_key(obj, i) for i in out])
+            self.tiers.touch_local([self.chunk_key(obj, i) for i in out])
         for _ in range(MAX_ROUNDS):
             missing = await self._from_disk(obj, missing, out)
             if not missing:
@@ -301,7 +246,9 @@ class Hydrator:
         raise Unavailable(f"GET {obj.key}: blocks {missing[:4]} still missing after {MAX_ROUNDS} fetches")
 
     async def hydrate(self, obj: ObjectVersion, on_bytes: Callable[[int], None] | None = None) -> None:
-        """Make every block of ``obj`` resident in the chunk cache (``tierfs prefetch``).
+        """Make every block of ``obj`` resident in the local tiers (``tierfs prefetch``), taking it
+        from the shared tier where that has it, and filling the shared tier with what came from the
+        origin, so a prefetch on one node warms every node.
 
         Raises OSError(ENOSPC) if the cache could not keep the blocks: a prefetch that left
         nothing resident must not report success."""
@@ -319,20 +266,15 @@ class Hydrator:
     def forget(self, ino: int) -> None:
         self._seq.pop(ino, None)
 
-    def discard(self, obj: ObjectVersion) -> None:
-        """Drop the in-memory blocks of one object version (after ``tierfs evict``)."""
-        for i in range(self.block_count(obj)):
-            self.hot.discard(self.chunk_key(obj, i).digest())
-
     # -- internals ------------------------------------------------------------------------------------
 
     def _not_indexed(self, obj: ObjectVersion, indices: range | list[int]) -> list[int]:
-        """The blocks the chunk cache's index does not hold.
+        """The blocks no local tier holds.
 
         An index lookup is a few microseconds of LMDB read, so it runs here on the loop;
         a thread hop is paid only where there is a block file to read.
         """
-        return [i for i in indices if not self.cache.contains(self.chunk_key(obj, i))]
+        return [i for i in indices if not self.tiers.held_locally(self.chunk_key(obj, i))]
 
     async def _part_from_disk(self, obj: ObjectVersion, index: int, offset: int, end: int) -> bytes | None:
         """A random read of part of a block that only the disk cache holds: read and check just
@@ -342,9 +284,11 @@ class Hydrator:
         if end - offset >= min(self.block_size, obj.size - base):
             return None  # the whole block is wanted anyway
         ck = self.chunk_key(obj, index)
-        if ck.digest() in self.hot or not self.cache.contains(ck):
+        if self.tiers.in_memory(ck) or not self.tiers.held_locally(ck):
             return None
-        data: bytes | None = await self._run_io(lambda: self.cache.get_range(ck, offset - base, end - offset))
+        data: bytes | None = await self._run_io(
+            lambda: self.tiers.get_local_range(ck, offset - base, end - offset)
+        )
         if data is None or len(data) != end - offset:
             return None
         self.stats.cache_hits += 1
@@ -362,16 +306,16 @@ class Hydrator:
             # A small object's one block is read right here: a thread hop costs more CPU than the
             # read (four context switches; measured +45% warm small files/s on 2 vCPUs). Bigger
             # reads keep to the I/O threads, where concurrent readers overlap their disk waits.
-            found: list[bytes | None] = [self.cache.get(ck) for ck in keys]
+            found: list[bytes | None] = [self.tiers.get_local(ck) for ck in keys]
         else:
-            found = await self._run_io(lambda: [self.cache.get(ck) for ck in keys])
+            found = await self._run_io(lambda: [self.tiers.get_local(ck) for ck in keys])
         still: list[int] = list(absent)
         for i, ck, data in zip(indexed, keys, found, strict=True):
             if data is None:
                 still.append(i)
                 continue
             out[i] = data
-            self.hot.put(ck.digest(), data)
+            self.tiers.remember([(ck, data)])
             self.stats.cache_hits += 1
             self.stats.bytes_from_cache += len(data)
         return sorted(still)
@@ -451,8 +395,7 @@ class Hydrator:
                 if j in wanted:
                     continue
                 ck = self.chunk_key(obj, j)
-                digest = ck.digest()
-                if digest in self._inflight or self.hot.get(digest) is not None or self.cache.contains(ck):
+                if ck.digest() in self._inflight or self.tiers.in_memory(ck) or self.tiers.held_locally(ck):
                     continue
                 wanted.add(j)
         return sorted(wanted)
@@ -499,13 +442,12 @@ class Hydrator:
             self._inflight[digest] = flight
         try:
             fetched = await self._fetch_run_checked(obj, run, flight.deadline)
-            self.stats.s3_get_requests += 1
+            self.stats.s3_get_requests += fetched.origin_gets
             self.stats.cache_misses += len(run)
-            self.stats.bytes_from_s3 += sum(len(b) for b in fetched.blocks.values())
+            self.stats.bytes_from_s3 += fetched.origin_bytes
             if fetched.store_error is not None:
                 self._note_store_failure(obj, len(fetched.blocks), fetched.store_error)
-            for i, block in fetched.blocks.items():
-                self.hot.put(self.chunk_key(obj, i).digest(), block)
+            self.tiers.remember([(self.chunk_key(obj, i), block) for i, block in fetched.blocks.items()])
             flight.blocks = fetched.blocks
             return fetched.blocks
         except StoreError as exc:
@@ -557,13 +499,42 @@ class Hydrator:
         self.stats.cache_store_failed += blocks
 
     def _fetch_run_blocking(self, obj: ObjectVersion, run: list[int]) -> _Fetched:
-        """One ranged GET for a run of blocks, then one cache write for the run.
+        """A run of blocks from the shared tier where it has them, the rest from the origin (one
+        ranged GET per contiguous gap), then one local cache write for the run.
 
-        Runs in a worker thread, so it touches neither ``self.hot`` nor ``self.stats``.
+        Runs in a worker thread, so it touches neither memory nor ``self.stats``. A shared tier
+        is asked only for a version with an ETag (its keys are content-addressed by it), and its
+        answer is checked by the tier (digest and identity) and here (length). The blocks that
+        came from the origin are queued for the shared tier. A cache that cannot store the blocks
+        (a full disk) does not fail the read.
+        """
+        out: dict[int, bytes] = {}
+        if self.tiers.shared and obj.etag:
+            found = self.tiers.get_shared([self.chunk_key(obj, i) for i in run])
+            for i, data in zip(run, found, strict=True):
+                if data is not None and len(data) == self._block_length(obj, i):
+                    out[i] = data
+        from_origin: dict[int, bytes] = {}
+        gaps = contiguous_runs([i for i in run if i not in out], len(run))
+        for gap in gaps:
+            from_origin.update(self._get_run(obj, gap))
+        out.update(from_origin)
+        keys = {i: self.chunk_key(obj, i) for i in run}
+        error = self.tiers.store_fetched(
+            [(keys[i], out[i]) for i in run],
+            fill_shared=[(keys[i], from_origin[i]) for i in run if i in from_origin] if obj.etag else (),
+        )
+        return _Fetched(out, error, len(gaps), sum(len(b) for b in from_origin.values()))
+
+    def _block_length(self, obj: ObjectVersion, index: int) -> int:
+        return min(self.block_size, obj.size - index * self.block_size)
+
+    def _get_run(self, obj: ObjectVersion, run: list[int]) -> dict[int, bytes]:
+        """One ranged GET from the origin for a contiguous run of blocks.
+
         The body is checked before anything is stored: the store verifies checksums
         (IntegrityError), and a body of another length than asked (the object's end
         included) is refused the same way, so a truncated body is never cached or served.
-        A cache that cannot store the blocks (a full disk) does not fail the read.
         """
         start = run[0] * self.block_size
         length = min(obj.size, (run[-1] + 1) * self.block_size) - start
@@ -577,17 +548,8 @@ class Hydrator:
             raise IntegrityError(f"GET {obj.key}: wanted {length} bytes at {start}, got {len(data)}")
         if self._learn is not None:
             self._learn(obj.ino, result.info)
-        out: dict[int, bytes] = {}
         view = memoryview(data)
-        for n, i in enumerate(run):
-            out[i] = bytes(view[n * self.block_size : (n + 1) * self.block_size])
-        # One index transaction per run; the run's own blocks are protected from the
-        # eviction that storing them may trigger.
-        try:
-            self.cache.put_many([(self.chunk_key(obj, i), block) for i, block in out.items()])
-        except OSError as exc:
-            return _Fetched(out, str(exc))
-        return _Fetched(out, None)
+        return {i: bytes(view[n * self.block_size : (n + 1) * self.block_size]) for n, i in enumerate(run)}
 
     def _note_access(self, obj: ObjectVersion, offset: int, end: int, last_block: int) -> bool:
         """Detect a sequential reader and keep a growing read-ahead window in flight.

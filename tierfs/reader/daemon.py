@@ -15,7 +15,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from ..cache.chunkcache import FORMAT_VERSION, ChunkCache
+from ..cache.blockfile import FORMAT_VERSION
+from ..cache.chunkcache import ChunkCache
 from ..fuse.kerneltune import find_mount
 from . import protocol
 

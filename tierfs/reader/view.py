@@ -36,15 +36,9 @@ from typing import Any
 
 import lmdb
 
-from ..cache.chunkcache import (
-    _META_BLOCK_SIZE,
-    _META_FORMAT,
-    _RECORD,
-    FORMAT_VERSION,
-    BlockReader,
-    ChunkKey,
-    _Invalid,
-)
+from ..cache.blockfile import FORMAT_VERSION, BlockReader, Invalid
+from ..cache.chunkkey import ChunkKey
+from ..cache.index import _META_BLOCK_SIZE, _META_FORMAT, _RECORD
 from ..meta.cachedir import MAP_SIZE, SCHEMA_VERSION
 from ..meta.records import Flag, Inode, Kind, ino_key
 from . import protocol
@@ -292,7 +286,7 @@ class CacheView:
         path = self.chunk_path(digest)
         try:
             data, ident = self._blocks.read_ident(path, ck, start, length)
-        except _Invalid as bad:
+        except Invalid as bad:
             reason = "evicted" if bad.ident is None and self._indexed(digest) is None else "corrupt"
             raise Fallback(reason, str(bad)) from None
         after = self._indexed(digest)

@@ -19,13 +19,13 @@ Methods are called on the trio loop; file I/O goes through ``run_io`` (worker th
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
 
-from ..cache.chunkcache import ChunkKey
+from ..cache.chunkkey import ChunkKey
 from ..read.hydrator import Hydrator, ObjectVersion
 from .staging import Staging
 
@@ -35,10 +35,11 @@ HYDRATE_BATCH_BLOCKS = 16  # blocks fetched into a staging file per step (bounde
 
 
 class BlockSink(Protocol):
-    """Where retired staging bytes go: the chunk cache (blocking; worker threads only)."""
+    """Where retired staging bytes go: the cache tiers (``cache.stack.Tiers.put_many``; blocking,
+    worker threads only). Never a tier directly: every tier below memory gets them."""
 
     def put_many(
-        self, items: Iterable[tuple[ChunkKey, bytes]], *, protect: Iterable[ChunkKey] = ()
+        self, items: Sequence[tuple[ChunkKey, bytes]], *, protect: Iterable[ChunkKey] = ()
     ) -> None: ...
 
 
