@@ -228,13 +228,13 @@ def test_import_interval_applies_changes_before_anyone_looks(
 class Harness:
     """A real Namespace over LMDB and moto's S3, with the importer's view of it."""
 
-    def __init__(self, moto: MotoS3, tmp_path: Path, name: str) -> None:
+    def __init__(self, moto: MotoS3, tmp_path: Path, name: str, ttl: float = 300.0) -> None:
         self.s3 = s3_client(moto.endpoint_url)
         self.s3.create_bucket(Bucket=name)
         self.env = lmdb.open(str(tmp_path / "meta"), max_dbs=8, map_size=1 << 26)
         self.store = S3ObjectStore(name, endpoint_url=moto.endpoint_url, timeout=2.0, retries=0)
         policy = NamespacePolicy(
-            bucket=name, root_prefix="", ttl=300.0, uid=0, gid=0, file_mode=0o644, dir_mode=0o755
+            bucket=name, root_prefix="", ttl=ttl, uid=0, gid=0, file_mode=0o644, dir_mode=0o755
         )
         self.ns = Namespace(self.env, self.store, policy, self.run)
         self.changes: list[tuple[str, str | None]] = []
@@ -268,6 +268,26 @@ def harness(moto: MotoS3, tmp_path: Path, request: pytest.FixtureRequest, s3_env
     h = Harness(moto, tmp_path, name)
     try:
         yield h
+    finally:
+        h.env.close()
+
+
+async def test_a_zero_metadata_ttl_lists_once_per_lookup_and_returns(
+    moto: MotoS3, tmp_path: Path, s3_env: None
+) -> None:
+    """``--metadata-ttl 0`` means "list on every lookup". A listing's record was never fresh
+    under that TTL, so ensure_listed relisted forever and a read of a file below a directory
+    hung with the daemon spinning (found while testing the shared tier). A listing that ended
+    after the request is as fresh as the caller can get, whatever the TTL."""
+    h = Harness(moto, tmp_path, f"ttl-zero-{os.getpid()}", ttl=0.0)
+    try:
+        h.put("dir/file.bin", b"payload")
+        with trio.fail_after(20):
+            node = await h.path("dir/file.bin")
+            first = h.lists
+            again = await h.path("dir/file.bin")
+        assert node.ino == again.ino and node.size == len(b"payload")
+        assert h.lists - first == 2  # root and dir/, once each, for the second lookup
     finally:
         h.env.close()
 

@@ -265,12 +265,18 @@ class Namespace:
         the subdirectories it found (one level only), so a tree walk finds them ready:
         ``os.walk`` of a cold tree then waits for about one LIST per level, not per directory.
         """
+        listed_since: float | None = None  # the record's ``checked`` before a listing we made or awaited
         while True:
             inode = self.get(ino)
             if inode is None:
                 raise NotFound(f"inode {ino}")
             if not inode.is_dir or (self.is_fresh(inode) and not force):
                 return inode
+            if listed_since is not None and inode.checked > listed_since:
+                # A listing ended since the request: as fresh as it gets. Under a TTL of 0 the
+                # record is never "fresh", and asking again would relist forever.
+                return inode
+            listed_since = inode.checked
             pending = self._listing.get(ino)
             if pending is not None:
                 await pending.wait()
@@ -283,7 +289,7 @@ class Namespace:
                 del self._listing[ino]
                 done.set()
             force = False
-            if ahead:
+            if ahead and self.policy.ttl > 0:  # under TTL 0 a listing ahead is stale before it is used
                 self._list_ahead(ino)
 
     def _list_ahead(self, ino: int) -> None:
