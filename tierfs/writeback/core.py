@@ -117,6 +117,9 @@ class WriteBack:
         self._dir_renames = 0
         self._deferred_quiesce: set[int] = set()
         self._copies: dict[int, list[Op]] = {}  # ino -> its pending rename copies, in journal order
+        # ino -> its journaled ops, in journal order: the per-file questions asked on every write and
+        # every finished op ("is a put waiting?", "anything pending?") must not scan the whole journal.
+        self._by_ino: dict[int, list[Op]] = {}
         for op in self.ops:
             self._track(op)
         if self.ops:
@@ -162,6 +165,8 @@ class WriteBack:
 
     def _track(self, op: Op) -> None:
         """Index a journaled op: deletes tombstone their key, copies record where the data still is."""
+        if op.ino:
+            self._by_ino.setdefault(op.ino, []).append(op)
         if op.kind == "delete":
             self.ns.tombstones.add(op.key)
         elif op.kind == "copy" and op.ino:
@@ -170,6 +175,12 @@ class WriteBack:
     def _untrack(self, op: Op, *, done: bool) -> None:
         self._retry_at.pop(op.seq, None)
         self._failures.pop(op.seq, None)
+        if op.ino:
+            left = [o for o in self._by_ino.get(op.ino, ()) if o.seq != op.seq]
+            if left:
+                self._by_ino[op.ino] = left
+            else:
+                self._by_ino.pop(op.ino, None)
         if op.kind == "delete":
             self.ns.tombstones.remove(op.key, done=done)
         elif op.kind == "copy" and op.ino:
@@ -205,12 +216,12 @@ class WriteBack:
         return [op for op in self.ops if op.kind == "put" and op.seq not in self._running and inos(op.ino)]
 
     def _has_waiting_put(self, ino: int) -> bool:
-        return any(op.kind == "put" and op.ino == ino and op.seq not in self._running for op in self.ops)
+        return any(op.kind == "put" and op.seq not in self._running for op in self._by_ino.get(ino, ()))
 
     def _put_journaled(self, ino: int, *, besides: int = 0) -> bool:
         """A put of ``ino`` is waiting, running or being journaled: its staging file is still needed."""
         return ino in self._held or any(
-            op.kind == "put" and op.ino == ino and op.seq != besides for op in self.ops
+            op.kind == "put" and op.seq != besides for op in self._by_ino.get(ino, ())
         )
 
     @contextlib.contextmanager
@@ -336,7 +347,7 @@ class WriteBack:
             if not state.writers:  # unlinked while open: the staging file has no one left
                 await self.files.discard(ino)
             return
-        if not any(op.ino == ino for op in self.ops):
+        if ino not in self._by_ino:
             if not state.writers and node.etag:
                 # Opened for writing but never written: the staging file equals the object.
                 await self.files.retire(ino, node.key, node.etag, lambda: self._still_needed(ino))
@@ -474,7 +485,7 @@ class WriteBack:
     async def fsync(self, ino: int) -> None:
         """Upload ``ino`` now and return once the bucket has it (or raise after a failure)."""
         def mine() -> list[Op]:
-            return [op for op in self.ops if op.ino == ino and op.kind in NODE_OPS]
+            return [op for op in self._by_ino.get(ino, ()) if op.kind in NODE_OPS]
 
         if not mine():
             return
@@ -580,12 +591,18 @@ class WriteBack:
                 log.info("write-back: aborted multipart upload %s of %s left by a crash", upload_id, key)
             except StoreError as exc:
                 log.warning("write-back: could not abort multipart upload %s of %s: %s", upload_id, key, exc)
-        for ino in sorted(self.files.staged):
+        async def resize(ino: int) -> None:
             size = await self._run_io(self.staging.size, ino)
             self.files.state(ino).size = size
             node = await self._run_io(self.ns.update, ino, size=size)
-            if node is None or not any(op.ino == ino for op in self.ops):
+            if node is None or ino not in self._by_ino:
                 await self.files.discard(ino)  # unlinked, or uploaded just before the crash
+
+        # Concurrently, so the record updates share group commits: the mount serves nothing
+        # (not even `tierfs flush`) before this is done.
+        async with trio.open_nursery() as nursery:
+            for ino in sorted(self.files.staged):
+                nursery.start_soon(resize, ino)
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         await self.recover()
@@ -619,14 +636,15 @@ class WriteBack:
         return state.writers == 0 and now - state.last_close >= self.delay
 
     def _next_deadline(self) -> float:
-        deadline = math.inf
-        for op in self.ops:
-            if op.seq in self._running:
-                continue
-            retry = self._retry_at.get(op.seq)
-            if retry is not None:
-                deadline = min(deadline, retry)
-            state = self.files.states.get(op.ino) if op.kind == "put" else None
+        """When the executor must look again by itself: the next retry, or the next put whose
+        write-back delay runs out (none while flushing: every put is ready then)."""
+        retries = (at for seq, at in self._retry_at.items() if seq not in self._running)
+        deadline = min(retries, default=math.inf)
+        if self._flushing:
+            return deadline
+        inos = {op.ino for op in self.ops if op.kind == "put" and op.seq not in self._running}
+        for ino in inos:
+            state = self.files.states.get(ino)
             if state is not None and state.writers == 0:
                 deadline = min(deadline, state.last_close + self.delay)
         return deadline
@@ -756,7 +774,7 @@ class WriteBack:
     def _pending_for(self, ino: int, *, besides: int = 0) -> bool:
         """Anything of ``ino`` still to do: a writer, a put on its way, or any journaled op."""
         return self._still_needed(ino, besides=besides) or any(
-            o.ino == ino and o.seq != besides for o in self.ops
+            o.seq != besides for o in self._by_ino.get(ino, ())
         )
 
     def _pending_at_name(self, ino: int, key: str) -> bool:
@@ -764,7 +782,7 @@ class WriteBack:
         names it had before (a copy or an upload in flight when it was renamed again) do not count:
         their results never describe the node (see _settle), and a delete of that name follows."""
         return self._still_needed(ino) or any(
-            o.ino == ino and (o.kind == "put" or target_key(o, self._node_key) == key) for o in self.ops
+            o.kind == "put" or target_key(o, self._node_key) == key for o in self._by_ino.get(ino, ())
         )
 
     async def _quiesce(self, ino: int) -> None:
