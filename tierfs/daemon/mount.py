@@ -119,6 +119,7 @@ class Mount:
                 run_s3=self.run_s3,
                 run_io=self.run_io,
                 delay=cfg.writeback_delay,
+                upload_concurrency=cfg.upload_concurrency,
             )
         self.metrics: Any = None
         if cfg.metrics_addr:

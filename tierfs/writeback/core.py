@@ -37,7 +37,8 @@ from .files import BlockSink, StagedFiles
 from .journal import Journal, Op
 from .schedule import NODE_OPS, startable, target_key
 from .staging import Staging
-from .upload import Outcome, Uploader
+from .stream import Stream, Streams
+from .upload import Outcome, Uploader, headers_of
 
 log = logging.getLogger("tierfs.writeback")
 
@@ -78,6 +79,7 @@ class WriteBack:
         run_io: RunBlocking,
         delay: float,
         concurrency: int = 16,
+        upload_concurrency: int = 8,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ns = namespace
@@ -88,6 +90,15 @@ class WriteBack:
             bucket=bucket, staging=staging, hydrator=hydrator, cache=cache, run_io=run_io
         )
         self.uploader = Uploader(store, staging.path, record_upload=journal.record_upload)
+        self.streams = Streams(
+            store=store,
+            journal=journal,
+            staging_path=staging.path,
+            run_s3=run_s3,
+            run_io=run_io,
+            limit=upload_concurrency,
+            on_ended=lambda: self._signal(),
+        )
         self._run_s3 = run_s3
         self._run_io = run_io
         self.delay = delay
@@ -267,6 +278,10 @@ class WriteBack:
         except BaseException:
             state.writers -= 1
             raise
+        if truncate and state.writers == 1:
+            self.streams.begin(node.ino)  # empty, one writer: streamed if it is written sequentially
+        else:
+            self.streams.end(node.ino, "another writer" if truncate else "opened without O_TRUNC")
 
     async def _truncate_staged(self, node: Inode, size: int) -> None:
         """Under the file's lock: journal the change, then make the staging file ``size`` long."""
@@ -293,6 +308,8 @@ class WriteBack:
             self.files.state(node.ino).writers += 1
         await self.files.create(node.ino, content)
         await self._append(self._put(node))
+        if open_writer:
+            self.streams.begin(node.ino)
 
     async def write(self, ino: int, offset: int, data: bytes) -> int:
         node = self.ns.get(ino)
@@ -302,7 +319,21 @@ class WriteBack:
             await self._mark_dirty(node)
             written = await self.files.write(ino, offset, data)
         await self._ensure_waiting_put(ino)
+        await self._streamed(ino, offset, written)
         return written
+
+    async def _streamed(self, ino: int, offset: int, length: int) -> None:
+        """Tell the stream of ``ino`` (if it is one) about a write; it may hold the writer back."""
+        waiting = [op for op in self._by_ino.get(ino, ()) if op.kind == "put" and op.seq not in self._running]
+        node = self.ns.get(ino)
+        if not waiting or node is None:
+            self.streams.end(ino, "no put waiting")
+            return
+        put = waiting[-1]
+        await self.streams.wrote(
+            ino, offset, length, key=put.key, seq=put.seq,
+            headers=lambda: headers_of(node, self.journal.token(put.seq)),
+        )  # fmt: skip
 
     async def read(self, ino: int, offset: int, size: int) -> bytes | None:
         """Read the staging file; None if it retired meanwhile (the bucket version has its bytes)."""
@@ -312,6 +343,7 @@ class WriteBack:
         """truncate(2): under the staging lock, so no retirement can interleave."""
         state = self.files.state(node.ino)
         state.writers += 1  # held like a writer while it lasts: the staging file must stay
+        self.streams.end(node.ino, "truncated")
         try:
             async with self.files.lock(node.ino):
                 await self._truncate_staged(node, size)
@@ -362,6 +394,7 @@ class WriteBack:
 
     async def metadata_changed(self, node: Inode) -> None:
         """chmod/chown/utimens: a pending put carries the headers; otherwise rewrite them in place."""
+        self.streams.end(node.ino, "attributes changed")  # its headers went with its first part
         if self._has_waiting_put(node.ino) or (node.flags & Flag.LOCAL and not node.etag):
             return
         kind = "marker" if node.is_dir else "meta"
@@ -370,6 +403,7 @@ class WriteBack:
     async def removed(self, node: Inode) -> None:
         """unlink/rmdir: drop pending uploads of the inode and delete its key in the bucket."""
         log.debug("write-back: removed ino %d %s", node.ino, node.key)
+        self.streams.end(node.ino, "unlinked")
         drop = self._waiting_puts(lambda ino: ino == node.ino)
         await self._append(("delete", {"key": node.key}), drop=drop)
         if not self.files.writers(node.ino):
@@ -407,6 +441,7 @@ class WriteBack:
         """
         log.debug("write-back: renamed ino %d %s -> %s", moved.ino, old_key, moved.key)
         if not moved.is_dir:
+            self.streams.end(moved.ino, "renamed")
             async with self.files.lock(moved.ino):  # the staging file must not be retired meanwhile
                 if moved.ino in self.files.staged:  # its bytes are here (dirty, or open for writing)
                     # The node's ETag described the old key; the new key has no object of ours yet.
@@ -607,15 +642,18 @@ class WriteBack:
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         await self.recover()
         async with trio.open_nursery() as nursery:
+            self.streams.nursery = nursery
             task_status.started()
             while True:
                 self._wake = trio.Event()
                 for op in startable(self.ops, self._running, self._ready, self._node_key, self.concurrency):
                     key = target_key(op, self._node_key) or ""
                     self._running[op.seq] = key
+                    stream = None
                     if op.kind == "put":
                         self._started_gen[op.seq] = self.files.gen(op.ino)
-                    nursery.start_soon(self._execute, op, key)
+                        stream = self.streams.take(op.ino, op.seq, key)
+                    nursery.start_soon(self._execute, op, key, stream)
                 wait = self._next_deadline() - self._clock()
                 with trio.move_on_after(max(0.05, wait) if not math.isinf(wait) else math.inf):
                     await self._wake.wait()
@@ -628,11 +666,15 @@ class WriteBack:
             return False
         if op.kind != "put":
             return True
+        if self.streams.blocks(op.ino, op.seq, op.key):
+            return False  # an ended stream's upload is being aborted; its record has this put's name
         state = self.files.states.get(op.ino)
         if state is None:
             return True  # replayed after a restart, or never opened: nobody is writing
         if self._flushing or state.forced:
             return True
+        if state.writers == 0 and self.streams.streaming(op.ino):
+            return True  # most of it is in the bucket already: complete it at close
         return state.writers == 0 and now - state.last_close >= self.delay
 
     def _next_deadline(self) -> float:
@@ -649,11 +691,16 @@ class WriteBack:
                 deadline = min(deadline, state.last_close + self.delay)
         return deadline
 
-    async def _execute(self, op: Op, key: str) -> None:
+    async def _execute(self, op: Op, key: str, stream: Stream | None = None) -> None:
         path = " -> ".join(k for k in (op.src, key) if k)
         log.debug("write-back: %s #%d ino %d %s", op.kind, op.seq, op.ino, path)
         try:
-            outcome: Outcome = await self._run_s3(self._execute_blocking, op, key)
+            if stream is not None:
+                await stream.settled()  # its parts in flight are in the bucket or failed
+                if stream.broken:
+                    await self.streams.discard(stream)
+                    stream = None
+            outcome: Outcome = await self._run_s3(self._execute_blocking, op, key, stream)
         except Exception as exc:
             # Whatever went wrong, the op stays journaled and is retried: an escaping
             # exception would take the executor, and with it the whole mount, down.
@@ -698,7 +745,7 @@ class WriteBack:
         changed, self._changed = self._changed, trio.Event()
         changed.set()
 
-    def _execute_blocking(self, op: Op, key: str) -> Outcome:
+    def _execute_blocking(self, op: Op, key: str, stream: Stream | None = None) -> Outcome:
         """One op against the bucket (worker thread): what to write, and on which base."""
         if op.kind == "delete":
             return self.uploader.delete(op)
@@ -719,8 +766,10 @@ class WriteBack:
             # Renamed after this put was scheduled: the rename journaled a put under the new
             # name and a delete of this one, so uploading here would only be undone.
             log.debug("write-back: put #%d of %s skipped: renamed to %s", op.seq, key, node.key)
+            if stream is not None:
+                self.uploader.abort(stream)
             return Outcome(skipped=True)
-        return self.uploader.put(op, node, key, node.etag, token)
+        return self.uploader.put(op, node, key, node.etag, token, stream)
 
     async def _finish(self, op: Op, key: str, outcome: Outcome) -> None:
         """Settle the namespace first, then drop the op: a crash between replays an op whose

@@ -30,11 +30,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..errors import NotFound, Permanent, PreconditionFailed
+from ..errors import NotFound, Permanent, PreconditionFailed, StoreError
 from ..meta import posixmeta
 from ..meta.records import Inode
 from ..store.objectstore import ObjectInfo, ObjectStore
 from .journal import Op
+from .stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +119,20 @@ class Uploader:
             return Outcome(skipped=True)
         return Outcome(etag=etag, size=node.size)
 
-    def put(self, op: Op, node: Inode, key: str, base: str, token: str) -> Outcome:
-        """Upload the staging file of ``node`` to ``key``, replacing ``base`` and nothing else."""
+    def put(
+        self, op: Op, node: Inode, key: str, base: str, token: str, stream: Stream | None = None
+    ) -> Outcome:
+        """Upload the staging file of ``node`` to ``key``, replacing ``base`` and nothing else.
+
+        With ``stream`` (the file's streamed upload, whose parts are partly in the bucket) only
+        the rest is uploaded and that upload completed; if it cannot be, it is aborted and the
+        file uploaded as usual.
+        """
         path = self._staging_path(node.ino)
         try:
             size = path.stat().st_size
+            if stream is not None:
+                return self._put_streamed(op, node, key, base, token, path, size, stream)
             return self._put(op, node, key, base, token, path, size)
         except FileNotFoundError:  # unlinked or replaced while we uploaded; its delete is journaled
             log.info("staging file of %s went away before its upload", key)
@@ -162,6 +172,39 @@ class Uploader:
             except PreconditionFailed:
                 return self._conflict(op, key, base, path, size, headers, "?")
         return Outcome(etag=etag, size=size)
+
+    def _put_streamed(
+        self, op: Op, node: Inode, key: str, base: str, token: str, path: Path, size: int, stream: Stream
+    ) -> Outcome:
+        """Complete ``stream`` as this put: the remaining parts (of the first ``size`` bytes, the
+        file as this put found it), then CompleteMultipartUpload with the put's condition.
+
+        The condition is checked by a HEAD first as for any multipart put (moto ignores it on
+        completion). Whatever goes wrong, the streamed upload is aborted and the file goes up
+        the usual way (a 412) or the op is retried the usual way (anything else).
+        """
+        try:
+            current = self._head(key) if base else None
+            if base and (current is None or current.etag != base):
+                self.abort(stream)  # deleted, ours from an earlier attempt, or theirs: the usual path
+                return self._put(op, node, key, base, token, path, size)
+            done = stream.uploaded_parts()
+            numbers = range(len(done) + 1, -(-size // self.store.part_size) + 1)
+            rest = self.store.upload_parts(key, stream.upload_id, path, numbers, size=size)
+            etag = self.store.complete_multipart(key, stream.upload_id, done + rest, base or None, not base)
+        except PreconditionFailed:
+            self.abort(stream)
+            return self._put(op, node, key, base, token, path, size)
+        except BaseException:
+            self.abort(stream)
+            raise
+        return Outcome(etag=etag, size=size)
+
+    def abort(self, stream: Stream) -> None:
+        """Abort a streamed upload that will not be completed. Its journal record goes with the
+        op; if the abort fails, replay aborts it (an aborted upload's abort is a no-op)."""
+        with contextlib.suppress(StoreError):
+            self.store.abort_multipart(stream.key, stream.upload_id)
 
     def _same_bytes(self, current: ObjectInfo, path: Path) -> bool:
         """Whether the object holds exactly the staging file's bytes (its ETag is what we would get).
