@@ -113,6 +113,9 @@ def checkpoint_rows(mount: WritableTierfs, client: Any, bucket: str, work: Path,
     mount.flush()
     durable = time.perf_counter()
     local.unlink()
+    stored = client.head_object(Bucket=bucket, Key="checkpoint.bin")["ContentLength"]
+    if stored != size:
+        raise RuntimeError(f"the bucket holds {stored} bytes of the checkpoint, not {size}")
     return [
         Row("checkpoint", durable - write_start, raw, "boto3 multipart", size, "B",
             {"write_s": round(closed - write_start, 3)}),
@@ -139,6 +142,9 @@ def small_files_row(mount: WritableTierfs, client: Any, bucket: str, count: int,
     written = time.perf_counter()
     mount.flush()
     durable = time.perf_counter()
+    stored = client.list_objects_v2(Bucket=bucket, Prefix="small/", MaxKeys=1000)["KeyCount"]
+    if stored != min(count, 1000):
+        raise RuntimeError(f"the bucket holds {stored} of the {count} small files after the flush")
     return Row("small files", durable - start, raw, "boto3 put_object", count, "files",
                {"write_s": round(written - start, 3)})  # fmt: skip
 
