@@ -47,6 +47,7 @@ Progress = Callable[[dict[str, Any]], Awaitable[None]]
 RETRY_BACKOFF = (1.0, 2.0, 5.0)  # seconds before the 1st, 2nd and later retries of a transient failure
 PERMANENT_BACKOFF = 60.0  # a permanent failure is retried in the background this rarely (creds may be fixed)
 DEFAULT_FLUSH_TIMEOUT = 600.0
+COALESCE = 0.01  # seconds the executor lets wake-ups gather before it looks at the journal again
 
 @dataclass
 class WriteBackStats:
@@ -116,6 +117,7 @@ class WriteBack:
         self._retry_at: dict[int, float] = {}
         self._failures: dict[int, Failure] = {}
         self._flushing = 0
+        self._fsyncs = 0  # fsync calls waiting: the executor does not coalesce wake-ups meanwhile
         self._wake = trio.Event()
         self._changed = trio.Event()
         self._held: dict[int, int] = {}  # ino -> puts on their way into the journal (see _holding)
@@ -526,6 +528,7 @@ class WriteBack:
             return
         state = self.files.state(ino)
         state.forced = True
+        self._fsyncs += 1
         for op in mine():  # try again now, and judge by this attempt, not by the one before
             self._retry_at.pop(op.seq, None)
             self._failures.pop(op.seq, None)
@@ -539,6 +542,7 @@ class WriteBack:
                 await self._changed_wait()
         finally:
             state.forced = False
+            self._fsyncs -= 1
 
     async def _changed_wait(self) -> None:
         event = self._changed
@@ -657,6 +661,11 @@ class WriteBack:
                 wait = self._next_deadline() - self._clock()
                 with trio.move_on_after(max(0.05, wait) if not math.isinf(wait) else math.inf):
                     await self._wake.wait()
+                if not (self._flushing or self._fsyncs):
+                    # Coalesce wake-ups: a burst of creates and closes would otherwise cost one
+                    # pass over the whole journal each (quadratic in the burst). A flush or an
+                    # fsync is waited for, so their passes run at once.
+                    await trio.sleep(COALESCE)
 
     def _ready(self, op: Op) -> bool:
         now = self._clock()
