@@ -8,15 +8,18 @@ behind at the server.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from direct import Bucket, MiB, Options, Stack, running, wait_for
+from mounting import Mounter, wait_until
+from test_posix_write import flush
 
 from tools.faultproxy import FaultProxy, Rule
-from tools.servers import MotoS3
+from tools.servers import MotoS3, SeaweedFS, s3_client
 
 PARTS = Options(multipart_threshold=5 * MiB, part_size=5 * MiB)  # moto's smallest part is 5 MiB
 CHUNK = MiB
@@ -163,3 +166,48 @@ async def test_small_files_do_not_stream(moto: MotoS3, where: tuple[str, Bucket]
         await stack.close_writer("s")
         await stack.flush()
         assert_finished(stack, bucket, {"s": data})
+
+
+# --------------------------------------------------------------------------- through a real mount
+
+
+@pytest.mark.fuse
+def test_a_mount_streams_a_checkpoint_and_a_kill9_mid_stream_leaves_no_upload(
+    bucket: Callable[..., str], mounter: Mounter, seaweed: SeaweedFS
+) -> None:
+    """Through FUSE on SeaweedFS: parts reach the server while the file is still open; kill -9
+    with a stream in flight, remount on the same cache dir: the right object, no upload left."""
+    name = bucket()
+    client = s3_client(seaweed.endpoint_url)
+    small_parts = ("--part-size", "5M", "--multipart-threshold", "5M", "--writeback-delay", "300s")
+    mount = mounter(f"s3://{name}", *small_parts)
+
+    def uploads() -> list[str]:
+        return [u["Key"] for u in client.list_multipart_uploads(Bucket=name).get("Uploads", ())]
+
+    done = payload(7, 21 * MiB + 3)
+    with open(mount.path / "done.bin", "wb") as fh:
+        for offset in range(0, len(done), CHUNK):
+            fh.write(done[offset : offset + CHUNK])
+        fh.flush()
+        wait_until(lambda: uploads() == ["done.bin"], 20.0, "a multipart upload while the file is open")
+    flush(mount)
+    assert client.get_object(Bucket=name, Key="done.bin")["Body"].read() == done
+    assert uploads() == []
+
+    crashed = payload(8, 16 * MiB)
+    fh = open(mount.path / "crashed.bin", "wb")  # noqa: SIM115 - left open across the kill
+    for offset in range(0, len(crashed), CHUNK):
+        fh.write(crashed[offset : offset + CHUNK])
+    fh.flush()
+    wait_until(lambda: uploads() == ["crashed.bin"], 20.0, "the second file streaming")
+    mount.kill9()
+    with contextlib.suppress(OSError):
+        fh.close()
+    mount.force_unmount()
+    assert uploads() == ["crashed.bin"]  # what the crash left at the server
+
+    again = mounter(f"s3://{name}", *small_parts, cache_dir=mount.cache_dir)
+    flush(again)
+    assert client.get_object(Bucket=name, Key="crashed.bin")["Body"].read() == crashed
+    assert uploads() == [], "an orphan multipart upload stayed at the server"

@@ -321,14 +321,15 @@ class WriteBack:
             await self._mark_dirty(node)
             written = await self.files.write(ino, offset, data)
         await self._ensure_waiting_put(ino)
-        await self._streamed(ino, offset, written)
+        if self.streams.candidate(ino):
+            await self._streamed(node, offset, written)
         return written
 
-    async def _streamed(self, ino: int, offset: int, length: int) -> None:
-        """Tell the stream of ``ino`` (if it is one) about a write; it may hold the writer back."""
+    async def _streamed(self, node: Inode, offset: int, length: int) -> None:
+        """Tell the stream of ``node`` about a write; it may hold the writer back."""
+        ino = node.ino
         waiting = [op for op in self._by_ino.get(ino, ()) if op.kind == "put" and op.seq not in self._running]
-        node = self.ns.get(ino)
-        if not waiting or node is None:
+        if not waiting:
             self.streams.end(ino, "no put waiting")
             return
         put = waiting[-1]

@@ -178,6 +178,10 @@ class Streams:
     def streaming(self, ino: int) -> bool:
         return ino in self.active
 
+    def candidate(self, ino: int) -> bool:
+        """Whether writes to ``ino`` are being followed (it may stream, or does)."""
+        return ino in self._written
+
     # -- the uploads ------------------------------------------------------------------------------------
 
     def _lagging(self, stream: Stream) -> bool:
