@@ -80,7 +80,6 @@ def test_design_doc_numbers() -> None:
     assert f"a second limiter of {mount.IO_THREADS}" in design
     assert f"at most {hydrator.LOOP_READ_MAX // 1024} KiB" in design
     assert f"GETs of {objectstore.CRT_MAX_GET >> 20} MiB or less go to the CRT" in design
-    assert f"Single PUTs of up to {objectstore.CRT_MAX_PUT >> 20} MiB (`CRT_MAX_PUT`)" in design
     assert f"raised to {kerneltune.DEFAULT_READ_AHEAD_KB // 1024} MiB" in design
     assert f"`max_background` to {kerneltune.DEFAULT_MAX_BACKGROUND}" in design
 

@@ -1,11 +1,9 @@
-"""Ranged GETs and small PUTs through the AWS Common Runtime (awscrt): the hot loops of
-cold reads and of small-file write-back.
+"""Ranged GETs through the AWS Common Runtime (awscrt), the cold read path's hot loop.
 
 Why: on a 2-core node the client's CPU per request caps cold small-file rates. boto3
 spends ~3.7 ms of CPU per GET; the CRT's native HTTP client and signer ~0.7 ms
-(measured in tools/bench.py and noted in docs/design.md); for a 110 KiB PUT 0.3 ms against
-1.2 ms (tools/bench_crt_put.py, docs/writeback.md). Everything else (LIST, HEAD, large PUTs,
-multipart, copy) stays on boto3, where per-call cost does not matter.
+(measured in tools/bench.py and noted in docs/design.md). Everything else (LIST, HEAD,
+PUT, multipart, copy) stays on boto3, where per-call cost does not matter.
 
 Credentials are not resolved a second time: the CRT asks boto3's credential object on
 every signing, so environment, profiles, shared files and refreshes behave exactly as
@@ -56,13 +54,11 @@ class CrtRangeReader:
 
         provider = auth.AwsCredentialsProvider.new_delegate(delegate)
         bootstrap = io.ClientBootstrap(io.EventLoopGroup(2), io.DefaultHostResolver(io.EventLoopGroup(1)))
-        signing = s3.create_default_s3_signing_config(region=region, credential_provider=provider)
-        self._unsigned_payload = signing.replace(signed_body_value=auth.AwsSignedBodyValue.UNSIGNED_PAYLOAD)
         self._client = s3.S3Client(
             bootstrap=bootstrap,
             region=region,
             tls_mode=tls,
-            signing_config=signing,
+            signing_config=s3.create_default_s3_signing_config(region=region, credential_provider=provider),
             retry_config=s3.S3RetryConfig(max_retries=0),
             connect_timeout_ms=int(connect_timeout * 1000),
         )
@@ -112,52 +108,21 @@ class CrtRangeReader:
             on_headers=on_headers,
             on_body=on_body,
         )
-        self._finish(request, f"GET {key}", timeout)
-        if overflow:
-            raise Unavailable(f"GET {key}: the server sent more than {length} bytes")
-        view.release()
-        del body[received:]  # the object may end before the requested range does
-        return bytes(body), int(response.get("status", 0)), response.get("headers", {})
-
-    def put(
-        self, key: str, path: str, size: int, extra: Mapping[str, str], *, timeout: float
-    ) -> Mapping[str, str]:
-        """PUT the file at ``path`` (``size`` bytes) as one request; returns the response headers.
-
-        The CRT reads the file itself (``send_filepath``) and signs with UNSIGNED-PAYLOAD (the
-        caller sends a CRC32C the server verifies): 0.3 ms of CPU per 110 KiB PUT here against
-        boto3's 1.2 ms (tools/bench_crt_put.py). ``extra``: metadata, checksum and conditions.
-        """
-        headers = HttpHeaders([("host", self.host), ("content-length", str(size))])
-        for name, value in extra.items():
-            headers.add(name, value)
-        response: dict[str, Any] = {}
-
-        def on_headers(status_code: int, headers: list[tuple[str, str]], **_: Any) -> None:
-            response["headers"] = {k.lower(): v for k, v in headers}
-
-        request = self._client.make_request(
-            type=s3.S3RequestType.DEFAULT,
-            operation_name="PutObject",
-            request=HttpRequest("PUT", f"{self.base}/{self.bucket}/{quote(key, safe='/~')}", headers),
-            send_filepath=path,
-            signing_config=self._unsigned_payload,
-            on_headers=on_headers,
-        )
-        self._finish(request, f"PUT {key}", timeout)
-        return dict(response.get("headers", {}))
-
-    @staticmethod
-    def _finish(request: Any, what: str, timeout: float) -> None:
-        """Wait for ``request`` within ``timeout``; raise the tierfs error vocabulary."""
         try:
             request.finished_future.result(max(timeout, 0.0))
         except s3.S3ResponseError as exc:
             match = _CODE.search(exc.body or b"")
             code = match.group(1).decode(errors="replace") if match else ""
-            raise classify(exc.status_code, code, f"{what}: {exc.status_code} {code or exc.name}") from None
+            raise classify(
+                exc.status_code, code, f"GET {key}: {exc.status_code} {code or exc.name}"
+            ) from None
         except TimeoutError:
             request.cancel()
-            raise Unavailable(f"{what}: no complete answer within {timeout:.1f} s") from None
+            raise Unavailable(f"GET {key}: no complete answer within {timeout:.1f} s") from None
         except Exception as exc:  # CRT connection errors arrive as plain AwsCrtError
-            raise classify(None, "", f"{what}: {type(exc).__name__}: {exc}") from None
+            raise classify(None, "", f"GET {key}: {type(exc).__name__}: {exc}") from None
+        if overflow:
+            raise Unavailable(f"GET {key}: the server sent more than {length} bytes")
+        view.release()
+        del body[received:]  # the object may end before the requested range does
+        return bytes(body), int(response.get("status", 0)), response.get("headers", {})

@@ -327,9 +327,6 @@ MULTIPART_THRESHOLD = 64 << 20
 # GETs from SeaweedFS on loopback, 2 cores; see docs/design.md). Small objects and random misses go to the
 # CRT, large sequential runs to boto3.
 CRT_MAX_GET = 2 << 20
-# Small files go up through the CRT too (0.3 against 1.2 ms of CPU per 110 KiB PUT, measured by
-# tools/bench_crt_put.py); only as one request, so never above the CRT's own part size.
-CRT_MAX_PUT = 8 << 20
 MULTIPART_PART_SIZE = 16 << 20
 #: Parts in flight at once, over all multipart uploads of one store (it bounds their memory too).
 PART_CONCURRENCY = 8
@@ -343,7 +340,7 @@ def backoff(attempt: int) -> float:
 
 
 class S3ObjectStore:
-    """:class:`ObjectStore` over boto3 (and awscrt for small GETs and PUTs).
+    """:class:`ObjectStore` over boto3 (and awscrt for small GETs).
 
     One boto3 client is shared by all threads (boto3 clients are thread-safe). Each boto3
     attempt runs on a private pool thread while the caller waits at most for what is left
@@ -651,8 +648,6 @@ class S3ObjectStore:
     ) -> str:
         size = path.stat().st_size
         if not self.is_multipart(size):
-            if self._crt is not None and size <= CRT_MAX_PUT:
-                return self._crt_put(key, path, size, metadata, if_match, if_none_match)
             return self.put_bytes(key, path.read_bytes(), metadata, if_match, if_none_match)
         upload_id = self.create_multipart(key, metadata)
         try:
@@ -667,29 +662,6 @@ class S3ObjectStore:
             with contextlib.suppress(StoreError):
                 self.abort_multipart(key, upload_id)
             raise
-
-    def _crt_put(
-        self,
-        key: str,
-        path: Path,
-        size: int,
-        metadata: Mapping[str, str],
-        if_match: str | None,
-        if_none_match: bool,
-    ) -> str:
-        """A small file's PUT through awscrt, under the same time rule and error vocabulary."""
-        extra = {f"x-amz-meta-{name}": value for name, value in metadata.items()}
-        extra["x-amz-checksum-crc32c"] = crc32c_b64(path.read_bytes())  # the server verifies the bytes
-        if if_match:
-            extra["if-match"] = f'"{if_match}"'
-        if if_none_match:
-            extra["if-none-match"] = "*"
-
-        def attempt(budget: float) -> str:
-            headers = self._crt.put(key, str(path), size, extra, timeout=budget)
-            return normalize_etag(headers.get("etag"))
-
-        return self._retrying("put_object", f"put_object {key}", attempt)
 
     def create_multipart(self, key: str, metadata: Mapping[str, str]) -> str:
         upload = self._call(
