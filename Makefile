@@ -30,8 +30,8 @@ define apt_install
 	fi
 endef
 
-.PHONY: all deps bench-deps venv .venv lint test demo bench bench-cold bench-rss bench-accel bench-shared stress \
-	clean \
+.PHONY: all deps bench-deps venv .venv lint test demo bench bench-cold bench-rss bench-accel bench-shared \
+	bench-write stress clean \
 	install uninstall deb install-test deb-test container-test container-deps
 
 all: test
@@ -89,6 +89,11 @@ bench-shared: deps $(STAMP)
 
 bench-rss: deps $(STAMP)
 	$(PY) -m tools.bench_rss $(BENCH_ARGS)
+
+# Write rows of issue 16 (checkpoint, small files, close to durable), each with its raw
+# boto3 baseline in the same run; --quick for a smoke-test size.
+bench-write: deps $(STAMP)
+	$(PY) -m tools.bench_write $(BENCH_ARGS)
 
 # Accelerator utilisation (issue 13): emulated accelerators fed by a DataLoader, for a local
 # copy, the FUSE mount, the direct reader and s3fs/rclone where installed; cold and warm.

@@ -30,6 +30,7 @@ from tierfs.cache.chunkkey import ChunkKey
 from tierfs.cache.memory import MemoryTier
 from tierfs.cache.stack import Tiers
 from tierfs.meta.cachedir import CacheDir
+from tierfs.meta.groupcommit import GroupCommit
 from tierfs.meta.namespace import Namespace, NamespacePolicy
 from tierfs.meta.records import ROOT_INO, Inode, Kind
 from tierfs.read.hydrator import Hydrator, ObjectVersion
@@ -100,7 +101,8 @@ class Stack:
         policy = NamespacePolicy(
             bucket=bucket, root_prefix="", ttl=60.0, uid=0, gid=0, file_mode=0o644, dir_mode=0o755
         )
-        self.ns = Namespace(self.cachedir.env, self.store, policy, self.run_s3)
+        self.commit = GroupCommit(self.cachedir.env)
+        self.ns = Namespace(self.cachedir.env, self.store, policy, self.run_s3, commit=self.commit)
         self.hydrator = Hydrator(
             bucket=bucket,
             store=self.store,
@@ -111,7 +113,7 @@ class Stack:
             spawn=lambda task: None,  # no read-ahead: these tests read one version at a time
             learn_metadata=self.ns.learn_metadata,
         )
-        self.journal = Journal(self.cachedir.env)
+        self.journal = Journal(self.cachedir.env, self.commit)
         self.wb = WriteBack(
             bucket=bucket,
             namespace=self.ns,

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tierfs.control.protocol import lookup
 from tools.servers import (
     child_env,
     force_unmount,
@@ -261,8 +262,13 @@ class Mounter:
         return mount
 
     def _wait_mounted(self, mount: Mount) -> None:
+        """Foreground: until the FUSE mount is there *and* its control socket is registered.
+
+        The daemon registers the socket only after write-back recovery (aborting uploads a
+        crash left, sizing staged files), which may end after the kernel mount appears; a
+        ``tierfs flush`` sent in between would find "no tierfs mount"."""
         deadline = time.monotonic() + MOUNT_TIMEOUT
-        while not mount.mounted:
+        while not (mount.mounted and lookup(mount.path) is not None):
             code = mount.returncode
             if code is not None:
                 raise MountFailed(f"tierfs mount exited with {code} before mounting\n{mount.log_text()}")

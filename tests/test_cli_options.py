@@ -16,6 +16,7 @@ from tierfs.config import MountConfig, Source
 from tierfs.errors import ConfigError
 
 GiB = 1 << 30
+MiB = 1 << 20
 
 
 @pytest.fixture(autouse=True)
@@ -129,6 +130,7 @@ def test_o_options_carry_every_setting() -> None:
             "-o", "uid=12,gid=34,file_mode=0640,dir_mode=0750,timeout=5,retries=7,log_level=warning",
             "-o", "writeback_delay=1m,import_interval=off,metrics_addr=:9100,s3_concurrency=32,debug_fuse",
             "-o", "foreground,region=us-east-2,profile=prod,flush_timeout=90,nonempty",
+            "-o", "part_size=8M,multipart_threshold=32M,upload_concurrency=4",
         ]
     )  # fmt: skip
     assert config.endpoint_url == "http://x:1"
@@ -146,6 +148,7 @@ def test_o_options_carry_every_setting() -> None:
     assert config.s3_concurrency == 32
     assert (config.region, config.profile) == ("us-east-2", "prod")
     assert config.flush_timeout == 90 and config.nonempty
+    assert (config.part_size, config.multipart_threshold, config.upload_concurrency) == (8 * MiB, 32 * MiB, 4)
 
 
 def test_mount8_and_systemd_options_are_ignored() -> None:
@@ -199,6 +202,9 @@ def test_dashes_are_accepted_in_o_names() -> None:
         ("allow_other=maybe", "-o allow_other: invalid boolean"),
         ("metrics_addr=localhost", "-o metrics_addr: invalid address"),
         ("s3_concurrency=0", "-o s3_concurrency"),
+        ("part_size=1M", "--part-size must be within 5 MiB"),
+        ("part_size=8M,multipart_threshold=6M", "--multipart-threshold must be at least --part-size"),
+        ("upload_concurrency=0", "-o upload_concurrency"),
         ("credentials_file=/nonexistent/creds", "-o credentials_file"),
     ],
 )

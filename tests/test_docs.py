@@ -19,7 +19,7 @@ from tierfs.fuse import kerneltune
 from tierfs.meta import tombstones
 from tierfs.read import hydrator
 from tierfs.store import objectstore
-from tierfs.units import parse_duration
+from tierfs.units import parse_duration, parse_size
 from tierfs.writeback import core as writeback_core
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +49,26 @@ def test_readme_option_defaults_are_the_parsed_defaults(option: str, field: str)
     config = parse_mount_args(["s3://bucket", "/mnt/data"])
     documented = _readme_defaults()[option]
     assert parse_duration(documented) == getattr(config, field), f"README says --{option} {documented}"
+
+
+@pytest.mark.parametrize(
+    ("option", "field"),
+    [
+        ("part-size", "part_size"),
+        ("multipart-threshold", "multipart_threshold"),
+        ("upload-concurrency", "upload_concurrency"),
+    ],
+)
+def test_readme_upload_defaults_are_the_parsed_defaults(option: str, field: str) -> None:
+    config = parse_mount_args(["s3://bucket", "/mnt/data"])
+    assert parse_size(_readme_defaults()[option]) == getattr(config, field), f"README says --{option}"
+    # The store's own defaults (quoted in docs/writeback.md) are the mount's.
+    store_default = {
+        "part_size": objectstore.MULTIPART_PART_SIZE,
+        "multipart_threshold": objectstore.MULTIPART_THRESHOLD,
+        "upload_concurrency": objectstore.PART_CONCURRENCY,
+    }
+    assert getattr(config, field) == store_default[field]
 
 
 def test_readme_cache_min_free_default() -> None:

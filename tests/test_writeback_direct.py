@@ -106,26 +106,32 @@ def assert_written_by_us(stack: Stack, world: World, key: str) -> None:
 # --------------------------------------------------------------------------- lost responses
 
 
-@pytest.mark.parametrize("case", ["new", "overwrite", "multipart"])
+@pytest.mark.parametrize("case", ["new", "overwrite", "multipart", "streamed"])
 async def test_a_stored_put_whose_answer_was_lost_is_ours_not_a_conflict(world: World, case: str) -> None:
     """Issue 11's row "a PUT stored by the server whose response was lost": the retried
     conditional PUT gets 412, and tierfs saved its own bytes again as a ``.conflict-`` object.
     ``new`` retries an ``If-None-Match: *`` PUT, ``overwrite`` an ``If-Match`` one, ``multipart``
-    a conditional CompleteMultipartUpload."""
-    options = SMALL_PARTS if case == "multipart" else Options()
-    size = 11 * MiB + 5 if case == "multipart" else 100_000
+    a conditional CompleteMultipartUpload, ``streamed`` the completion of a streamed upload
+    (whose retry is a whole-file upload that finds our object)."""
+    options = SMALL_PARTS if case in ("multipart", "streamed") else Options()
+    size = 11 * MiB + 5 if case in ("multipart", "streamed") else 100_000
+    method = "complete_multipart" if case == "streamed" else "put_file"
     async with running(world.home, world.moto.endpoint_url, world.name, options) as stack:
         final = payload(2, size)
         if case == "overwrite":
             await stack.create("f", payload(1, size))
             await stack.flush()
-            stack.store.act_then_fail("put_file", times=1)
+            stack.store.act_then_fail(method, times=1)
             await stack.write_open("f", final, truncate=True)
+        elif case == "multipart":  # written into an existing empty file: not streamed
+            await stack.create("f")
+            stack.store.act_then_fail(method, times=1)
+            await stack.write_open("f", final, truncate=False)
         else:
-            stack.store.act_then_fail("put_file", times=1)
+            stack.store.act_then_fail(method, times=1)
             await stack.create("f", final)
         await stack.flush()
-        assert stack.store.injected["put_file"] == 1, "the lost answer was never injected"
+        assert stack.store.injected[method] == 1, "the lost answer was never injected"
         # One failed attempt, then a retry that found our own object (by HEAD, or a 412 and HEAD).
         assert stack.wb.stats.uploads_failed == 1, stack.wb.status()
         await assert_clean(stack, world, {"f": final})
@@ -663,16 +669,25 @@ async def test_a_crash_during_a_multipart_upload_leaves_no_orphan_after_replay(w
         assert await replayed.read("big") == data
 
 
-async def test_a_shutdown_during_a_multipart_upload_replays_without_conflict(world: World) -> None:
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_shutdown_during_a_multipart_upload_replays_without_conflict(
+    world: World, streamed: bool
+) -> None:
     """The executor cancelled while its multipart upload runs (the thread is waited for, so the
     upload completes, but the op was never marked done): replay finds its own object at the key
-    and must neither save it again as a conflict nor leave an unfinished upload."""
+    and must neither save it again as a conflict nor leave an unfinished upload. ``streamed``:
+    the upload is a streamed one, cancelled while it completes."""
     data = payload(61, 11 * MiB)
     options = Options(delay=0.0, multipart_threshold=5 * MiB, part_size=5 * MiB)
+    method = "complete_multipart" if streamed else "put_file"
     async with running(world.home, world.moto.endpoint_url, world.name, options) as stack:
-        stack.store.delay("put_file", 0.5, times=1)
-        await stack.create("big", data)
-        await wait_for(lambda: stack.store.calls["put_file"] >= 1, 10.0, "the upload starting")
+        stack.store.delay(method, 0.5, times=1)
+        if streamed:
+            await stack.create("big", data)
+        else:  # written into an existing empty file: not streamed
+            await stack.create("big")
+            await stack.write_open("big", data, truncate=False)
+        await wait_for(lambda: stack.store.calls[method] >= 1, 10.0, "the upload starting")
     assert world.bucket.get("big") == data, "the interrupted upload should have completed in its thread"
     async with running(world.home, world.moto.endpoint_url, world.name, SMALL_PARTS) as replayed:
         await replayed.flush()

@@ -321,6 +321,16 @@ MOUNT_OPTIONS: tuple[MountOption, ...] = (
         _parse_duration,
         "SECONDS",
     ),
+    MountOption("part_size", "part size of multipart uploads (default 16M)", parse_size, "SIZE"),
+    MountOption(
+        "multipart_threshold", "upload files from this size as multipart (default 64M)", parse_size, "SIZE"
+    ),
+    MountOption(
+        "upload_concurrency",
+        "parts uploaded at once, over all files; memory is this many parts (default 8)",
+        _parse_concurrency,
+        "N",
+    ),
     MountOption("debug_fuse", "log every FUSE request (very verbose)", field="fuse_debug"),
 )
 _OPTIONS_BY_NAME = {opt.name: opt for opt in MOUNT_OPTIONS}

@@ -16,6 +16,8 @@ from pathlib import Path
 from .errors import ConfigError
 
 MiB = 1 << 20
+MIN_PART_SIZE = 5 * MiB  # S3's smallest part (all but the last)
+MAX_PART_SIZE = 5 * 1024 * MiB  # and its largest
 DEFAULT_CACHE_ROOT = Path("/var/cache/tierfs")
 
 
@@ -75,6 +77,12 @@ class MountConfig:
     import_interval: float | None = None
     metrics_addr: str | None = None
     s3_concurrency: int = 16
+    # Multipart uploads (docs/writeback.md, "Uploads"): files of at least multipart_threshold bytes
+    # go up in part_size parts, upload_concurrency parts at once over all files (which bounds
+    # their memory to upload_concurrency * part_size).
+    part_size: int = 16 * MiB
+    multipart_threshold: int = 64 * MiB
+    upload_concurrency: int = 8
     fuse_debug: bool = False
     cache_group: int | None = None  # gid whose members may read the cache directly (docs/reader.md)
     # The shared cache tier (docs/shared-cache.md): a bucket on an S3-compatible cluster near the nodes.
@@ -104,6 +112,12 @@ class MountConfig:
             raise ConfigError(f"--cache-size must be at least {8 * self.block_size // MiB} MiB")
         if not 0 <= self.cache_min_free < 1:
             raise ConfigError("--cache-min-free must be a share between 0 and 1 (e.g. 0.1 or 10%)")
+        if not MIN_PART_SIZE <= self.part_size <= MAX_PART_SIZE:
+            raise ConfigError(
+                f"--part-size must be within {MIN_PART_SIZE // MiB} MiB..{MAX_PART_SIZE // MiB} MiB"
+            )
+        if self.multipart_threshold < self.part_size:
+            raise ConfigError("--multipart-threshold must be at least --part-size")
         if self.cache_compression is not None and not 1 <= self.cache_compression <= 22:
             raise ConfigError("zstd level must be within 1..22")
         if self.shared_cache_timeout <= 0:

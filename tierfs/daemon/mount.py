@@ -31,6 +31,7 @@ from ..errors import ConfigError, FlushFailed
 from ..fuse import kerneltune
 from ..fuse.operations import TierOperations
 from ..meta.cachedir import CacheDir
+from ..meta.groupcommit import GroupCommit
 from ..meta.importer import sweep_loop
 from ..meta.namespace import Namespace, NamespacePolicy
 from ..meta.records import Inode
@@ -93,7 +94,8 @@ class Mount:
             file_mode=cfg.file_mode,
             dir_mode=cfg.dir_mode,
         )
-        self.namespace = Namespace(env, self.store, policy, self.run_s3, spawn=self.spawn)
+        commit = GroupCommit(env)  # one committer for the env: record updates and journal share flushes
+        self.namespace = Namespace(env, self.store, policy, self.run_s3, spawn=self.spawn, commit=commit)
         self.namespace.change_hooks.append(self._on_object_changed)
         self.namespace.entry_hooks.append(lambda parent, name: self.queue_invalidation((parent, name)))
         self.namespace.attr_hooks.append(lambda ino: self.queue_invalidation(("attr", ino)))
@@ -117,11 +119,12 @@ class Mount:
                 store=self.store,
                 hydrator=self.hydrator,
                 staging=Staging(cache_root / "staging"),
-                journal=Journal(env),
+                journal=Journal(env, commit),
                 cache=self.tiers,
                 run_s3=self.run_s3,
                 run_io=self.run_io,
                 delay=cfg.writeback_delay,
+                upload_concurrency=cfg.upload_concurrency,
             )
         self.metrics: Any = None
         if cfg.metrics_addr:

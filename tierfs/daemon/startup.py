@@ -45,6 +45,9 @@ def preflight_store(cfg: MountConfig) -> Any:
         timeout=cfg.timeout,
         retries=cfg.retries,
         max_pool=cfg.s3_concurrency + 8,
+        part_size=cfg.part_size,
+        multipart_threshold=cfg.multipart_threshold,
+        part_concurrency=cfg.upload_concurrency,
         observe=lambda op, seconds: S3_LATENCY.labels(op).observe(seconds),
     )
 

@@ -32,6 +32,7 @@ import trio
 from ..errors import NotFound, StoreError
 from ..store.objectstore import ObjectInfo, ObjectStore
 from . import keys, posixmeta
+from .groupcommit import GroupCommit
 from .records import (
     ROOT_INO,
     Flag,
@@ -126,8 +127,10 @@ class Namespace:
         *,
         clock: Callable[[], float] = time.time,
         spawn: Callable[[Callable[[], Awaitable[None]]], None] | None = None,
+        commit: GroupCommit | None = None,
     ) -> None:
         self.env = env
+        self.commit = commit or GroupCommit(env)  # record updates (see update)
         self.store = store
         self.policy = policy
         self._run = run_blocking
@@ -663,14 +666,21 @@ class Namespace:
             txn.put(ino_key(inode.ino), inode.pack(), db=self.inodes)
 
     def update(self, ino: int, **changes: object) -> Inode | None:
-        """Read-modify-write of one record in one transaction; None if it is gone."""
-        with self.env.begin(write=True) as txn:
+        """Read-modify-write of one record in one transaction; None if it is gone.
+
+        Goes through the group committer: updates made at the same moment (uploads settling
+        together) share a transaction and a flush with each other and with the journal's.
+        """
+
+        def apply(txn: Any) -> Inode | None:
             node = self._get_in(txn, ino)
             if node is None:
                 return None
             node = node.with_(**changes)
             txn.put(ino_key(ino), node.pack(), db=self.inodes)
             return node
+
+        return self.commit.run(apply)
 
     def settle(self, ino: int, **changes: object) -> Inode | None:
         """Write-back's update after the bucket took a change: marks the record as settled now.

@@ -28,14 +28,14 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import StoreError, Unavailable
-from .objectstore import GetResult, ListPage, ObjectInfo, ObjectStore
+from .objectstore import GetResult, ListPage, ObjectInfo, ObjectStore, Part
 
 T = TypeVar("T")
 
@@ -52,6 +52,9 @@ METHODS = frozenset(
         "get_range",
         "put_bytes",
         "put_file",
+        "create_multipart",
+        "upload_parts",
+        "complete_multipart",
         "abort_multipart",
         "list_multipart_uploads",
         "replace_metadata",
@@ -307,6 +310,33 @@ class FaultStore:
             lambda: self.inner.put_file(
                 key, path, metadata, if_match, if_none_match, on_upload_id=on_upload_id
             ),
+        )
+
+    @property
+    def part_size(self) -> int:
+        return self.inner.part_size
+
+    def is_multipart(self, size: int) -> bool:
+        return self.inner.is_multipart(size)
+
+    def create_multipart(self, key: str, metadata: Mapping[str, str]) -> str:
+        return self._invoke("create_multipart", key, lambda: self.inner.create_multipart(key, metadata))
+
+    def upload_parts(
+        self, key: str, upload_id: str, path: Path, numbers: Iterable[int], *, size: int | None = None
+    ) -> list[Part]:
+        numbers = list(numbers)
+        return self._invoke(
+            "upload_parts", key, lambda: self.inner.upload_parts(key, upload_id, path, numbers, size=size)
+        )
+
+    def complete_multipart(
+        self, key: str, upload_id: str, parts: list[Part], if_match: str | None, if_none_match: bool
+    ) -> str:
+        return self._invoke(
+            "complete_multipart",
+            key,
+            lambda: self.inner.complete_multipart(key, upload_id, parts, if_match, if_none_match),
         )
 
     def abort_multipart(self, key: str, upload_id: str) -> None:

@@ -1,4 +1,4 @@
-"""Write-back export: the journal, staging files, scheduler and uploader behind ``WriteBack``.
+"""Write-back export: the journal, staging files, scheduler, streams and uploader behind ``WriteBack``.
 
 See docs/writeback.md for the state machine these parts follow.
 """

@@ -38,7 +38,8 @@ from .files import BlockSink, StagedFiles
 from .journal import Journal, Op
 from .schedule import NODE_OPS, startable, target_key
 from .staging import Staging
-from .upload import Outcome, Uploader
+from .stream import Stream, Streams
+from .upload import Outcome, Uploader, headers_of
 
 log = logging.getLogger("tierfs.writeback")
 
@@ -48,6 +49,7 @@ RETRY_BACKOFF = (1.0, 2.0, 5.0)  # seconds before the 1st, 2nd and later retries
 PERMANENT_BACKOFF = 60.0  # a permanent failure is retried in the background this rarely (creds may be fixed)
 DEFAULT_FLUSH_TIMEOUT = 600.0
 JournalOp = tuple[str, dict[str, Any]]  # (kind, fields) of an op to journal
+COALESCE = 0.01  # seconds the executor lets wake-ups gather before it looks at the journal again
 
 @dataclass
 class WriteBackStats:
@@ -80,6 +82,7 @@ class WriteBack:
         run_io: RunBlocking,
         delay: float,
         concurrency: int = 16,
+        upload_concurrency: int = 8,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ns = namespace
@@ -90,6 +93,15 @@ class WriteBack:
             bucket=bucket, staging=staging, hydrator=hydrator, cache=cache, run_io=run_io
         )
         self.uploader = Uploader(store, staging.path, record_upload=journal.record_upload)
+        self.streams = Streams(
+            store=store,
+            journal=journal,
+            staging_path=staging.path,
+            run_s3=run_s3,
+            run_io=run_io,
+            limit=upload_concurrency,
+            on_ended=lambda: self._signal(),
+        )
         self._run_s3 = run_s3
         self._run_io = run_io
         self.delay = delay
@@ -107,6 +119,7 @@ class WriteBack:
         self._retry_at: dict[int, float] = {}
         self._failures: dict[int, Failure] = {}
         self._flushing = 0
+        self._fsyncs = 0  # fsync calls waiting: the executor does not coalesce wake-ups meanwhile
         self._wake = trio.Event()
         self._changed = trio.Event()
         self._held: dict[int, int] = {}  # ino -> puts on their way into the journal (see _holding)
@@ -119,6 +132,9 @@ class WriteBack:
         self._dir_renames = 0
         self._deferred_quiesce: set[int] = set()
         self._copies: dict[int, list[Op]] = {}  # ino -> its pending rename copies, in journal order
+        # ino -> its journaled ops, in journal order: the per-file questions asked on every write and
+        # every finished op ("is a put waiting?", "anything pending?") must not scan the whole journal.
+        self._by_ino: dict[int, list[Op]] = {}
         for op in self.ops:
             self._track(op)
         if self.ops:
@@ -164,6 +180,8 @@ class WriteBack:
 
     def _track(self, op: Op) -> None:
         """Index a journaled op: deletes tombstone their key, copies record where the data still is."""
+        if op.ino:
+            self._by_ino.setdefault(op.ino, []).append(op)
         if op.kind == "delete":
             self.ns.tombstones.add(op.key)
         elif op.kind == "copy" and op.ino:
@@ -172,6 +190,12 @@ class WriteBack:
     def _untrack(self, op: Op, *, done: bool) -> None:
         self._retry_at.pop(op.seq, None)
         self._failures.pop(op.seq, None)
+        if op.ino:
+            left = [o for o in self._by_ino.get(op.ino, ()) if o.seq != op.seq]
+            if left:
+                self._by_ino[op.ino] = left
+            else:
+                self._by_ino.pop(op.ino, None)
         if op.kind == "delete":
             self.ns.tombstones.remove(op.key, done=done)
         elif op.kind == "copy" and op.ino:
@@ -226,12 +250,12 @@ class WriteBack:
         return [op for op in self.ops if op.kind == "put" and op.seq not in self._running and inos(op.ino)]
 
     def _has_waiting_put(self, ino: int) -> bool:
-        return any(op.kind == "put" and op.ino == ino and op.seq not in self._running for op in self.ops)
+        return any(op.kind == "put" and op.seq not in self._running for op in self._by_ino.get(ino, ()))
 
     def _put_journaled(self, ino: int, *, besides: int = 0) -> bool:
         """A put of ``ino`` is waiting, running or being journaled: its staging file is still needed."""
         return ino in self._held or any(
-            op.kind == "put" and op.ino == ino and op.seq != besides for op in self.ops
+            op.kind == "put" and op.seq != besides for op in self._by_ino.get(ino, ())
         )
 
     @contextlib.contextmanager
@@ -277,6 +301,10 @@ class WriteBack:
         except BaseException:
             state.writers -= 1
             raise
+        if truncate and state.writers == 1:
+            self.streams.begin(node.ino)  # empty, one writer: streamed if it is written sequentially
+        else:
+            self.streams.end(node.ino, "another writer" if truncate else "opened without O_TRUNC")
 
     async def _truncate_staged(self, node: Inode, size: int) -> None:
         """Under the file's lock: journal the change, then make the staging file ``size`` long."""
@@ -311,6 +339,8 @@ class WriteBack:
             self.files.state(node.ino).writers += 1
         await self.files.create(node.ino, content)
         await self._append(self._put(node))
+        if open_writer:
+            self.streams.begin(node.ino)
 
     async def write(self, ino: int, offset: int, data: bytes) -> int:
         node = self.ns.get(ino)
@@ -320,7 +350,22 @@ class WriteBack:
             await self._mark_dirty(node)
             written = await self.files.write(ino, offset, data)
         await self._ensure_waiting_put(ino)
+        if self.streams.candidate(ino):
+            await self._streamed(node, offset, written)
         return written
+
+    async def _streamed(self, node: Inode, offset: int, length: int) -> None:
+        """Tell the stream of ``node`` about a write; it may hold the writer back."""
+        ino = node.ino
+        waiting = [op for op in self._by_ino.get(ino, ()) if op.kind == "put" and op.seq not in self._running]
+        if not waiting:
+            self.streams.end(ino, "no put waiting")
+            return
+        put = waiting[-1]
+        await self.streams.wrote(
+            ino, offset, length, key=put.key, seq=put.seq,
+            headers=lambda: headers_of(node, self.journal.token(put.seq)),
+        )  # fmt: skip
 
     async def read(self, ino: int, offset: int, size: int) -> bytes | None:
         """Read the staging file; None if it retired meanwhile (the bucket version has its bytes)."""
@@ -330,6 +375,7 @@ class WriteBack:
         """truncate(2): under the staging lock, so no retirement can interleave."""
         state = self.files.state(node.ino)
         state.writers += 1  # held like a writer while it lasts: the staging file must stay
+        self.streams.end(node.ino, "truncated")
         try:
             async with self.files.lock(node.ino):
                 await self._truncate_staged(node, size)
@@ -367,7 +413,7 @@ class WriteBack:
             if not state.writers:  # unlinked while open: the staging file has no one left
                 await self.files.discard(ino)
             return
-        if not any(op.ino == ino for op in self.ops):
+        if ino not in self._by_ino:
             if not state.writers and node.etag:
                 # Opened for writing but never written: the staging file equals the object.
                 await self.files.retire(ino, node.key, node.etag, lambda: self._still_needed(ino))
@@ -385,6 +431,7 @@ class WriteBack:
 
     async def metadata_changed(self, node: Inode) -> None:
         """chmod/chown/utimens: a pending put carries the headers; otherwise rewrite them in place."""
+        self.streams.end(node.ino, "attributes changed")  # its headers went with its first part
         if self._has_waiting_put(node.ino) or (node.flags & Flag.LOCAL and not node.etag):
             return
         if not node.key:
@@ -395,6 +442,7 @@ class WriteBack:
     async def removed(self, node: Inode) -> None:
         """unlink/rmdir: drop pending uploads of the inode and delete its key in the bucket."""
         log.debug("write-back: removed ino %d %s", node.ino, node.key)
+        self.streams.end(node.ino, "unlinked")
         drop = self._waiting_puts(lambda ino: ino == node.ino)
         await self._append(("delete", {"key": node.key}), drop=drop)
         if not self.files.writers(node.ino):
@@ -448,6 +496,7 @@ class WriteBack:
         """
         log.debug("write-back: renamed ino %d %s -> %s", moved.ino, old_key, moved.key)
         if not moved.is_dir:
+            self.streams.end(moved.ino, "renamed")
             async with self.files.lock(moved.ino):  # the staging file must not be retired meanwhile
                 if moved.ino in self.files.staged:  # its bytes are here (dirty, or open for writing)
                     # The node's ETag described the old key; the new key has no object of ours yet.
@@ -526,12 +575,13 @@ class WriteBack:
     async def fsync(self, ino: int) -> None:
         """Upload ``ino`` now and return once the bucket has it (or raise after a failure)."""
         def mine() -> list[Op]:
-            return [op for op in self.ops if op.ino == ino and op.kind in NODE_OPS]
+            return [op for op in self._by_ino.get(ino, ()) if op.kind in NODE_OPS]
 
         if not mine():
             return
         state = self.files.state(ino)
         state.forced = True
+        self._fsyncs += 1
         for op in mine():  # try again now, and judge by this attempt, not by the one before
             self._retry_at.pop(op.seq, None)
             self._failures.pop(op.seq, None)
@@ -545,6 +595,7 @@ class WriteBack:
                 await self._changed_wait()
         finally:
             state.forced = False
+            self._fsyncs -= 1
 
     async def _changed_wait(self) -> None:
         event = self._changed
@@ -632,28 +683,42 @@ class WriteBack:
                 log.info("write-back: aborted multipart upload %s of %s left by a crash", upload_id, key)
             except StoreError as exc:
                 log.warning("write-back: could not abort multipart upload %s of %s: %s", upload_id, key, exc)
-        for ino in sorted(self.files.staged):
+        async def resize(ino: int) -> None:
             size = await self._run_io(self.staging.size, ino)
             self.files.state(ino).size = size
             node = await self._run_io(self.ns.update, ino, size=size)
-            if node is None or not any(op.ino == ino for op in self.ops):
+            if node is None or ino not in self._by_ino:
                 await self.files.discard(ino)  # unlinked, or uploaded just before the crash
+
+        # Concurrently, so the record updates share group commits: the mount serves nothing
+        # (not even `tierfs flush`) before this is done.
+        async with trio.open_nursery() as nursery:
+            for ino in sorted(self.files.staged):
+                nursery.start_soon(resize, ino)
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         await self.recover()
         async with trio.open_nursery() as nursery:
+            self.streams.nursery = nursery
             task_status.started()
             while True:
                 self._wake = trio.Event()
                 for op in startable(self.ops, self._running, self._ready, self._node_key, self.concurrency):
                     key = target_key(op, self._node_key) or ""
                     self._running[op.seq] = key
+                    stream = None
                     if op.kind == "put":
                         self._started_gen[op.seq] = self.files.gen(op.ino)
-                    nursery.start_soon(self._execute, op, key)
+                        stream = self.streams.take(op.ino, op.seq, key)
+                    nursery.start_soon(self._execute, op, key, stream)
                 wait = self._next_deadline() - self._clock()
                 with trio.move_on_after(max(0.05, wait) if not math.isinf(wait) else math.inf):
                     await self._wake.wait()
+                if not (self._flushing or self._fsyncs):
+                    # Coalesce wake-ups: a burst of creates and closes would otherwise cost one
+                    # pass over the whole journal each (quadratic in the burst). A flush or an
+                    # fsync is waited for, so their passes run at once.
+                    await trio.sleep(COALESCE)
 
     def _ready(self, op: Op) -> bool:
         now = self._clock()
@@ -663,31 +728,41 @@ class WriteBack:
             return False
         if op.kind != "put":
             return True
+        if self.streams.blocks(op.ino, op.seq, op.key):
+            return False  # an ended stream's upload is being aborted; its record has this put's name
         state = self.files.states.get(op.ino)
         if state is None:
             return True  # replayed after a restart, or never opened: nobody is writing
         if self._flushing or state.forced:
             return True
+        if state.writers == 0 and self.streams.streaming(op.ino):
+            return True  # most of it is in the bucket already: complete it at close
         return state.writers == 0 and now - state.last_close >= self.delay
 
     def _next_deadline(self) -> float:
-        deadline = math.inf
-        for op in self.ops:
-            if op.seq in self._running:
-                continue
-            retry = self._retry_at.get(op.seq)
-            if retry is not None:
-                deadline = min(deadline, retry)
-            state = self.files.states.get(op.ino) if op.kind == "put" else None
+        """When the executor must look again by itself: the next retry, or the next put whose
+        write-back delay runs out (none while flushing: every put is ready then)."""
+        retries = (at for seq, at in self._retry_at.items() if seq not in self._running)
+        deadline = min(retries, default=math.inf)
+        if self._flushing:
+            return deadline
+        inos = {op.ino for op in self.ops if op.kind == "put" and op.seq not in self._running}
+        for ino in inos:
+            state = self.files.states.get(ino)
             if state is not None and state.writers == 0:
                 deadline = min(deadline, state.last_close + self.delay)
         return deadline
 
-    async def _execute(self, op: Op, key: str) -> None:
+    async def _execute(self, op: Op, key: str, stream: Stream | None = None) -> None:
         path = " -> ".join(k for k in (op.src, key) if k)
         log.debug("write-back: %s #%d ino %d %s", op.kind, op.seq, op.ino, path)
         try:
-            outcome: Outcome = await self._run_s3(self._execute_blocking, op, key)
+            if stream is not None:
+                await stream.settled()  # its parts in flight are in the bucket or failed
+                if stream.broken:
+                    await self.streams.discard(stream)
+                    stream = None
+            outcome: Outcome = await self._run_s3(self._execute_blocking, op, key, stream)
         except Exception as exc:
             # Whatever went wrong, the op stays journaled and is retried: an escaping
             # exception would take the executor, and with it the whole mount, down.
@@ -732,7 +807,7 @@ class WriteBack:
         changed, self._changed = self._changed, trio.Event()
         changed.set()
 
-    def _execute_blocking(self, op: Op, key: str) -> Outcome:
+    def _execute_blocking(self, op: Op, key: str, stream: Stream | None = None) -> Outcome:
         """One op against the bucket (worker thread): what to write, and on which base."""
         if op.kind == "delete":
             return self.uploader.delete(op)
@@ -753,8 +828,10 @@ class WriteBack:
             # Renamed after this put was scheduled: the rename journaled a put under the new
             # name and a delete of this one, so uploading here would only be undone.
             log.debug("write-back: put #%d of %s skipped: renamed to %s", op.seq, key, node.key)
+            if stream is not None:
+                self.uploader.abort(stream)
             return Outcome(skipped=True)
-        return self.uploader.put(op, node, key, node.etag, token)
+        return self.uploader.put(op, node, key, node.etag, token, stream)
 
     async def _finish(self, op: Op, key: str, outcome: Outcome) -> None:
         """Settle the namespace first, then drop the op: a crash between replays an op whose
@@ -808,7 +885,7 @@ class WriteBack:
     def _pending_for(self, ino: int, *, besides: int = 0) -> bool:
         """Anything of ``ino`` still to do: a writer, a put on its way, or any journaled op."""
         return self._still_needed(ino, besides=besides) or any(
-            o.ino == ino and o.seq != besides for o in self.ops
+            o.seq != besides for o in self._by_ino.get(ino, ())
         )
 
     def _pending_at_name(self, ino: int, key: str) -> bool:
@@ -816,7 +893,7 @@ class WriteBack:
         names it had before (a copy or an upload in flight when it was renamed again) do not count:
         their results never describe the node (see _settle), and a delete of that name follows."""
         return self._still_needed(ino) or any(
-            o.ino == ino and (o.kind == "put" or target_key(o, self._node_key) == key) for o in self.ops
+            o.kind == "put" or target_key(o, self._node_key) == key for o in self._by_ino.get(ino, ())
         )
 
     async def _quiesce(self, ino: int) -> None:

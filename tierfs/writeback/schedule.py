@@ -49,30 +49,39 @@ def startable(
 ) -> list[Op]:
     """The ops to start now, in journal order, at most ``limit - len(running)`` of them.
 
-    Called on every wake-up (each journal append), so the cheap readiness check comes first
-    and keys (an LMDB read per inode op) are resolved only up to the last ready op: a long
-    journal of files still being written costs no key lookups.
+    Called on every wake-up (each journal append and each finished op), so it is one pass
+    that asks ``ready`` once per op and stops as soon as ``limit`` is reached; keys (an LMDB
+    read per inode op) are resolved only for ops that precede a ready one: a long journal of
+    files still being written costs no key lookups.
     """
     if len(running) >= limit:
         return []
-    last_ready = -1
-    for index, op in enumerate(ops):
-        if op.seq not in running and ready(op):
-            last_ready = index
     blocked: set[str] = set()
     earlier: list[str] = []
     start: list[Op] = []
-    for op in ops[: last_ready + 1]:
-        keys = keys_touched(op, running.get(op.seq), node_key)
+    unresolved: list[Op] = []  # not startable, keys not looked up yet: they matter only before a ready op
+
+    def resolve() -> None:
+        for waiting in unresolved:
+            keys = keys_touched(waiting, running.get(waiting.seq), node_key)
+            earlier.extend(keys)
+            blocked.update(keys)
+        unresolved.clear()
+
+    for op in ops:
+        if op.seq in running or not ready(op):
+            unresolved.append(op)
+            continue
+        resolve()
+        keys = keys_touched(op, None, node_key)
         waits = bool(keys & blocked) or (
             op.kind == "delete" and op.key.endswith("/") and any(k.startswith(op.key) for k in earlier)
         )
         earlier.extend(keys)
-        if op.seq in running or waits or not ready(op):
-            blocked |= keys
+        blocked |= keys
+        if waits:
             continue
+        start.append(op)
         if len(running) + len(start) >= limit:
             break
-        start.append(op)
-        blocked |= keys
     return start

@@ -4,9 +4,11 @@ Every op is told the key it writes and its *base*: what tierfs believes that key
 before the op (an ETag, or ``""`` for nothing; see docs/writeback.md, "The life of a key").
 The uploader only ever replaces the base:
 
-- a put of a key whose base is an ETag first HEADs it (servers that ignore If-Match are
-  still protected) and sends ``If-Match``; a put of a key whose base is nothing sends
-  ``If-None-Match: *``;
+- a put of a key whose base is an ETag sends ``If-Match: base``, one request and no HEAD
+  first (the record already knows the base); a put of a key whose base is nothing sends
+  ``If-None-Match: *``. Only a multipart put HEADs first: its condition travels with the
+  completion, after all the parts, and moto ignores it there. A 404 to an If-Match PUT
+  (AWS, moto: the key was deleted) is handled like a 412;
 - every object we write carries ``x-amz-meta-tierfs-op: <cache id>.<seq>``, the name of
   this op. When a condition fails, the key is HEADed: if it carries our own op's name, our
   earlier attempt landed and only its response was lost (a retry, or a crash before the
@@ -16,7 +18,7 @@ The uploader only ever replaces the base:
 - anything else at the key is another writer's: it keeps the key and ours is uploaded as
   ``<key>.conflict-<UTC time>``: both survive.
 
-A 404 from a PUT means the bucket itself is gone: that is :class:`Permanent`.
+A 404 from an unconditional or If-None-Match PUT means the bucket itself is gone: that is :class:`Permanent`.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..errors import NotFound, Permanent, PreconditionFailed
+from ..errors import NotFound, Permanent, PreconditionFailed, StoreError
 from ..meta import posixmeta
 from ..meta.records import Inode
 from ..store.objectstore import ObjectInfo, ObjectStore
 from .journal import Op
+from .stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +120,20 @@ class Uploader:
             return Outcome(skipped=True)
         return Outcome(etag=etag, size=node.size)
 
-    def put(self, op: Op, node: Inode, key: str, base: str, token: str) -> Outcome:
-        """Upload the staging file of ``node`` to ``key``, replacing ``base`` and nothing else."""
+    def put(
+        self, op: Op, node: Inode, key: str, base: str, token: str, stream: Stream | None = None
+    ) -> Outcome:
+        """Upload the staging file of ``node`` to ``key``, replacing ``base`` and nothing else.
+
+        With ``stream`` (the file's streamed upload, whose parts are partly in the bucket) only
+        the rest is uploaded and that upload completed; if it cannot be, it is aborted and the
+        file uploaded as usual.
+        """
         path = self._staging_path(node.ino)
         try:
             size = path.stat().st_size
+            if stream is not None:
+                return self._put_streamed(op, node, key, base, token, path, size, stream)
             return self._put(op, node, key, base, token, path, size)
         except FileNotFoundError:  # unlinked or replaced while we uploaded; its delete is journaled
             log.info("staging file of %s went away before its upload", key)
@@ -129,17 +141,22 @@ class Uploader:
 
     def _put(self, op: Op, node: Inode, key: str, base: str, token: str, path: Path, size: int) -> Outcome:
         headers = headers_of(node, token)
-        if base:
+        if base and self.store.is_multipart(size):
+            # A multipart upload sends its condition only at completion, after every part, and
+            # not every server honours it there (moto ignores it): one HEAD among many requests
+            # keeps a conflict from uploading everything twice, and another writer's object safe.
             current = self._head(key)
-            if current is not None and current.etag != base:
+            if current is None:
+                base = ""  # deleted remotely: nothing of theirs to lose, upload as new
+            elif current.etag != base:
                 if not _is_ours(current, token):
                     return self._conflict(op, key, base, path, size, headers, current.etag)
                 if self._same_bytes(current, path):
                     return Outcome(etag=current.etag, size=current.size)
                 base = current.etag  # an earlier attempt of this op, with older bytes: ours to replace
-            if current is None:
-                base = ""  # deleted remotely: nothing of theirs to lose, upload as new
         try:
+            # A single PUT carries its condition itself (If-Match: base, or If-None-Match: *):
+            # no HEAD first, one request per file. The key is HEADed only when it fails.
             etag = self._send(op, key, path, headers, base)
         except PreconditionFailed:
             current = self._head(key)
@@ -156,6 +173,39 @@ class Uploader:
             except PreconditionFailed:
                 return self._conflict(op, key, base, path, size, headers, "?")
         return Outcome(etag=etag, size=size)
+
+    def _put_streamed(
+        self, op: Op, node: Inode, key: str, base: str, token: str, path: Path, size: int, stream: Stream
+    ) -> Outcome:
+        """Complete ``stream`` as this put: the remaining parts (of the first ``size`` bytes, the
+        file as this put found it), then CompleteMultipartUpload with the put's condition.
+
+        The condition is checked by a HEAD first as for any multipart put (moto ignores it on
+        completion). Whatever goes wrong, the streamed upload is aborted and the file goes up
+        the usual way (a 412) or the op is retried the usual way (anything else).
+        """
+        try:
+            current = self._head(key) if base else None
+            if base and (current is None or current.etag != base):
+                self.abort(stream)  # deleted, ours from an earlier attempt, or theirs: the usual path
+                return self._put(op, node, key, base, token, path, size)
+            done = stream.uploaded_parts()
+            numbers = range(len(done) + 1, -(-size // self.store.part_size) + 1)
+            rest = self.store.upload_parts(key, stream.upload_id, path, numbers, size=size)
+            etag = self.store.complete_multipart(key, stream.upload_id, done + rest, base or None, not base)
+        except PreconditionFailed:
+            self.abort(stream)
+            return self._put(op, node, key, base, token, path, size)
+        except BaseException:
+            self.abort(stream)
+            raise
+        return Outcome(etag=etag, size=size)
+
+    def abort(self, stream: Stream) -> None:
+        """Abort a streamed upload that will not be completed. Its journal record goes with the
+        op; if the abort fails, replay aborts it (an aborted upload's abort is a no-op)."""
+        with contextlib.suppress(StoreError):
+            self.store.abort_multipart(stream.key, stream.upload_id)
 
     def _same_bytes(self, current: ObjectInfo, path: Path) -> bool:
         """Whether the object holds exactly the staging file's bytes (its ETag is what we would get).
@@ -177,6 +227,8 @@ class Uploader:
                 on_upload_id=lambda upload_id: self._record_upload(op.seq, key, upload_id),
             )
         except NotFound as exc:
+            if base:  # AWS and moto answer If-Match on a missing key with 404: it was deleted remotely
+                raise PreconditionFailed(f"PUT {key}: no object to match ({exc})") from exc
             raise Permanent(f"PUT {key}: the bucket is gone ({exc})") from exc
 
     def _conflict(
