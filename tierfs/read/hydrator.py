@@ -227,7 +227,7 @@ class Hydrator:
         With ``widen`` (a sequential reader), a miss fetches its whole aligned segment
         of ``max_run`` blocks in one GET, so the kernel's concurrent read-ahead requests
         for the neighbouring blocks wait on that GET instead of each sending their own.
-        Without ``remember``, blocks read from the disk tier are not copied into memory.
+        Without ``remember``, blocks read from the disk tier or fetched are not copied into memory.
         Each block's ChunkKey is made once here, so its digest is computed once per read.
         """
         cks = {i: self.chunk_key(obj, i) for i in indices}
@@ -247,7 +247,7 @@ class Hydrator:
             missing = await self._from_disk(obj, missing, out, cks, remember=remember)
             if not missing:
                 return out
-            missing = await self._fetch_missing(obj, missing, out, widen=widen)
+            missing = await self._fetch_missing(obj, missing, out, widen=widen, remember=remember)
             if not missing:
                 return out
         raise Unavailable(f"GET {obj.key}: blocks {missing[:4]} still missing after {MAX_ROUNDS} fetches")
@@ -264,7 +264,7 @@ class Hydrator:
         for start in range(0, total, step):
             todo = self._not_indexed(obj, range(start, min(start + step, total)))
             if todo:
-                await self._fetch_blocks(obj, todo)
+                await self._fetch_blocks(obj, todo, remember=False)  # residency on disk is the point
                 if self._not_indexed(obj, todo):
                     raise OSError(errno.ENOSPC, f"the chunk cache could not store {obj.key}")
             if on_bytes is not None:
@@ -342,7 +342,13 @@ class Hydrator:
         return still
 
     async def _fetch_missing(
-        self, obj: ObjectVersion, missing: list[int], out: dict[int, bytes], *, widen: bool = False
+        self,
+        obj: ObjectVersion,
+        missing: list[int],
+        out: dict[int, bytes],
+        *,
+        widen: bool = False,
+        remember: bool = True,
     ) -> list[int]:
         """Fetch runs of missing blocks in parallel; blocks already in flight are awaited, not refetched.
 
@@ -359,7 +365,8 @@ class Hydrator:
                 waits[i] = flight
             else:
                 todo.append(i)
-        results = await self._fetch_blocks(obj, self._segments_of(obj, todo) if widen else todo)
+        wanted = self._segments_of(obj, todo) if widen else todo
+        results = await self._fetch_blocks(obj, wanted, remember=remember)
         for waited in dict.fromkeys(waits.values()):
             await self._wait(obj, waited)
         still: list[int] = []
@@ -421,7 +428,9 @@ class Hydrator:
                 wanted.add(j)
         return sorted(wanted)
 
-    async def _fetch_blocks(self, obj: ObjectVersion, indices: list[int]) -> dict[int, bytes]:
+    async def _fetch_blocks(
+        self, obj: ObjectVersion, indices: list[int], *, remember: bool = True
+    ) -> dict[int, bytes]:
         """Fetch any set of blocks: one ranged GET per contiguous run, runs in parallel.
 
         Failures are collected rather than left to the nursery, so callers see the
@@ -430,10 +439,11 @@ class Hydrator:
         frozen server they would each wait out their own deadline. At most
         ``max_parallel_runs`` runs start at once, so that a big request (hydrating a
         whole file) does not queue its own runs past their deadlines for an S3 slot.
+        ``remember`` keeps the fetched blocks in the memory tier as well as on disk.
         """
         runs = contiguous_runs(indices, self.max_run)
         if len(runs) <= 1:
-            return await self._fetch_run_shared(obj, runs[0]) if runs else {}
+            return await self._fetch_run_shared(obj, runs[0], remember) if runs else {}
         results: dict[int, bytes] = {}
         failures: list[StoreError] = []
         started = trio.CapacityLimiter(self.max_parallel_runs)
@@ -441,7 +451,7 @@ class Hydrator:
         async def fetch(run: list[int]) -> None:
             try:
                 async with started:
-                    results.update(await self._fetch_run_shared(obj, run))
+                    results.update(await self._fetch_run_shared(obj, run, remember))
             except StoreError as exc:
                 failures.append(exc)
                 nursery.cancel_scope.cancel()
@@ -453,7 +463,9 @@ class Hydrator:
             raise failures[0]
         return results
 
-    async def _fetch_run_shared(self, obj: ObjectVersion, run: list[int]) -> dict[int, bytes]:
+    async def _fetch_run_shared(
+        self, obj: ObjectVersion, run: list[int], remember: bool = True
+    ) -> dict[int, bytes]:
         """Fetch one run under a flight that concurrent readers of its blocks wait on."""
         if run != list(range(run[0], run[0] + len(run))):
             raise AssertionError(f"not a contiguous run of blocks: {run}")
@@ -468,7 +480,8 @@ class Hydrator:
             self.stats.bytes_from_s3 += fetched.origin_bytes
             if fetched.store_error is not None:
                 self._note_store_failure(obj, len(fetched.blocks), fetched.store_error)
-            self.tiers.remember([(self.chunk_key(obj, i), block) for i, block in fetched.blocks.items()])
+            if remember:
+                self.tiers.remember([(self.chunk_key(obj, i), block) for i, block in fetched.blocks.items()])
             flight.blocks = fetched.blocks
             return fetched.blocks
         except StoreError as exc:
