@@ -7,6 +7,7 @@ Hydrator rules, on a real S3 server (moto) through tierfs.store.faultstore, with
   more, then the read fails; nothing of it is cached or served.
 - A reader waiting on another reader's stalled fetch, or for an S3 slot, gives up at that
   fetch's deadline (2 x timeout); a failure is remembered for a second, then retried.
+- Memory keeps partial reads, not whole small files (the page cache has them) nor prefetches.
 
 Through real mounts:
 
@@ -218,6 +219,24 @@ def rig(make_rig: Callable[..., Rig]) -> Rig:
 
 async def read_all(rig: Rig, obj: ObjectVersion) -> bytes:
     return await rig.hydrator.read(obj, 0, obj.size)
+
+
+async def test_memory_keeps_partial_reads_but_not_whole_small_files_or_prefetches(rig: Rig) -> None:
+    """A whole small file just read sits in the page cache and a prefetch wants the disk: neither
+    is copied into the memory tier, where it would push out blocks still in use (issue 16)."""
+    body = random.Random(7).randbytes(110 * KiB)
+    small = rig.put("small", body)
+    first = rig.hydrator.chunk_key(small, 0)
+    assert await read_all(rig, small) == body  # cold: fetched and stored on disk
+    assert rig.cached(small) == [body] and not rig.memory.contains(first)
+    assert await read_all(rig, small) == body  # warm, from the disk tier
+    assert not rig.memory.contains(first) and rig.store.calls["get_range"] == 1
+    assert await rig.hydrator.read(small, 0, 4 * KiB) == body[: 4 * KiB]  # part of it: more may follow
+    assert rig.memory.get(first) == body
+    large = rig.put("large", random.Random(8).randbytes(MiB + 5))
+    await rig.hydrator.hydrate(large)
+    assert [len(b or b"") for b in rig.cached(large)] == [MiB, 5]
+    assert not any(rig.memory.contains(rig.hydrator.chunk_key(large, i)) for i in range(2))
 
 
 async def test_a_body_failing_its_check_is_fetched_once_more_then_the_read_fails(rig: Rig) -> None:

@@ -64,6 +64,16 @@ def test_memory_tier_is_a_bounded_lru() -> None:
     assert [memory.contains(ck(k)) for k in "abc"] == [True, False, True] and memory.size == 200
 
 
+def test_a_chunk_keys_digest_is_computed_once_and_equality_sees_only_its_fields() -> None:
+    a, b = ck("k"), ck("k")
+    first = a.digest()
+    assert a.digest() is first  # kept on the instance: a warm read asks for it several times
+    assert b.digest() == first and a == b and hash(a) == hash(b)  # the memo is no part of equality
+    assert ck("k", 1).digest() != first and ck("k", etag="e2").digest() != first
+    assert a.object_id() is a.object_id() and a.object_id() == ck("k", 3, "e9").object_id()
+    assert ck("other").object_id() != a.object_id()
+
+
 def test_entries_validate_identity_and_bytes() -> None:
     one, two = identity("http://o", ck("k", 0)), identity("http://o", ck("k", 1))
     entry = encode_entry(one, b"block bytes")

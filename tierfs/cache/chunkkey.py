@@ -49,13 +49,27 @@ class ChunkKey:
         return enc(self.bucket), enc(self.key), enc(self.etag)
 
     def digest(self) -> bytes:
-        """sha256 over a length-prefixed encoding of all four fields: names the file and the index row."""
-        bucket, key, etag = self.names()
-        return hashlib.sha256(
-            _CHUNK_TAG + lp(bucket) + lp(key) + lp(etag) + self.index.to_bytes(8, "little")
-        ).digest()
+        """sha256 over a length-prefixed encoding of all four fields: names the file and the index row.
+
+        Computed once per key and kept on the instance: one warm read asks every tier and the
+        flight table for it (memory, index, file path, access time), and the encoding plus the
+        hash were a measurable part of a warm read's time on the trio loop (docs/benchmarks.md).
+        The memo is not a field, so equality and hashing still see only the four fields."""
+        memo: bytes | None = self.__dict__.get("_digest")
+        if memo is None:
+            bucket, key, etag = self.names()
+            memo = hashlib.sha256(
+                _CHUNK_TAG + lp(bucket) + lp(key) + lp(etag) + self.index.to_bytes(8, "little")
+            ).digest()
+            object.__setattr__(self, "_digest", memo)
+        return memo
 
     def object_id(self) -> bytes:
-        """The id of the object (any version) this block belongs to: what pins and drops act on."""
-        bucket, key, _ = self.names()
-        return object_id(bucket, key)
+        """The id of the object (any version) this block belongs to: what pins and drops act on.
+        Kept on the instance like :meth:`digest`."""
+        memo: bytes | None = self.__dict__.get("_object_id")
+        if memo is None:
+            bucket, key, _ = self.names()
+            memo = object_id(bucket, key)
+            object.__setattr__(self, "_object_id", memo)
+        return memo

@@ -200,12 +200,31 @@ class Namespace:
 
     # -- the public async operations ------------------------------------------------------------------
 
+    def _parent_and_child(self, parent: int, name: str) -> tuple[Inode | None, Inode | None]:
+        """The records of a directory and of one of its entries, in one read transaction."""
+        with self.env.begin(buffers=True) as txn:
+            raw = txn.get(ino_key(parent), db=self.inodes)
+            if raw is None:
+                return None, None
+            directory = Inode.unpack(parent, raw)
+            raw_ino = txn.get(dentry_key(parent, name), db=self.dentries)
+            if raw_ino is None:
+                return directory, None
+            ino = int.from_bytes(raw_ino, "big")
+            raw = txn.get(ino_key(ino), db=self.inodes)
+            return directory, Inode.unpack(ino, raw) if raw is not None else None
+
     async def lookup(self, parent_ino: int, name: str) -> Inode:
-        """Resolve one name; lists/revalidates the parent when needed. Raises NotFound/Unavailable."""
-        parent = await self.ensure_listed(parent_ino)
+        """Resolve one name; lists/revalidates the parent when needed. Raises NotFound/Unavailable.
+
+        A fresh parent (the common, warm case) costs one read transaction for both records,
+        not one for the parent's freshness and another for the entry."""
+        parent, child = self._parent_and_child(parent_ino, name)
+        if parent is None or (parent.is_dir and not self.is_fresh(parent)):
+            parent = await self.ensure_listed(parent_ino)
+            child = self.child(parent_ino, name) if parent.is_dir else None
         if not parent.is_dir:
             raise NotADirectoryError(parent_ino)
-        child = self.child(parent_ino, name)
         if child is None:
             raise NotFound(f"{parent.key}{name}")
         if needs_head(child):

@@ -207,7 +207,11 @@ class Hydrator:
             part = await self._part_from_disk(obj, first, offset, end)
             if part is not None:
                 return part
-        blocks = await self.blocks(obj, range(first, last + 1), widen=streaming)
+        # A small object read whole in one request now sits in the kernel's page cache (the
+        # handle keeps it across opens while its version is unchanged): a copy in the memory
+        # tier would only push out blocks that are still useful, and cost a put per file.
+        whole_small = offset == 0 and end == obj.size <= LOOP_READ_MAX
+        blocks = await self.blocks(obj, range(first, last + 1), widen=streaming, remember=not whole_small)
         if first == last:
             base = first * self.block_size
             return blocks[first][offset - base : end - base]
@@ -216,18 +220,21 @@ class Hydrator:
         return data[offset - base : end - base]
 
     async def blocks(
-        self, obj: ObjectVersion, indices: range | list[int], *, widen: bool = False
+        self, obj: ObjectVersion, indices: range | list[int], *, widen: bool = False, remember: bool = True
     ) -> dict[int, bytes]:
         """Return the requested blocks, fetching whatever no cache holds.
 
         With ``widen`` (a sequential reader), a miss fetches its whole aligned segment
         of ``max_run`` blocks in one GET, so the kernel's concurrent read-ahead requests
         for the neighbouring blocks wait on that GET instead of each sending their own.
+        Without ``remember``, blocks read from the disk tier or fetched are not copied into memory.
+        Each block's ChunkKey is made once here, so its digest is computed once per read.
         """
+        cks = {i: self.chunk_key(obj, i) for i in indices}
         out: dict[int, bytes] = {}
         missing: list[int] = []
-        for i in indices:
-            data = self.tiers.from_memory(self.chunk_key(obj, i))
+        for i, ck in cks.items():
+            data = self.tiers.from_memory(ck)
             if data is not None:
                 out[i] = data
             else:
@@ -235,12 +242,12 @@ class Hydrator:
         if out:
             self.stats.cache_hits += len(out)
             self.stats.bytes_from_cache += sum(len(b) for b in out.values())
-            self.tiers.touch_local([self.chunk_key(obj, i) for i in out])
+            self.tiers.touch_local([cks[i] for i in out])
         for _ in range(MAX_ROUNDS):
-            missing = await self._from_disk(obj, missing, out)
+            missing = await self._from_disk(obj, missing, out, cks, remember=remember)
             if not missing:
                 return out
-            missing = await self._fetch_missing(obj, missing, out, widen=widen)
+            missing = await self._fetch_missing(obj, missing, out, widen=widen, remember=remember)
             if not missing:
                 return out
         raise Unavailable(f"GET {obj.key}: blocks {missing[:4]} still missing after {MAX_ROUNDS} fetches")
@@ -257,7 +264,7 @@ class Hydrator:
         for start in range(0, total, step):
             todo = self._not_indexed(obj, range(start, min(start + step, total)))
             if todo:
-                await self._fetch_blocks(obj, todo)
+                await self._fetch_blocks(obj, todo, remember=False)  # residency on disk is the point
                 if self._not_indexed(obj, todo):
                     raise OSError(errno.ENOSPC, f"the chunk cache could not store {obj.key}")
             if on_bytes is not None:
@@ -296,32 +303,52 @@ class Hydrator:
         self.stats.bytes_from_cache += len(data)
         return data
 
-    async def _from_disk(self, obj: ObjectVersion, missing: list[int], out: dict[int, bytes]) -> list[int]:
-        absent = set(self._not_indexed(obj, missing))
-        indexed = [i for i in missing if i not in absent]
-        if not indexed:
+    async def _from_disk(
+        self,
+        obj: ObjectVersion,
+        missing: list[int],
+        out: dict[int, bytes],
+        cks: dict[int, ChunkKey],
+        *,
+        remember: bool = True,
+    ) -> list[int]:
+        """Read the ``missing`` blocks the disk tier holds into ``out``; returns those still missing."""
+        if not missing:
             return missing
-        keys = [self.chunk_key(obj, i) for i in indexed]
         if obj.size <= LOOP_READ_MAX:
             # A small object's one block is read right here: a thread hop costs more CPU than the
             # read (four context switches; measured +45% warm small files/s on 2 vCPUs). Bigger
             # reads keep to the I/O threads, where concurrent readers overlap their disk waits.
-            found: list[bytes | None] = [self.tiers.get_local(ck) for ck in keys]
+            # get_local answers None for a block the index lacks, so no index lookup goes first.
+            found = {i: self.tiers.get_local(cks[i]) for i in missing}
         else:
-            found = await self._run_io(lambda: [self.tiers.get_local(ck) for ck in keys])
-        still: list[int] = list(absent)
-        for i, ck, data in zip(indexed, keys, found, strict=True):
+            indexed = [i for i in missing if self.tiers.held_locally(cks[i])]
+            if not indexed:
+                return missing  # a miss makes no thread hop (index lookups run on the loop)
+            found = await self._run_io(lambda: {i: self.tiers.get_local(cks[i]) for i in indexed})
+        still: list[int] = []
+        hits: list[tuple[ChunkKey, bytes]] = []
+        for i in missing:
+            data = found.get(i)
             if data is None:
                 still.append(i)
                 continue
             out[i] = data
-            self.tiers.remember([(ck, data)])
-            self.stats.cache_hits += 1
+            hits.append((cks[i], data))
             self.stats.bytes_from_cache += len(data)
-        return sorted(still)
+        self.stats.cache_hits += len(hits)
+        if remember and hits:
+            self.tiers.remember(hits)
+        return still
 
     async def _fetch_missing(
-        self, obj: ObjectVersion, missing: list[int], out: dict[int, bytes], *, widen: bool = False
+        self,
+        obj: ObjectVersion,
+        missing: list[int],
+        out: dict[int, bytes],
+        *,
+        widen: bool = False,
+        remember: bool = True,
     ) -> list[int]:
         """Fetch runs of missing blocks in parallel; blocks already in flight are awaited, not refetched.
 
@@ -338,7 +365,8 @@ class Hydrator:
                 waits[i] = flight
             else:
                 todo.append(i)
-        results = await self._fetch_blocks(obj, self._segments_of(obj, todo) if widen else todo)
+        wanted = self._segments_of(obj, todo) if widen else todo
+        results = await self._fetch_blocks(obj, wanted, remember=remember)
         for waited in dict.fromkeys(waits.values()):
             await self._wait(obj, waited)
         still: list[int] = []
@@ -400,7 +428,9 @@ class Hydrator:
                 wanted.add(j)
         return sorted(wanted)
 
-    async def _fetch_blocks(self, obj: ObjectVersion, indices: list[int]) -> dict[int, bytes]:
+    async def _fetch_blocks(
+        self, obj: ObjectVersion, indices: list[int], *, remember: bool = True
+    ) -> dict[int, bytes]:
         """Fetch any set of blocks: one ranged GET per contiguous run, runs in parallel.
 
         Failures are collected rather than left to the nursery, so callers see the
@@ -409,10 +439,11 @@ class Hydrator:
         frozen server they would each wait out their own deadline. At most
         ``max_parallel_runs`` runs start at once, so that a big request (hydrating a
         whole file) does not queue its own runs past their deadlines for an S3 slot.
+        ``remember`` keeps the fetched blocks in the memory tier as well as on disk.
         """
         runs = contiguous_runs(indices, self.max_run)
         if len(runs) <= 1:
-            return await self._fetch_run_shared(obj, runs[0]) if runs else {}
+            return await self._fetch_run_shared(obj, runs[0], remember) if runs else {}
         results: dict[int, bytes] = {}
         failures: list[StoreError] = []
         started = trio.CapacityLimiter(self.max_parallel_runs)
@@ -420,7 +451,7 @@ class Hydrator:
         async def fetch(run: list[int]) -> None:
             try:
                 async with started:
-                    results.update(await self._fetch_run_shared(obj, run))
+                    results.update(await self._fetch_run_shared(obj, run, remember))
             except StoreError as exc:
                 failures.append(exc)
                 nursery.cancel_scope.cancel()
@@ -432,7 +463,9 @@ class Hydrator:
             raise failures[0]
         return results
 
-    async def _fetch_run_shared(self, obj: ObjectVersion, run: list[int]) -> dict[int, bytes]:
+    async def _fetch_run_shared(
+        self, obj: ObjectVersion, run: list[int], remember: bool = True
+    ) -> dict[int, bytes]:
         """Fetch one run under a flight that concurrent readers of its blocks wait on."""
         if run != list(range(run[0], run[0] + len(run))):
             raise AssertionError(f"not a contiguous run of blocks: {run}")
@@ -447,7 +480,8 @@ class Hydrator:
             self.stats.bytes_from_s3 += fetched.origin_bytes
             if fetched.store_error is not None:
                 self._note_store_failure(obj, len(fetched.blocks), fetched.store_error)
-            self.tiers.remember([(self.chunk_key(obj, i), block) for i, block in fetched.blocks.items()])
+            if remember:
+                self.tiers.remember([(self.chunk_key(obj, i), block) for i, block in fetched.blocks.items()])
             flight.blocks = fetched.blocks
             return fetched.blocks
         except StoreError as exc:
