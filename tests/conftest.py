@@ -24,6 +24,7 @@ for _path in (Path(__file__).resolve().parent, Path(__file__).resolve().parent.p
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+from direct import Bucket  # noqa: E402  (needs the path above)
 from mounting import FUSE_AVAILABLE, Mounter  # noqa: E402  (needs the path above)
 
 from tools.servers import MotoS3, S3Server, SeaweedFS, child_env  # noqa: E402
@@ -113,6 +114,13 @@ def bucket(request: pytest.FixtureRequest) -> Callable[..., str]:
         return name
 
     return make
+
+
+@pytest.fixture
+def where(moto: MotoS3, bucket: Callable[..., str], s3_env: None) -> Iterator[tuple[str, Bucket]]:
+    """A fresh moto bucket and a client for it, for the in-process write-back tests (tests/direct.py)."""
+    name = bucket(moto)
+    yield name, Bucket(moto.endpoint_url, name)
 
 
 @pytest.fixture

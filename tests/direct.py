@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import random
 import stat
 import time
 from collections.abc import AsyncIterator, Callable
@@ -257,6 +258,11 @@ class Stack:
         """What the chunk cache holds for each block of (key, etag) (None: nothing)."""
         count = max(1, (size + BLOCK - 1) // BLOCK)
         return [self.cache.get(ChunkKey(self.bucket, key, etag, i)) for i in range(count)]
+
+
+def payload(seed: int, size: int) -> bytes:
+    """Deterministic random bytes: a test's data, reproducible from its seed."""
+    return random.Random(seed).randbytes(size)
 
 
 @contextlib.asynccontextmanager

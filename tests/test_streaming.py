@@ -9,12 +9,11 @@ behind at the server.
 from __future__ import annotations
 
 import contextlib
-import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from direct import Bucket, MiB, Options, Stack, running, wait_for
+from direct import Bucket, MiB, Options, Stack, payload, running, wait_for
 from mounting import Mounter, wait_until
 from test_posix_write import flush
 
@@ -23,16 +22,6 @@ from tools.servers import MotoS3, SeaweedFS, s3_client
 
 PARTS = Options(multipart_threshold=5 * MiB, part_size=5 * MiB)  # moto's smallest part is 5 MiB
 CHUNK = MiB
-
-
-def payload(seed: int, size: int) -> bytes:
-    return random.Random(seed).randbytes(size)
-
-
-@pytest.fixture
-def where(moto: MotoS3, bucket: Callable[..., str], s3_env: None) -> Iterator[tuple[str, Bucket]]:
-    name = bucket(moto)
-    yield name, Bucket(moto.endpoint_url, name)
 
 
 async def write_sequentially(stack: Stack, name: str, data: bytes, start: int = 0) -> None:

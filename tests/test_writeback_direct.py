@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from direct import Bucket, MiB, Options, Stack, running, wait_for, wait_stalled
+from direct import Bucket, MiB, Options, Stack, payload, running, wait_for, wait_stalled
 
 from tierfs.errors import AccessDenied, FlushFailed, Permanent, StoreError, Unavailable
 from tierfs.writeback.upload import OP_TOKEN_HEADER
@@ -39,10 +39,6 @@ from tools.servers import MotoS3
 CONFLICT_NAME = re.compile(r"^(?P<key>.+)\.conflict-\d{8}T\d{6}\.\d{6}Z$")
 PERMANENT_BOUND = 10.0  # "within seconds" on a loaded 2-core machine; a retry loop would take minutes
 SMALL_PARTS = Options(multipart_threshold=5 * MiB, part_size=5 * MiB)  # moto's smallest part is 5 MiB
-
-
-def payload(seed: int, size: int) -> bytes:
-    return random.Random(seed).randbytes(size)
 
 
 class World:

@@ -8,25 +8,13 @@
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from direct import Bucket, MiB, Options, running
+from direct import Bucket, MiB, Options, payload, running
 
 from tierfs.store.objectstore import S3ObjectStore
 from tools.servers import MotoS3
-
-
-def payload(seed: int, size: int) -> bytes:
-    return random.Random(seed).randbytes(size)
-
-
-@pytest.fixture
-def where(moto: MotoS3, bucket: Callable[..., str], s3_env: None) -> Iterator[tuple[str, Bucket]]:
-    name = bucket(moto)
-    yield name, Bucket(moto.endpoint_url, name)
 
 
 async def test_replacing_a_file_costs_one_put_and_no_head(
