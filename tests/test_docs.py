@@ -112,3 +112,14 @@ def test_shared_cache_doc_numbers() -> None:
     assert f"a {shared._ENTRY.size}-byte header (`struct \"{shared._ENTRY.format}\"`)" in doc
     assert f"magic `{shared.ENTRY_MAGIC.decode()}`, version {shared.ENTRY_VERSION}" in doc
     assert _readme_defaults()["shared-cache-timeout"] == f"{config.shared_cache_timeout:g}"
+
+
+def test_the_layer_table_lists_every_module_of_each_package() -> None:
+    """docs/design.md's layer table names each package's modules: a module added or removed
+    without the table following would make the one-page picture of the tree untrue."""
+    rows = re.findall(r"^\| [^|]+ \| `tierfs/([a-z]+)/` \| ([^|]+) \|", _text("docs/design.md"), re.MULTILINE)
+    assert len(rows) >= 8, rows
+    for package, cell in rows:
+        listed = set(re.findall(r"`([a-z0-9_]+)`", cell))
+        present = {p.stem for p in (ROOT / "tierfs" / package).glob("*.py")} - {"__init__"}
+        assert listed == present, f"tierfs/{package}: table {sorted(listed)}, tree {sorted(present)}"

@@ -7,5 +7,6 @@ drives sequential read-ahead. It may import the cache, meta and store layers and
 modules only. Trio loop: its async API runs on the loop and never blocks it. The memory tier
 and bookkeeping are on the loop, and so is the read of a small object's cached block (at most
 ``LOOP_READ_MAX``); every other chunk-cache call and every S3 GET runs in a worker thread
-behind the I/O or S3 limiter.
+behind the I/O or S3 limiter. ``follow`` retries a read whose bytes moved to a new key while
+it waited (a rename's server-side copy and the delete of its source ran meanwhile).
 """
