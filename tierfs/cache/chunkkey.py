@@ -9,6 +9,7 @@ on local disk (docs/cache-format.md); the shared tier hashes the origin in as we
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 _CHUNK_TAG = b"tierfs-chunk-v1\0"
@@ -48,28 +49,36 @@ class ChunkKey:
         """Encoded (bucket, key, etag), in the order they appear in a chunk file."""
         return enc(self.bucket), enc(self.key), enc(self.etag)
 
+    def _memo(self, name: str, make: Callable[[], bytes]) -> bytes:
+        """``make()``, computed once per instance. The memo is not a field, so equality and
+        hashing still see only the four fields (the dataclass is frozen: hence __dict__)."""
+        memo: bytes | None = self.__dict__.get(name)
+        if memo is None:
+            memo = make()
+            object.__setattr__(self, name, memo)
+        return memo
+
     def digest(self) -> bytes:
         """sha256 over a length-prefixed encoding of all four fields: names the file and the index row.
 
         Computed once per key and kept on the instance: one warm read asks every tier and the
         flight table for it (memory, index, file path, access time), and the encoding plus the
-        hash were a measurable part of a warm read's time on the trio loop (docs/benchmarks.md).
-        The memo is not a field, so equality and hashing still see only the four fields."""
-        memo: bytes | None = self.__dict__.get("_digest")
-        if memo is None:
+        hash were a measurable part of a warm read's time on the trio loop (docs/benchmarks.md)."""
+
+        def make() -> bytes:
             bucket, key, etag = self.names()
-            memo = hashlib.sha256(
+            return hashlib.sha256(
                 _CHUNK_TAG + lp(bucket) + lp(key) + lp(etag) + self.index.to_bytes(8, "little")
             ).digest()
-            object.__setattr__(self, "_digest", memo)
-        return memo
+
+        return self._memo("_digest", make)
 
     def object_id(self) -> bytes:
         """The id of the object (any version) this block belongs to: what pins and drops act on.
         Kept on the instance like :meth:`digest`."""
-        memo: bytes | None = self.__dict__.get("_object_id")
-        if memo is None:
+
+        def make() -> bytes:
             bucket, key, _ = self.names()
-            memo = object_id(bucket, key)
-            object.__setattr__(self, "_object_id", memo)
-        return memo
+            return object_id(bucket, key)
+
+        return self._memo("_object_id", make)
