@@ -1,10 +1,10 @@
 """The write-back stack without FUSE: Namespace + ChunkCache + Hydrator + WriteBack on one cache dir.
 
 Why: the FUSE mount hides *which* layer broke and makes races slow to set up. Here the layers
-are wired as ``tierfs.daemon.mount.Mount.__enter__`` wires them (CacheDir, NamespacePolicy, run_s3 and
-run_io through ``trio.to_thread.run_sync`` behind CapacityLimiters), over a real S3 server
-(moto on loopback) wrapped in :class:`tierfs.store.faultstore.FaultStore`, and driven with the calls
-and the call order of ``tierfs/fuse/operations.py``. Tests then look at the bucket and the journal directly.
+are built by ``tierfs.daemon.stack.build_stack``, the function a mount builds them with, over a real
+S3 server (moto on loopback) wrapped in :class:`tierfs.store.faultstore.FaultStore`, and driven with
+write-back's calls in the order ``tierfs/fs/core.py`` makes them (``Stack.fs`` is the file system
+itself). Tests then look at the bucket and the journal directly.
 
 A :class:`Stack` can also *crash*: with ``abandon=True`` its S3 worker threads are abandoned
 when the stack is cancelled, so an upload stalled on the wire neither finishes nor aborts,
@@ -14,8 +14,6 @@ as after ``kill -9``; a new stack on the same cache dir then replays the journal
 from __future__ import annotations
 
 import contextlib
-import functools
-import math
 import random
 import stat
 import time
@@ -26,20 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from tierfs.cache.chunkcache import ChunkCache
 from tierfs.cache.chunkkey import ChunkKey
-from tierfs.cache.memory import MemoryTier
-from tierfs.cache.stack import Tiers
-from tierfs.meta.cachedir import CacheDir
-from tierfs.meta.groupcommit import GroupCommit
-from tierfs.meta.namespace import Namespace, NamespacePolicy
+from tierfs.daemon.stack import StackSettings, build_stack
 from tierfs.meta.records import ROOT_INO, Inode, Kind
-from tierfs.read.hydrator import Hydrator, ObjectVersion
+from tierfs.read.hydrator import ObjectVersion
 from tierfs.store.faultstore import FaultStore
 from tierfs.store.objectstore import S3ObjectStore
-from tierfs.writeback import WriteBack
-from tierfs.writeback.journal import Journal, Op
-from tierfs.writeback.staging import Staging
+from tierfs.writeback.journal import Op
 from tools.servers import s3_client
 
 if TYPE_CHECKING:
@@ -48,7 +39,6 @@ if TYPE_CHECKING:
 KiB = 1 << 10
 MiB = 1 << 20
 BLOCK = MiB
-IO_THREADS = 8  # as tierfs.daemon.mount.IO_THREADS
 CONFLICT_MARK = ".conflict-"
 
 
@@ -74,20 +64,6 @@ class Stack:
         self.bucket = bucket
         self.options = options
         home.mkdir(parents=True, exist_ok=True)
-        # The owner tag must not depend on the endpoint: a replay after a "crash" may reach
-        # the same server without the proxy the crashed stack went through.
-        self.cachedir = CacheDir(home, f"direct|s3://{bucket}")
-        self.cache = ChunkCache(
-            self.cachedir.index_env,
-            home,
-            block_size=BLOCK,
-            limit_bytes=None,
-            min_free=0.0,
-            max_age=math.inf,
-            compression_level=None,
-        )
-        self.memory = MemoryTier(64 << 20)
-        self.tiers = Tiers([self.memory, self.cache])
         self.inner = S3ObjectStore(
             bucket,
             endpoint_url=endpoint,
@@ -97,59 +73,36 @@ class Stack:
             multipart_threshold=options.multipart_threshold,
         )
         self.store = FaultStore(self.inner, seed=options.seed)
-        self.s3_limiter = trio.CapacityLimiter(options.s3_concurrency)
-        self.io_limiter = trio.CapacityLimiter(IO_THREADS)
-        policy = NamespacePolicy(
-            bucket=bucket, root_prefix="", ttl=60.0, uid=0, gid=0, file_mode=0o644, dir_mode=0o755
+        settings = StackSettings(
+            bucket=bucket, block_size=BLOCK, writeback_delay=options.delay,
+            s3_concurrency=options.s3_concurrency,
         )
-        self.commit = GroupCommit(self.cachedir.env)
-        self.ns = Namespace(self.cachedir.env, self.store, policy, self.run_s3, commit=self.commit)
-        self.hydrator = Hydrator(
-            bucket=bucket,
-            store=self.store,
-            tiers=self.tiers,
-            run_s3=self.run_s3,
-            run_io=self.run_io,
-            block_size=BLOCK,
-            spawn=lambda task: None,  # no read-ahead: these tests read one version at a time
-            learn_metadata=self.ns.learn_metadata,
+        # The owner tag must not depend on the endpoint: a replay after a "crash" may reach
+        # the same server without the proxy the crashed stack went through.
+        self.layers = build_stack(
+            self.store, home, f"direct|s3://{bucket}", settings, abandon_on_cancel=options.abandon
         )
-        self.journal = Journal(self.cachedir.env, self.commit)
-        self.wb = WriteBack(
-            bucket=bucket,
-            namespace=self.ns,
-            store=self.store,
-            hydrator=self.hydrator,
-            staging=Staging(home / "staging"),
-            journal=self.journal,
-            cache=self.tiers,
-            run_s3=self.run_s3,
-            run_io=self.run_io,
-            delay=options.delay,
-        )
+        self.cachedir = self.layers.cachedir
+        self.cache = self.layers.disk
+        self.memory = self.layers.memory
+        self.tiers = self.layers.tiers
+        self.commit = self.layers.commit
+        self.ns = self.layers.namespace
+        self.hydrator = self.layers.hydrator
+        self.fs = self.layers.fs
+        assert self.layers.journal is not None and self.layers.writeback is not None
+        self.journal = self.layers.journal
+        self.wb = self.layers.writeback
+        self.run_s3 = self.layers.run_s3
+        self.run_io = self.layers.run_io
         self.closed = False
-
-    # -- the mount's thread helpers -----------------------------------------------------------------
-
-    async def run_s3(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await trio.to_thread.run_sync(
-            functools.partial(fn, *args, **kwargs),
-            limiter=self.s3_limiter,
-            abandon_on_cancel=self.options.abandon,
-        )
-
-    async def run_io(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self.io_limiter)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         self.store.clear()  # a stall left behind would hold a worker thread for its whole bound
-        try:
-            self.cache.close()
-        finally:
-            self.cachedir.close()
+        self.layers.close()
 
     # -- the FUSE adapter's calls, in tierfs/fuse/operations.py's order --------------------------------------
 

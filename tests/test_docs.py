@@ -14,7 +14,7 @@ import pytest
 
 from tierfs.cache import shared
 from tierfs.cli import parse_mount_args
-from tierfs.daemon import mount
+from tierfs.daemon import stack
 from tierfs.fuse import kerneltune
 from tierfs.meta import tombstones
 from tierfs.read import hydrator
@@ -78,7 +78,7 @@ def test_readme_cache_min_free_default() -> None:
 
 def test_design_doc_numbers() -> None:
     design = " ".join(_text("docs/design.md").split())  # line breaks are not part of the claims
-    assert f"a second limiter of {mount.IO_THREADS}" in design
+    assert f"a second limiter of {stack.IO_THREADS}" in design
     assert f"at most {hydrator.LOOP_READ_MAX // 1024} KiB" in design
     assert f"GETs of {objectstore.CRT_MAX_GET >> 20} MiB or less go to the CRT" in design
     assert f"raised to {kerneltune.DEFAULT_READ_AHEAD_KB // 1024} MiB" in design

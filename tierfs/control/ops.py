@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -32,12 +32,21 @@ Progress = Callable[[dict[str, Any]], Awaitable[None]]
 FLUSH_HEARTBEAT = 5.0  # seconds between a flush's deadline lines; the CLI's silence bound is larger
 
 
+class FileData(Protocol):
+    """Where a file's bytes are now (``tierfs.fs.FileSystem`` answers it; short, on the loop)."""
+
+    def version_of(self, node: Inode) -> ObjectVersion:
+        """The version of ``node``'s bytes the bucket holds now: a renamed file's data stays
+        under its old key until the journaled copy ran."""
+        ...
+
+
 @dataclass(frozen=True)
 class MountParts:
     """What the control operations act on, handed over by the mount's wiring (tierfs.daemon.mount).
 
     Layers and callables, not the mount itself: control depends on the layers below it and
-    on nothing above. ``version_of`` is the one rule for where a file's bytes are now (a
+    on nothing above. ``files`` is the one rule for where a file's bytes are now (a
     renamed file's data stays under its old key until the journaled copy ran).
     """
 
@@ -48,7 +57,7 @@ class MountParts:
     status: Callable[[], dict[str, Any]]
     flush: Callable[..., Awaitable[dict[str, Any]]]  # (progress, *, timeout) -> result
     flush_deadline: Callable[[float], float]
-    version_of: Callable[[Inode], ObjectVersion]
+    files: FileData
     run_io: Callable[..., Awaitable[Any]]
     invalidate: Callable[[int], None]
 
@@ -164,7 +173,7 @@ class ControlOps:
             in proportion to the directory (a million files, a million tasks)."""
             for path, node in todo:
                 try:
-                    await hydrator.hydrate(self.parts.version_of(node), on_bytes)
+                    await hydrator.hydrate(self.parts.files.version_of(node), on_bytes)
                     state["done_files"] += 1
                 except (StoreError, OSError) as exc:
                     failed.append({"path": path, "error": str(exc)})
@@ -219,7 +228,7 @@ class ControlOps:
         return {**result, "freed_bytes": freed}
 
     def _data_key(self, node: Inode) -> str:
-        return self.parts.version_of(node).key
+        return self.parts.files.version_of(node).key
 
     async def pin(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         bucket = self.parts.cfg.source.bucket

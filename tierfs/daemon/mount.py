@@ -1,14 +1,14 @@
 """One live mount: builds the layers from a MountConfig and runs them on one trio loop.
 
-Layering (each a module with one job; see docs/design.md):
-object store -> namespace -> chunk cache -> hydrator -> write-back -> FUSE adapter.
-This module is the only place that knows all of them; it also owns the background
-tasks (maintenance, invalidation, control channel) and the start/stop order.
+Layering (each a package with one job; see docs/design.md): object store -> namespace ->
+cache tiers -> read path -> write-back -> file system -> FUSE adapter. The layers up to the
+file system are built by ``stack.build_stack`` (which the in-process tests use too); this
+module adds what only a live mount has (the FUSE adapter, kernel invalidations, the control
+server, metrics), owns the background tasks and the start/stop order.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -20,33 +20,22 @@ from typing import Any
 import pyfuse3
 import trio
 
-from ..cache.chunkcache import ChunkCache
-from ..cache.memory import MemoryTier
 from ..cache.shared import SharedTier
-from ..cache.stack import Tiers
 from ..config import MountConfig
 from ..control.ops import ControlOps, MountParts
 from ..control.protocol import ProgressCallback
 from ..errors import ConfigError, FlushFailed
 from ..fuse import kerneltune
 from ..fuse.operations import TierOperations
-from ..meta.cachedir import CacheDir
-from ..meta.groupcommit import GroupCommit
 from ..meta.importer import sweep_loop
-from ..meta.namespace import Namespace, NamespacePolicy
 from ..meta.records import Inode
-from ..read.hydrator import Hydrator
 from ..reader.daemon import DirectReaders
-from ..writeback import WriteBack
-from ..writeback.journal import Journal
-from ..writeback.staging import Staging
 from . import memory, metrics, sdnotify
+from .stack import StackSettings, build_stack
 from .startup import preflight_store, setup_logging, shared_store
 
 log = logging.getLogger("tierfs")
 
-IO_THREADS = 8
-HOT_BYTES = 64 << 20  # the memory tier
 # An inode (data and attributes), ("attr", inode) for attributes only, or (parent inode, name).
 Invalidation = int | tuple[str, int] | tuple[int, str]
 MAINTENANCE_INTERVAL = 5.0
@@ -71,77 +60,27 @@ class Mount:
         setup_logging(cfg, self.daemonized)
         self.store = preflight_store(cfg)
         owner = f"{cfg.endpoint_url or 'aws'}|{cfg.source}"
-        self.cachedir = CacheDir(cache_root, owner)
-        env = self.cachedir.env
-        self.disk = ChunkCache(
-            self.cachedir.index_env,
-            cache_root,
-            block_size=cfg.block_size,
-            limit_bytes=cfg.cache_size,
-            min_free=cfg.cache_min_free,
-            max_age=cfg.cache_max_age,
-            compression_level=cfg.cache_compression,
+        self.stack = build_stack(
+            self.store, cache_root, owner, StackSettings.from_config(cfg),
+            shared=self._shared_tier(), spawn=self.spawn,
         )
-        self.tiers = Tiers([MemoryTier(HOT_BYTES), self.disk, *self._shared_tier()])
-        self.s3_limiter = trio.CapacityLimiter(cfg.s3_concurrency)
-        self.io_limiter = trio.CapacityLimiter(IO_THREADS)
-        policy = NamespacePolicy(
-            bucket=cfg.source.bucket,
-            root_prefix=cfg.source.prefix,
-            ttl=cfg.metadata_ttl,
-            uid=cfg.uid,
-            gid=cfg.gid,
-            file_mode=cfg.file_mode,
-            dir_mode=cfg.dir_mode,
-        )
-        commit = GroupCommit(env)  # one committer for the env: record updates and journal share flushes
-        self.namespace = Namespace(env, self.store, policy, self.run_s3, spawn=self.spawn, commit=commit)
+        self.cachedir = self.stack.cachedir
+        self.disk = self.stack.disk
+        self.tiers = self.stack.tiers
+        self.namespace = self.stack.namespace
+        self.hydrator = self.stack.hydrator
+        self.writeback = self.stack.writeback
+        self.fs = self.stack.fs
         self.namespace.change_hooks.append(self._on_object_changed)
         self.namespace.entry_hooks.append(lambda parent, name: self.queue_invalidation((parent, name)))
         self.namespace.attr_hooks.append(lambda ino: self.queue_invalidation(("attr", ino)))
-        self.hydrator = Hydrator(
-            bucket=cfg.source.bucket,
-            store=self.store,
-            tiers=self.tiers,
-            run_s3=self.run_s3,
-            run_io=self.run_io,
-            block_size=cfg.block_size,
-            spawn=self.spawn,
-            learn_metadata=self.namespace.learn_metadata,
-            timeout=cfg.timeout,
-            max_parallel_runs=cfg.s3_concurrency,
-        )
-        self.writeback: WriteBack | None = None
-        if not cfg.read_only:
-            self.writeback = WriteBack(
-                bucket=cfg.source.bucket,
-                namespace=self.namespace,
-                store=self.store,
-                hydrator=self.hydrator,
-                staging=Staging(cache_root / "staging"),
-                journal=Journal(env, commit),
-                cache=self.tiers,
-                run_s3=self.run_s3,
-                run_io=self.run_io,
-                delay=cfg.writeback_delay,
-                upload_concurrency=cfg.upload_concurrency,
-            )
         self.metrics: Any = None
         if cfg.metrics_addr:
             try:
                 self.metrics = metrics.serve(cfg.metrics_addr, self._status_from_any_thread)
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"cannot serve metrics on {cfg.metrics_addr}: {exc}") from None
-        self.ops = TierOperations(
-            self.namespace,
-            self.hydrator,
-            kernel_timeout=cfg.kernel_timeout,
-            block_size=cfg.block_size,
-            read_only=cfg.read_only,
-            invalidate=self.queue_invalidation,
-            writeback=self.writeback,
-            run_io=self.run_io,
-        )
+        self.ops = TierOperations(self.fs, kernel_timeout=cfg.kernel_timeout)
         return self
 
     def _shared_tier(self) -> list[SharedTier]:
@@ -157,20 +96,17 @@ class Mount:
     def __exit__(self, *exc: object) -> None:
         if self.metrics is not None:
             self.metrics.close()
-        try:
-            self.tiers.close()
-        finally:
-            self.cachedir.close()
+        self.stack.close()
 
     # -- thread helpers -------------------------------------------------------------------------------
 
     async def run_s3(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run blocking S3 work in a worker thread, at most ``--s3-concurrency`` at once."""
-        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self.s3_limiter)
+        return await self.stack.run_s3(fn, *args, **kwargs)
 
     async def run_io(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run blocking disk/LMDB work in a worker thread, bounded separately from S3 work."""
-        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self.io_limiter)
+        return await self.stack.run_io(fn, *args, **kwargs)
 
     def spawn(self, task: Callable[[], Awaitable[None]]) -> None:
         """Start a background task whose failure is logged, never fatal to the mount."""
@@ -351,7 +287,7 @@ class Mount:
                 status=self.status,
                 flush=self.flush,
                 flush_deadline=self.flush_deadline,
-                version_of=self.ops.version_of,
+                files=self.fs,
                 run_io=self.run_io,
                 invalidate=self.queue_invalidation,
             )

@@ -2,8 +2,9 @@
 
 Only :class:`pyfuse3.FUSEError` may leave a handler: anything else escapes
 ``pyfuse3.main`` and leaves a dead mount ("Transport endpoint is not connected").
-:func:`fuse_errors` maps the tierfs error vocabulary to errno values and turns every
-unexpected exception into a logged EIO.
+:func:`fuse_errors` maps the tierfs error vocabulary to errno values, passes the file
+system's own answers (``fs.PosixError``) through unchanged, and turns every unexpected
+exception into a logged EIO.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from ..errors import AccessDenied, NotFound, StoreError
+from ..fs.posix import PosixError
 from ..meta.records import Inode, Kind
 
 log = logging.getLogger("tierfs.fuse")
@@ -66,6 +68,8 @@ def fuse_errors(counter: ErrorCounter) -> Callable[[Handler[P, T]], Handler[P, T
                 return await handler(*args, **kwargs)
             except pyfuse3.FUSEError:
                 raise
+            except PosixError as exc:  # the file system's answer (EEXIST, ENOTEMPTY, ...): not a fault
+                raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
             except (StoreError, OSError, ExceptionGroup) as exc:
                 code = errno_for(exc)
                 if code != errno.ENOENT:

@@ -1,0 +1,193 @@
+"""One function builds the layers of a mount: the daemon and the in-process tests share it.
+
+:func:`build_stack` opens the cache dir and wires, on it and an object store, every layer
+from the cache tiers up to the file system (:class:`tierfs.fs.FileSystem`); what is left to
+its caller is what only a live mount has (the FUSE adapter, kernel invalidations, the control
+server, background tasks), so a test drives exactly the stack a mount serves. Building opens
+files and LMDB environments (blocking, before the trio loop runs); :meth:`Stack.close` closes
+them. ``run_s3`` and ``run_io`` are the two bounded thread pools every layer's blocking work
+goes through (docs/design.md, "Threading rules").
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..cache.chunkcache import ChunkCache
+from ..cache.memory import MemoryTier
+from ..cache.stack import Tiers
+from ..cache.tier import CacheTier
+from ..config import MountConfig
+from ..fs import FileSystem
+from ..meta.cachedir import CacheDir
+from ..meta.groupcommit import GroupCommit
+from ..meta.namespace import Namespace, NamespacePolicy
+from ..read.hydrator import Hydrator
+from ..store.objectstore import ObjectStore
+from ..writeback import WriteBack
+from ..writeback.journal import Journal
+from ..writeback.staging import Staging
+
+IO_THREADS = 8
+HOT_BYTES = 64 << 20  # the memory tier
+Spawn = Callable[[Callable[[], Awaitable[None]]], None]
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    """What the layers need to know of a mount's configuration (``from_config`` for a mount)."""
+
+    bucket: str
+    root_prefix: str = ""
+    block_size: int = 1 << 20
+    metadata_ttl: float = 60.0
+    uid: int = 0
+    gid: int = 0
+    file_mode: int = 0o644
+    dir_mode: int = 0o755
+    cache_size: int | None = None
+    cache_min_free: float = 0.0
+    cache_max_age: float = math.inf
+    cache_compression: int | None = None
+    read_only: bool = False
+    writeback_delay: float = 5.0
+    upload_concurrency: int = 8
+    s3_concurrency: int = 16
+    timeout: float | None = None  # the store's bound on one call; None: the store's own
+
+    @classmethod
+    def from_config(cls, cfg: MountConfig) -> StackSettings:
+        return cls(
+            bucket=cfg.source.bucket, root_prefix=cfg.source.prefix, block_size=cfg.block_size,
+            metadata_ttl=cfg.metadata_ttl, uid=cfg.uid, gid=cfg.gid, file_mode=cfg.file_mode,
+            dir_mode=cfg.dir_mode, cache_size=cfg.cache_size, cache_min_free=cfg.cache_min_free,
+            cache_max_age=cfg.cache_max_age, cache_compression=cfg.cache_compression,
+            read_only=cfg.read_only, writeback_delay=cfg.writeback_delay,
+            upload_concurrency=cfg.upload_concurrency, s3_concurrency=cfg.s3_concurrency, timeout=cfg.timeout,
+        )  # fmt: skip
+
+
+class Stack:
+    """The layers of one mount on one cache dir, from the cache tiers up to the file system."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        cache_root: Path,
+        owner: str,
+        settings: StackSettings,
+        *,
+        shared: Sequence[CacheTier] = (),
+        spawn: Spawn | None = None,
+        abandon_on_cancel: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self._abandon = abandon_on_cancel
+        self.s3_limiter = trio.CapacityLimiter(settings.s3_concurrency)
+        self.io_limiter = trio.CapacityLimiter(IO_THREADS)
+        self.cachedir = CacheDir(cache_root, owner)
+        try:
+            self._build(cache_root, shared, spawn)
+        except BaseException:
+            self.cachedir.close()
+            raise
+
+    def _build(self, cache_root: Path, shared: Sequence[CacheTier], spawn: Spawn | None) -> None:
+        s = self.settings
+        env = self.cachedir.env
+        self.disk = ChunkCache(
+            self.cachedir.index_env,
+            cache_root,
+            block_size=s.block_size,
+            limit_bytes=s.cache_size,
+            min_free=s.cache_min_free,
+            max_age=s.cache_max_age,
+            compression_level=s.cache_compression,
+        )
+        self.memory = MemoryTier(HOT_BYTES)
+        self.tiers = Tiers([self.memory, self.disk, *shared])
+        policy = NamespacePolicy(
+            bucket=s.bucket, root_prefix=s.root_prefix, ttl=s.metadata_ttl, uid=s.uid, gid=s.gid,
+            file_mode=s.file_mode, dir_mode=s.dir_mode,
+        )  # fmt: skip
+        self.commit = GroupCommit(env)  # one committer for the env: record updates and journal share flushes
+        self.namespace = Namespace(env, self.store, policy, self.run_s3, spawn=spawn, commit=self.commit)
+        self.hydrator = Hydrator(
+            bucket=s.bucket,
+            store=self.store,
+            tiers=self.tiers,
+            run_s3=self.run_s3,
+            run_io=self.run_io,
+            block_size=s.block_size,
+            spawn=spawn or (lambda task: None),  # no spawner: no read-ahead
+            learn_metadata=self.namespace.learn_metadata,
+            timeout=s.timeout,
+            max_parallel_runs=s.s3_concurrency,
+        )
+        self.journal: Journal | None = None
+        self.writeback: WriteBack | None = None
+        if not s.read_only:
+            self.journal = Journal(env, self.commit)
+            self.writeback = WriteBack(
+                bucket=s.bucket,
+                namespace=self.namespace,
+                store=self.store,
+                hydrator=self.hydrator,
+                staging=Staging(cache_root / "staging"),
+                journal=self.journal,
+                cache=self.tiers,
+                run_s3=self.run_s3,
+                run_io=self.run_io,
+                delay=s.writeback_delay,
+                upload_concurrency=s.upload_concurrency,
+            )
+        self.fs = FileSystem(
+            self.namespace,
+            self.hydrator,
+            block_size=s.block_size,
+            writeback=self.writeback,
+            run_io=self.run_io,
+        )
+
+    async def run_s3(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run blocking S3 work in a worker thread, at most ``s3_concurrency`` at once. With
+        ``abandon_on_cancel`` a cancelled call is left running unanswered, as after ``kill -9``."""
+        return await trio.to_thread.run_sync(
+            functools.partial(fn, *args, **kwargs), limiter=self.s3_limiter, abandon_on_cancel=self._abandon
+        )
+
+    async def run_io(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run blocking disk/LMDB work in a worker thread, bounded separately from S3 work."""
+        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self.io_limiter)
+
+    def close(self) -> None:
+        try:
+            self.tiers.close()
+        finally:
+            self.cachedir.close()
+
+
+def build_stack(
+    store: ObjectStore,
+    cache_root: Path,
+    owner: str,
+    settings: StackSettings,
+    *,
+    shared: Sequence[CacheTier] = (),
+    spawn: Spawn | None = None,
+    abandon_on_cancel: bool = False,
+) -> Stack:
+    """The layers of a mount of ``store`` on the cache dir ``cache_root`` (owned by ``owner``, the
+    tag a cache dir keeps of its source). ``spawn`` starts background tasks (read-ahead, lazy
+    listings); without it none run."""
+    return Stack(
+        store, cache_root, owner, settings, shared=shared, spawn=spawn, abandon_on_cancel=abandon_on_cancel
+    )
