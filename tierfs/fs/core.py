@@ -372,6 +372,8 @@ class FileSystem:
         node = self.ns.child(old_parent.ino, old_name)
         if node is None:
             raise PosixError(errno.ENOENT)
+        if node.is_dir and self._is_below(new_parent, node.ino):
+            raise PosixError(errno.EINVAL)  # into itself (the kernel refuses it first, as Linux does)
         check_name(new_parent, new_name, is_dir=node.is_dir)
         target = self.ns.child(new_parent.ino, new_name)
         if target is not None:
@@ -388,8 +390,6 @@ class FileSystem:
                 if next(iter(self.ns.children(target.ino)), None) is not None:
                     raise PosixError(errno.ENOTEMPTY)
         if node.is_dir:
-            if self._is_below(new_parent, node.ino):
-                raise PosixError(errno.EINVAL)  # into itself (the kernel checks too, for its dentries)
             await self._list_subtree(node.ino)
         if target is not None:
             await self._drop_name(new_parent, new_name, target)
