@@ -177,7 +177,11 @@ class Runner:
         self._token = trio.lowlevel.current_trio_token()
         self._stop = trio.Event()
         settings = StackSettings(
-            bucket=self.bucket, root_prefix=self.prefix, writeback_delay=self.delay, s3_concurrency=8, timeout=5.0
+            bucket=self.bucket,
+            root_prefix=self.prefix,
+            writeback_delay=self.delay,
+            s3_concurrency=8,
+            timeout=5.0,
         )
         self.stack = build_stack(self.store, self.home, f"model|s3://{self.bucket}/{self.prefix}", settings)
         try:
