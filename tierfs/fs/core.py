@@ -10,7 +10,7 @@ them directly (tests/test_fs_model.py).
 
 It owns the transactions that cross the namespace, write-back and the read path: a rename
 or unlink changes the namespace and journals the bucket's side in one bracket, and a read asks
-write-back where a file's bytes are now (``WriteBack.data_key``) before the hydrator fetches.
+write-back where a file's bytes are now (``WriteBack.bytes_at``) before the hydrator fetches.
 
 Rules (see also tierfs/fs/__init__.py):
 - every method is a coroutine or a plain call on the trio loop; what it does there is short
@@ -164,9 +164,19 @@ class FileSystem:
 
     def version_of(self, node: Inode) -> ObjectVersion:
         """The bytes of ``node`` as the bucket holds them *now*: after a rename, the data stays
-        under the old key until the journaled copy has run (WriteBack.data_key)."""
-        key = self.wb.data_key(node.ino, node.key) if self.wb is not None else node.key
+        under the old key until the journaled copy has run (WriteBack.bytes_at)."""
+        key = self.wb.bytes_at(node.ino, node.key).key if self.wb is not None else node.key
         return ObjectVersion(node.ino, key, node.etag, node.size)
+
+    def _staged(self, ino: int) -> bool:
+        return self.wb is not None and self.wb.bytes_at(ino, "").staged
+
+    async def _read_staged(self, ino: int, offset: int, size: int) -> bytes | None:
+        """The bytes from ``ino``'s staging file; None if it has none (or it retired meanwhile:
+        then its bytes are the node's new version in the bucket)."""
+        if self.wb is None or not self.wb.bytes_at(ino, "").staged:
+            return None
+        return await self.wb.read(ino, offset, size)
 
     async def open(self, ino: int, flags: int) -> tuple[int, bool]:
         """open(2) of a file: (handle, whether the kernel may keep its page cache of it)."""
@@ -180,17 +190,16 @@ class FileSystem:
             await wb.open_for_write(node, truncate=bool(flags & os.O_TRUNC))
             if flags & os.O_TRUNC:  # a change of the data like a write: its time is kept the same way
                 self.handles.written_at[ino] = time.time_ns()
-        follow = writable or (self.wb is not None and self.wb.is_staged(ino))
+        follow = writable or self._staged(ino)
         fh = self.handles.register(FileHandle(self.version_of(node), writable, follow))
         return fh, self.handles.keep_cache(node)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self._handle(fh)
         ino = handle.version.ino
-        if self.wb is not None and self.wb.is_staged(ino):
-            staged = await self.wb.read(ino, offset, size)
-            if staged is not None:
-                return staged
+        staged = await self._read_staged(ino, offset, size)
+        if staged is not None:
+            return staged
         return await read_following(
             lambda: self._read_version(handle), lambda version: self.hydrator.read(version, offset, size)
         )
@@ -285,10 +294,9 @@ class FileSystem:
         node = self._inode(ino)
         if node.kind is not Kind.SYMLINK:
             raise PosixError(errno.EINVAL)
-        if self.wb is not None and self.wb.is_staged(ino):
-            staged = await self.wb.read(ino, 0, SYMLINK_MAX)
-            if staged is not None:
-                return staged
+        staged = await self._read_staged(ino, 0, SYMLINK_MAX)
+        if staged is not None:
+            return staged
         return await self.hydrator.read(self.version_of(self._inode(ino)), 0, node.size)
 
     async def mknod(self, parent: int, name: str, mode: int, rdev: int, caller: Caller) -> Inode:

@@ -3,6 +3,6 @@
 See docs/writeback.md for the state machine these parts follow.
 """
 
-from .core import WriteBack, WriteBackStats
+from .core import BytesAt, WriteBack, WriteBackStats
 
-__all__ = ["WriteBack", "WriteBackStats"]
+__all__ = ["BytesAt", "WriteBack", "WriteBackStats"]

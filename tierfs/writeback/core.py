@@ -51,6 +51,16 @@ DEFAULT_FLUSH_TIMEOUT = 600.0
 JournalOp = tuple[str, dict[str, Any]]  # (kind, fields) of an op to journal
 COALESCE = 0.01  # seconds the executor lets wake-ups gather before it looks at the journal again
 
+@dataclass(frozen=True)
+class BytesAt:
+    """Where a file's bytes are now: in its staging file (``staged``; read it through
+    ``WriteBack.read``), else in the bucket under ``key`` (a renamed file's data stays under its
+    old key until the journaled copy has run)."""
+
+    staged: bool
+    key: str
+
+
 @dataclass
 class WriteBackStats:
     uploads_done: int = 0
@@ -141,6 +151,11 @@ class WriteBack:
             log.info("write-back: replaying %d journaled operations", len(self.ops))
 
     # -- queries ----------------------------------------------------------------------------------------
+
+    def bytes_at(self, ino: int, key: str) -> BytesAt:
+        """Where the bytes of ``ino`` (now named ``key``) are right now: the one question the read
+        path asks of write-back. Short and on the loop (two dict lookups)."""
+        return BytesAt(staged=self.is_staged(ino), key=self.data_key(ino, key))
 
     def data_key(self, ino: int, key: str) -> str:
         """Where the bytes of ``ino`` (now named ``key``) are in the bucket right now.
@@ -288,8 +303,7 @@ class WriteBack:
         cannot retire the staging file under us.
         """
         log.debug("write-back: open for write ino %d %s truncate=%s", node.ino, node.key, truncate)
-        state = self.files.state(node.ino)
-        state.writers += 1
+        self.files.add_writer(node.ino)
         try:
             async with self.files.lock(node.ino):
                 if not truncate:
@@ -299,9 +313,9 @@ class WriteBack:
             if truncate:
                 await self._ensure_waiting_put(node.ino)
         except BaseException:
-            state.writers -= 1
+            self.files.drop_writer(node.ino, self._clock())
             raise
-        if truncate and state.writers == 1:
+        if truncate and self.files.writers(node.ino) == 1:
             self.streams.begin(node.ino)  # empty, one writer: streamed if it is written sequentially
         else:
             self.streams.end(node.ino, "another writer" if truncate else "opened without O_TRUNC")
@@ -336,7 +350,7 @@ class WriteBack:
             await self._append(("marker", {"ino": node.ino}))
             return
         if open_writer:
-            self.files.state(node.ino).writers += 1
+            self.files.add_writer(node.ino)
         await self.files.create(node.ino, content)
         await self._append(self._put(node))
         if open_writer:
@@ -373,16 +387,11 @@ class WriteBack:
 
     async def truncate(self, node: Inode, size: int) -> None:
         """truncate(2): under the staging lock, so no retirement can interleave."""
-        state = self.files.state(node.ino)
-        state.writers += 1  # held like a writer while it lasts: the staging file must stay
-        self.streams.end(node.ino, "truncated")
-        try:
+        with self.files.holding_writer(node.ino, self._clock):  # the staging file must stay meanwhile
+            self.streams.end(node.ino, "truncated")
             async with self.files.lock(node.ino):
                 await self._truncate_staged(node, size)
             await self._ensure_waiting_put(node.ino)
-        finally:
-            state.writers -= 1
-            state.last_close = self._clock()
 
     async def _mark_dirty(self, node: Inode) -> None:
         """Journal a put for ``node`` unless one is already waiting (not yet running)."""
@@ -403,18 +412,16 @@ class WriteBack:
     async def release_writer(self, ino: int, written_ns: int | None = None) -> None:
         """A writer closed. ``written_ns``: when it last wrote, which becomes the mtime and ctime
         the record keeps (the adapter shows them from memory until then)."""
-        state = self.files.states.get(ino)
-        if state is None:
+        writers = self.files.drop_writer(ino, self._clock())
+        if writers is None:
             return
-        state.writers = max(0, state.writers - 1)
-        state.last_close = self._clock()
         node = self.ns.get(ino)
         if node is None:
-            if not state.writers:  # unlinked while open: the staging file has no one left
+            if not writers:  # unlinked while open: the staging file has no one left
                 await self.files.discard(ino)
             return
         if ino not in self._by_ino:
-            if not state.writers and node.etag:
+            if not writers and node.etag:
                 # Opened for writing but never written: the staging file equals the object.
                 await self.files.retire(ino, node.key, node.etag, lambda: self._still_needed(ino))
             return
@@ -579,22 +586,21 @@ class WriteBack:
 
         if not mine():
             return
-        state = self.files.state(ino)
-        state.forced = True
         self._fsyncs += 1
         for op in mine():  # try again now, and judge by this attempt, not by the one before
             self._retry_at.pop(op.seq, None)
             self._failures.pop(op.seq, None)
         self._wake.set()
         try:
-            while pending := mine():
-                failed = [self._failures[op.seq] for op in pending if op.seq in self._failures]
-                if failed and not any(op.seq in self._running for op in pending):
-                    kind = Permanent if failed[0].permanent else StoreError
-                    raise kind(f"upload of {failed[0].what} failed ({failed[0].error}); it stays journaled")
-                await self._changed_wait()
+            with self.files.forced(ino):
+                while pending := mine():
+                    failed = [self._failures[op.seq] for op in pending if op.seq in self._failures]
+                    if failed and not any(op.seq in self._running for op in pending):
+                        kind = Permanent if failed[0].permanent else StoreError
+                        what, error = failed[0].what, failed[0].error
+                        raise kind(f"upload of {what} failed ({error}); it stays journaled")
+                    await self._changed_wait()
         finally:
-            state.forced = False
             self._fsyncs -= 1
 
     async def _changed_wait(self) -> None:
@@ -685,7 +691,7 @@ class WriteBack:
                 log.warning("write-back: could not abort multipart upload %s of %s: %s", upload_id, key, exc)
         async def resize(ino: int) -> None:
             size = await self._run_io(self.staging.size, ino)
-            self.files.state(ino).size = size
+            self.files.recovered(ino, size)
             node = await self._run_io(self.ns.update, ino, size=size)
             if node is None or ino not in self._by_ino:
                 await self.files.discard(ino)  # unlinked, or uploaded just before the crash
@@ -730,14 +736,9 @@ class WriteBack:
             return True
         if self.streams.blocks(op.ino, op.seq, op.key):
             return False  # an ended stream's upload is being aborted; its record has this put's name
-        state = self.files.states.get(op.ino)
-        if state is None:
-            return True  # replayed after a restart, or never opened: nobody is writing
-        if self._flushing or state.forced:
-            return True
-        if state.writers == 0 and self.streams.streaming(op.ino):
-            return True  # most of it is in the bucket already: complete it at close
-        return state.writers == 0 and now - state.last_close >= self.delay
+        return bool(self._flushing) or self.files.due(
+            op.ino, now, self.delay, streaming=self.streams.streaming(op.ino)
+        )
 
     def _next_deadline(self) -> float:
         """When the executor must look again by itself: the next retry, or the next put whose
@@ -748,9 +749,9 @@ class WriteBack:
             return deadline
         inos = {op.ino for op in self.ops if op.kind == "put" and op.seq not in self._running}
         for ino in inos:
-            state = self.files.states.get(ino)
-            if state is not None and state.writers == 0:
-                deadline = min(deadline, state.last_close + self.delay)
+            due = self.files.due_at(ino, self.delay)
+            if due is not None:
+                deadline = min(deadline, due)
         return deadline
 
     async def _execute(self, op: Op, key: str, stream: Stream | None = None) -> None:

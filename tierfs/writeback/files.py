@@ -19,7 +19,7 @@ Methods are called on the trio loop; file I/O goes through ``run_io`` (worker th
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -94,6 +94,65 @@ class StagedFiles:
     def size_of(self, ino: int) -> int | None:
         state = self.states.get(ino)
         return state.size if state is not None and ino in self.staged else None
+
+    # -- writers: the only place their counts and times change ------------------------------------------
+
+    def add_writer(self, ino: int) -> None:
+        """A writer opens ``ino`` (counted before anything is awaited, so no retirement races it)."""
+        self.state(ino).writers += 1
+
+    def drop_writer(self, ino: int, now: float) -> int | None:
+        """A writer of ``ino`` is gone at ``now`` (its close starts the write-back delay).
+        Returns the writers left, None if ``ino`` has no state (nothing staged, nobody writing)."""
+        state = self.states.get(ino)
+        if state is None:
+            return None
+        state.writers = max(0, state.writers - 1)
+        state.last_close = now
+        return state.writers
+
+    @contextlib.contextmanager
+    def holding_writer(self, ino: int, clock: Callable[[], float]) -> Iterator[None]:
+        """Count a writer while a change that is not a write lasts (truncate(2)): the staging file
+        must stay; its end counts as a close."""
+        self.add_writer(ino)
+        try:
+            yield
+        finally:
+            self.drop_writer(ino, clock())
+
+    @contextlib.contextmanager
+    def forced(self, ino: int) -> Iterator[None]:
+        """An fsync of ``ino`` waits: its put is due now, whatever the write-back delay says."""
+        state = self.state(ino)
+        state.forced = True
+        try:
+            yield
+        finally:
+            state.forced = False
+
+    def due(self, ino: int, now: float, delay: float, *, streaming: bool) -> bool:
+        """Whether a put of ``ino`` may start: nobody writes it and the delay after the last close
+        ran out (forced by an fsync, or streaming: most of it is in the bucket already, at once)."""
+        state = self.states.get(ino)
+        if state is None:
+            return True  # replayed after a restart, or never opened: nobody is writing
+        if state.forced:
+            return True
+        if state.writers:
+            return False
+        return streaming or now - state.last_close >= delay
+
+    def due_at(self, ino: int, delay: float) -> float | None:
+        """When a waiting put of ``ino`` becomes due by itself (None: only once a writer closes)."""
+        state = self.states.get(ino)
+        if state is None or state.writers:
+            return None
+        return state.last_close + delay
+
+    def recovered(self, ino: int, size: int) -> None:
+        """After a restart: the staging file of ``ino`` is ``size`` bytes long."""
+        self.state(ino).size = size
 
     # -- mutations ---------------------------------------------------------------------------------------
 
