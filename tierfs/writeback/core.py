@@ -22,7 +22,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ from ..read.hydrator import Hydrator, ObjectVersion
 from ..store.objectstore import ObjectStore
 from .files import BlockSink, StagedFiles
 from .journal import Journal, Op
+from .ledger import JournalOp, Ledger
 from .schedule import NODE_OPS, startable, target_key
 from .staging import Staging
 from .stream import Stream, Streams
@@ -48,7 +49,6 @@ Progress = Callable[[dict[str, Any]], Awaitable[None]]
 RETRY_BACKOFF = (1.0, 2.0, 5.0)  # seconds before the 1st, 2nd and later retries of a transient failure
 PERMANENT_BACKOFF = 60.0  # a permanent failure is retried in the background this rarely (creds may be fixed)
 DEFAULT_FLUSH_TIMEOUT = 600.0
-JournalOp = tuple[str, dict[str, Any]]  # (kind, fields) of an op to journal
 COALESCE = 0.01  # seconds the executor lets wake-ups gather before it looks at the journal again
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ class WriteBack:
         self.concurrency = concurrency
         self._clock = clock
         self.stats = WriteBackStats()
-        self.ops: list[Op] = journal.load()
+        self.ledger = Ledger(journal, namespace, run_io)
         # seq -> the key a running op writes, fixed when it starts: a rename meanwhile moves
         # the node, not the upload in flight (see renamed()).
         self._running: dict[int, str] = {}
@@ -132,23 +132,15 @@ class WriteBack:
         self._fsyncs = 0  # fsync calls waiting: the executor does not coalesce wake-ups meanwhile
         self._wake = trio.Event()
         self._changed = trio.Event()
-        self._held: dict[int, int] = {}  # ino -> puts on their way into the journal (see _holding)
-        # Ops that must not start: being dropped from the journal, or puts below a directory
-        # whose rename is being journaled (they are re-journaled under the new name).
-        self._dropping: set[int] = set()
+        # Puts below a directory whose rename is being journaled must not start (they are
+        # re-journaled under the new name).
         self._frozen: list[str] = []
         # Directory renames between the namespace change and their journal entries; records
         # below them must not stop being LOCAL meanwhile (see renaming() and _quiesce).
         self._dir_renames = 0
         self._deferred_quiesce: set[int] = set()
-        self._copies: dict[int, list[Op]] = {}  # ino -> its pending rename copies, in journal order
-        # ino -> its journaled ops, in journal order: the per-file questions asked on every write and
-        # every finished op ("is a put waiting?", "anything pending?") must not scan the whole journal.
-        self._by_ino: dict[int, list[Op]] = {}
-        for op in self.ops:
-            self._track(op)
-        if self.ops:
-            log.info("write-back: replaying %d journaled operations", len(self.ops))
+        if self.ledger.ops:
+            log.info("write-back: replaying %d journaled operations", len(self.ledger.ops))
 
     # -- queries ----------------------------------------------------------------------------------------
 
@@ -158,14 +150,8 @@ class WriteBack:
         return BytesAt(staged=self.is_staged(ino), key=self.data_key(ino, key))
 
     def data_key(self, ino: int, key: str) -> str:
-        """Where the bytes of ``ino`` (now named ``key``) are in the bucket right now.
-
-        A rename of an uploaded file changes its key at once but moves the object only
-        when the journaled server-side copy runs; until then the data is still under
-        the source of the first pending copy, and reads must go there.
-        """
-        pending = self._copies.get(ino)
-        return pending[0].src if pending else key
+        """Where the bytes of ``ino`` (now named ``key``) are in the bucket right now (Ledger.data_key)."""
+        return self.ledger.data_key(ino, key)
 
     def is_staged(self, ino: int) -> bool:
         return ino in self.files.staged
@@ -174,11 +160,11 @@ class WriteBack:
         return self.files.size_of(ino)
 
     def status(self) -> dict[str, Any]:
-        dirty = {op.ino for op in self.ops if op.kind == "put"}
+        dirty = {op.ino for op in self.ledger.ops if op.kind == "put"}
         return {
             "dirty_files": len(dirty),
             "dirty_bytes": sum(self.files.size_of(i) or 0 for i in dirty),
-            "uploads_pending": len(self.ops),
+            "uploads_pending": len(self.ledger.ops),
             "uploads_running": len(self._running),
             "uploads_done": self.stats.uploads_done,
             "uploads_failed": self.stats.uploads_failed,
@@ -193,103 +179,21 @@ class WriteBack:
 
     # -- journal plumbing -------------------------------------------------------------------------------
 
-    def _track(self, op: Op) -> None:
-        """Index a journaled op: deletes tombstone their key, copies record where the data still is."""
-        if op.ino:
-            self._by_ino.setdefault(op.ino, []).append(op)
-        if op.kind == "delete":
-            self.ns.tombstones.add(op.key)
-        elif op.kind == "copy" and op.ino:
-            self._copies.setdefault(op.ino, []).append(op)
-
-    def _untrack(self, op: Op, *, done: bool) -> None:
-        self._retry_at.pop(op.seq, None)
-        self._failures.pop(op.seq, None)
-        if op.ino:
-            left = [o for o in self._by_ino.get(op.ino, ()) if o.seq != op.seq]
-            if left:
-                self._by_ino[op.ino] = left
-            else:
-                self._by_ino.pop(op.ino, None)
-        if op.kind == "delete":
-            self.ns.tombstones.remove(op.key, done=done)
-        elif op.kind == "copy" and op.ino:
-            pending = [o for o in self._copies.get(op.ino, ()) if o.seq != op.seq]
-            if pending:
-                self._copies[op.ino] = pending
-            else:
-                self._copies.pop(op.ino, None)
-
-    def _with_link_copies(self, ops: tuple[JournalOp, ...]) -> list[JournalOp]:
-        """``ops``, each put or meta of a hard-linked inode followed by copies to its other names.
-
-        The bucket has no links: every name is its own object, and a change of the inode
-        must reach all of them. A copy touches its source, so it runs after the op before it.
-        """
-        out: list[JournalOp] = []
-        for kind, fields in ops:
-            out.append((kind, fields))
-            if kind not in ("put", "meta") or not fields.get("ino"):
-                continue
-            node = self.ns.get(fields["ino"])
-            if node is None or node.is_dir or node.nlink <= 1:
-                continue
-            src = fields.get("key") or node.key
-            out.extend(("copy", {"src": src, "key": key, "ino": 0}) for key in self.ns.link_keys(node.ino))
-        return out
-
-    async def _append(self, *ops: tuple[str, dict[str, Any]], drop: list[Op] | None = None) -> None:
+    async def _append(self, *ops: JournalOp, drop: list[Op] | None = None) -> None:
         """Journal ``ops`` (and forget ``drop``) in one transaction, then wake the executor."""
-        ops = tuple(self._with_link_copies(ops))
-        gone = [op for op in drop or [] if op.seq not in self._running]
-        seqs = {op.seq for op in gone}
-        self._dropping |= seqs
-        try:
-            with self._holding([fields["ino"] for kind, fields in ops if kind == "put"]):
-                appended: list[Op] = await self._run_io(
-                    lambda: self.journal.append(*ops, remove=[op.seq for op in gone])
-                )
-        finally:
-            self._dropping -= seqs
-        if gone:
-            self.ops = [op for op in self.ops if op.seq not in seqs]
-            for op in gone:
-                self._untrack(op, done=False)
-        self.ops.extend(appended)
-        for op in appended:
-            self._track(op)
+        for op in await self.ledger.append(ops, drop or [], self._running):
+            self._forget_attempts(op)
         self._wake.set()
 
+    def _forget_attempts(self, op: Op) -> None:
+        self._retry_at.pop(op.seq, None)
+        self._failures.pop(op.seq, None)
+
     def _waiting_puts(self, inos: Callable[[int], bool]) -> list[Op]:
-        """Journaled puts of the matching inodes that have not started yet."""
-        return [op for op in self.ops if op.kind == "put" and op.seq not in self._running and inos(op.ino)]
+        return self.ledger.waiting_puts(inos, self._running)
 
     def _has_waiting_put(self, ino: int) -> bool:
-        return any(op.kind == "put" and op.seq not in self._running for op in self._by_ino.get(ino, ()))
-
-    def _put_journaled(self, ino: int, *, besides: int = 0) -> bool:
-        """A put of ``ino`` is waiting, running or being journaled: its staging file is still needed."""
-        return ino in self._held or any(
-            op.kind == "put" and op.seq != besides for op in self._by_ino.get(ino, ())
-        )
-
-    @contextlib.contextmanager
-    def _holding(self, inos: list[int]) -> Iterator[None]:
-        """Keep the staging files of ``inos`` from being retired while a put for them is on its way.
-
-        Appending to the journal happens in a worker thread; an upload finishing meanwhile
-        must not retire a staging file that the op about to be appended still needs.
-        """
-        for ino in inos:
-            self._held[ino] = self._held.get(ino, 0) + 1
-        try:
-            yield
-        finally:
-            for ino in inos:
-                if self._held[ino] > 1:
-                    self._held[ino] -= 1
-                else:
-                    del self._held[ino]
+        return self.ledger.waiting_put(ino, self._running) is not None
 
     def _put(self, node: Inode) -> tuple[str, dict[str, Any]]:
         return ("put", {"ino": node.ino, "key": node.key})
@@ -339,7 +243,7 @@ class WriteBack:
                 lambda: self._source_of(self.ns.get(node.ino) or node),
                 lambda source: self.files.stage(node.ino, source),
             )
-        self._copies.pop(node.ino, None)
+        self.ledger.staged(node.ino)
 
     def _source_of(self, node: Inode) -> ObjectVersion:
         return ObjectVersion(node.ino, self.data_key(node.ino, node.key), node.etag, node.size)
@@ -371,11 +275,10 @@ class WriteBack:
     async def _streamed(self, node: Inode, offset: int, length: int) -> None:
         """Tell the stream of ``node`` about a write; it may hold the writer back."""
         ino = node.ino
-        waiting = [op for op in self._by_ino.get(ino, ()) if op.kind == "put" and op.seq not in self._running]
-        if not waiting:
+        put = self.ledger.waiting_put(ino, self._running)
+        if put is None:
             self.streams.end(ino, "no put waiting")
             return
-        put = waiting[-1]
         await self.streams.wrote(
             ino, offset, length, key=put.key, seq=put.seq,
             headers=lambda: headers_of(node, self.journal.token(put.seq)),
@@ -420,7 +323,7 @@ class WriteBack:
             if not writers:  # unlinked while open: the staging file has no one left
                 await self.files.discard(ino)
             return
-        if ino not in self._by_ino:
+        if not self.ledger.pending(ino):
             if not writers and node.etag:
                 # Opened for writing but never written: the staging file equals the object.
                 await self.files.retire(ino, node.key, node.etag, lambda: self._still_needed(ino))
@@ -434,7 +337,7 @@ class WriteBack:
         self._wake.set()
 
     def _still_needed(self, ino: int, besides: int = 0) -> bool:
-        return self._put_journaled(ino, besides=besides) or self.files.writers(ino) > 0
+        return self.ledger.put_journaled(ino, besides=besides) or self.files.writers(ino) > 0
 
     async def metadata_changed(self, node: Inode) -> None:
         """chmod/chown/utimens: a pending put carries the headers; otherwise rewrite them in place."""
@@ -481,7 +384,7 @@ class WriteBack:
         """
         if node.is_dir:
             self._dir_renames += 1
-        with self._holding([] if node.is_dir else [node.ino]):
+        with self.ledger.holding([] if node.is_dir else [node.ino]):
             try:
                 yield
             finally:
@@ -534,13 +437,13 @@ class WriteBack:
             self._wake.set()
 
     async def _journal_dir_rename(self, moved: Inode, old_key: str) -> None:
-        by_seq = {op.seq: op for op in self.ops}
+        by_seq = {op.seq: op for op in self.ledger.ops}
         in_flight = [
             (by_seq[seq], key)
             for seq, key in self._running.items()
             if key.startswith(old_key) and seq in by_seq and by_seq[seq].kind in ("put", "marker")
         ]
-        with self._holding([op.ino for op, _ in in_flight if op.kind == "put"]):
+        with self.ledger.holding([op.ino for op, _ in in_flight if op.kind == "put"]):
             remote = await self._run_s3(lambda: list(self.store.list_tree(old_key)))
             # The moved directory's marker first: it exists even while empty.
             ops: list[tuple[str, dict[str, Any]]] = [("marker", {"ino": moved.ino})]
@@ -582,7 +485,7 @@ class WriteBack:
     async def fsync(self, ino: int) -> None:
         """Upload ``ino`` now and return once the bucket has it (or raise after a failure)."""
         def mine() -> list[Op]:
-            return [op for op in self._by_ino.get(ino, ()) if op.kind in NODE_OPS]
+            return [op for op in self.ledger.ops_of(ino) if op.kind in NODE_OPS]
 
         if not mine():
             return
@@ -623,15 +526,17 @@ class WriteBack:
         started = time.monotonic()
         deadline = started + (DEFAULT_FLUSH_TIMEOUT if timeout is None else timeout)
         start_done, start_bytes = self.stats.uploads_done, self.stats.bytes_uploaded
-        total = len(self.ops)
-        total_bytes = sum(self.files.size_of(op.ino) or 0 for op in self.ops if op.kind == "put")
+        total = len(self.ledger.ops)
+        total_bytes = sum(self.files.size_of(op.ino) or 0 for op in self.ledger.ops if op.kind == "put")
         try:
-            while self.ops:
+            while self.ledger.ops:
                 if progress is not None:
                     await progress(
                         {
                             "done_files": self.stats.uploads_done - start_done,
-                            "total_files": max(total, self.stats.uploads_done - start_done + len(self.ops)),
+                            "total_files": max(
+                                total, self.stats.uploads_done - start_done + len(self.ledger.ops)
+                            ),
                             "done_bytes": self.stats.bytes_uploaded - start_bytes,
                             "total_bytes": total_bytes,
                         }
@@ -660,12 +565,12 @@ class WriteBack:
         """Nothing runs or can start, and a permanent failure is why."""
         if self._running or not any(f.permanent for f in self._failures.values()):
             return False
-        return not startable(self.ops, self._running, self._ready, self._node_key, self.concurrency)
+        return not startable(self.ledger.ops, self._running, self._ready, self._node_key, self.concurrency)
 
     def _pending_failures(self) -> dict[str, str]:
         """Every pending op, named by path, with its last error (or what it waits for)."""
         out = {f.what: f.error for f in self._failures.values()}
-        for op in self.ops:
+        for op in self.ledger.ops:
             what = self._what(op)
             out.setdefault(what, "running" if op.seq in self._running else "waiting behind a failed upload")
         return out
@@ -693,7 +598,7 @@ class WriteBack:
             size = await self._run_io(self.staging.size, ino)
             self.files.recovered(ino, size)
             node = await self._run_io(self.ns.update, ino, size=size)
-            if node is None or ino not in self._by_ino:
+            if node is None or not self.ledger.pending(ino):
                 await self.files.discard(ino)  # unlinked, or uploaded just before the crash
 
         # Concurrently, so the record updates share group commits: the mount serves nothing
@@ -709,7 +614,8 @@ class WriteBack:
             task_status.started()
             while True:
                 self._wake = trio.Event()
-                for op in startable(self.ops, self._running, self._ready, self._node_key, self.concurrency):
+                ops = self.ledger.ops
+                for op in startable(ops, self._running, self._ready, self._node_key, self.concurrency):
                     key = target_key(op, self._node_key) or ""
                     self._running[op.seq] = key
                     stream = None
@@ -728,7 +634,7 @@ class WriteBack:
 
     def _ready(self, op: Op) -> bool:
         now = self._clock()
-        if self._retry_at.get(op.seq, 0.0) > now or op.seq in self._dropping:
+        if self._retry_at.get(op.seq, 0.0) > now or self.ledger.dropping(op.seq):
             return False
         if self._frozen and op.kind == "put" and any(op.key.startswith(p) for p in self._frozen):
             return False
@@ -747,7 +653,7 @@ class WriteBack:
         deadline = min(retries, default=math.inf)
         if self._flushing:
             return deadline
-        inos = {op.ino for op in self.ops if op.kind == "put" and op.seq not in self._running}
+        inos = {op.ino for op in self.ledger.ops if op.kind == "put" and op.seq not in self._running}
         for ino in inos:
             due = self.files.due_at(ino, self.delay)
             if due is not None:
@@ -845,9 +751,8 @@ class WriteBack:
                 self.stats.conflicts += 1
             if op.kind in ("put", "meta", "copy", "marker") and op.ino:
                 await self._settle(op, key, outcome)
-        await self._run_io(self.journal.complete, op.seq)
-        self.ops = [o for o in self.ops if o.seq != op.seq]
-        self._untrack(op, done=True)
+        await self.ledger.complete(op)
+        self._forget_attempts(op)
         if op.ino and op.kind != "delete":
             await self._quiesce(op.ino)
 
@@ -862,7 +767,7 @@ class WriteBack:
             # Renamed (or removed) meanwhile: our ETag describes a key that is no longer its name,
             # unless a copy still pending reads from it: then reads go there (data_key), with it.
             if node is not None and op.kind == "copy" and outcome.etag:
-                chain = [o for o in self._copies.get(op.ino, ()) if o.seq != op.seq]
+                chain = [o for o in self.ledger.copies_of(op.ino) if o.seq != op.seq]
                 if chain and chain[0].src == key:
                     await self._run_io(lambda: self.ns.update(op.ino, etag=outcome.etag))
             return
@@ -886,7 +791,7 @@ class WriteBack:
     def _pending_for(self, ino: int, *, besides: int = 0) -> bool:
         """Anything of ``ino`` still to do: a writer, a put on its way, or any journaled op."""
         return self._still_needed(ino, besides=besides) or any(
-            o.seq != besides for o in self._by_ino.get(ino, ())
+            o.seq != besides for o in self.ledger.ops_of(ino)
         )
 
     def _pending_at_name(self, ino: int, key: str) -> bool:
@@ -894,7 +799,7 @@ class WriteBack:
         names it had before (a copy or an upload in flight when it was renamed again) do not count:
         their results never describe the node (see _settle), and a delete of that name follows."""
         return self._still_needed(ino) or any(
-            o.kind == "put" or target_key(o, self._node_key) == key for o in self._by_ino.get(ino, ())
+            o.kind == "put" or target_key(o, self._node_key) == key for o in self.ledger.ops_of(ino)
         )
 
     async def _quiesce(self, ino: int) -> None:
