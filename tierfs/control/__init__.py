@@ -3,7 +3,7 @@
 ``protocol`` is the mount registry and the JSON-lines protocol over a Unix socket (the
 daemon's server and the CLI's client); ``ops`` implements the operations a mount answers, on
 the parts the mount's wiring hands it; ``progress`` renders their progress on a terminal. A new
-CLI verb adds an operation to ``ops`` and a command to ``tierfs.cli``. It may import fuse,
+CLI verb adds an operation to ``ops`` and a command to ``tierfs.cli``. It may import fuse, fs,
 writeback, read, cache, meta, store and the bottom modules, never daemon. Trio loop: the server
 and the operations run as trio tasks on the mount's loop and keep only short work there; cache
 and LMDB writes go through the mount's ``run_io``, S3 through its limiter. The client and

@@ -1,7 +1,8 @@
 """The daemon: one live mount, wired and run on one trio loop.
 
-``mount`` builds every layer from a MountConfig, hands each what it needs and owns the
-background tasks and the start/stop order; ``lifecycle`` does preflight, daemonizing, serving
+``stack`` builds the layers up to the file system (``build_stack``; the in-process tests use it
+too); ``mount`` builds a mount from a MountConfig on it, adds the FUSE adapter, invalidations and
+the control server, and owns the background tasks and the start/stop order; ``lifecycle`` does preflight, daemonizing, serving
 and clean shut-down; ``startup`` sets up logging and probes the store before any layer exists;
 ``sdnotify``, ``metrics`` and ``memory`` talk to systemd, Prometheus and glibc. It is the only layer that
 knows all the others and may import any of them; only the commands (``tierfs.cli``) may
