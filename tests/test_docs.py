@@ -20,6 +20,7 @@ from tierfs.meta import tombstones
 from tierfs.read import hydrator
 from tierfs.store import objectstore
 from tierfs.units import parse_duration, parse_size
+from tierfs.writeback import attempts as writeback_attempts
 from tierfs.writeback import core as writeback_core
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,9 +89,9 @@ def test_design_doc_numbers() -> None:
 
 def test_writeback_doc_numbers() -> None:
     doc = " ".join(_text("docs/writeback.md").split())  # line breaks are not part of the claims
-    first, second, later = writeback_core.RETRY_BACKOFF
+    first, second, later = writeback_attempts.RETRY_BACKOFF
     assert f"retried after {first:g} s, {second:g} s, then every {later:g} s" in doc
-    assert writeback_core.PERMANENT_BACKOFF == 60.0 and "retried once a minute" in doc
+    assert writeback_attempts.PERMANENT_BACKOFF == 60.0 and "retried once a minute" in doc
     assert f"default {writeback_core.DEFAULT_FLUSH_TIMEOUT:g} s" in doc
     assert f"multipart from {objectstore.MULTIPART_THRESHOLD >> 20} MiB" in doc
     assert f"{objectstore.MULTIPART_PART_SIZE >> 20} MiB parts" in doc

@@ -34,6 +34,7 @@ from ..meta.records import Flag, Inode, Kind
 from ..read.follow import read_following
 from ..read.hydrator import Hydrator, ObjectVersion
 from ..store.objectstore import ObjectStore
+from .attempts import Attempts
 from .files import BlockSink, StagedFiles
 from .journal import Journal, Op
 from .ledger import JournalOp, Ledger
@@ -46,8 +47,6 @@ log = logging.getLogger("tierfs.writeback")
 
 RunBlocking = Callable[..., Awaitable[Any]]
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
-RETRY_BACKOFF = (1.0, 2.0, 5.0)  # seconds before the 1st, 2nd and later retries of a transient failure
-PERMANENT_BACKOFF = 60.0  # a permanent failure is retried in the background this rarely (creds may be fixed)
 DEFAULT_FLUSH_TIMEOUT = 600.0
 COALESCE = 0.01  # seconds the executor lets wake-ups gather before it looks at the journal again
 
@@ -67,14 +66,6 @@ class WriteBackStats:
     uploads_failed: int = 0
     bytes_uploaded: int = 0
     conflicts: int = 0
-
-
-@dataclass
-class Failure:
-    what: str  # the path or key the op writes
-    error: str
-    permanent: bool
-    attempts: int
 
 
 class WriteBack:
@@ -126,8 +117,7 @@ class WriteBack:
         # ino -> (key, ETag, gen at its start) of the last put that settled under the node's name:
         # what a staging file may retire as once nothing else is pending (see _quiesce).
         self._last_put: dict[int, tuple[str, str, int]] = {}
-        self._retry_at: dict[int, float] = {}
-        self._failures: dict[int, Failure] = {}
+        self.attempts = Attempts(clock)
         self._flushing = 0
         self._fsyncs = 0  # fsync calls waiting: the executor does not coalesce wake-ups meanwhile
         self._wake = trio.Event()
@@ -170,7 +160,7 @@ class WriteBack:
             "uploads_failed": self.stats.uploads_failed,
             "bytes_uploaded": self.stats.bytes_uploaded,
             "conflicts": self.stats.conflicts,
-            "failing": {f.what: f.error for f in self._failures.values()},
+            "failing": self.attempts.failing(),
         }
 
     def _node_key(self, ino: int) -> str | None:
@@ -186,8 +176,7 @@ class WriteBack:
         self._wake.set()
 
     def _forget_attempts(self, op: Op) -> None:
-        self._retry_at.pop(op.seq, None)
-        self._failures.pop(op.seq, None)
+        self.attempts.forget(op.seq)
 
     def _waiting_puts(self, inos: Callable[[int], bool]) -> list[Op]:
         return self.ledger.waiting_puts(inos, self._running)
@@ -490,14 +479,13 @@ class WriteBack:
         if not mine():
             return
         self._fsyncs += 1
-        for op in mine():  # try again now, and judge by this attempt, not by the one before
-            self._retry_at.pop(op.seq, None)
-            self._failures.pop(op.seq, None)
+        # try again now, and judge by this attempt, not by the one before
+        self.attempts.retry_now(op.seq for op in mine())
         self._wake.set()
         try:
             with self.files.forced(ino):
                 while pending := mine():
-                    failed = [self._failures[op.seq] for op in pending if op.seq in self._failures]
+                    failed = self.attempts.of(op.seq for op in pending)
                     if failed and not any(op.seq in self._running for op in pending):
                         kind = Permanent if failed[0].permanent else StoreError
                         what, error = failed[0].what, failed[0].error
@@ -520,8 +508,7 @@ class WriteBack:
         the ops queued behind them) is left, or when ``timeout`` seconds have passed.
         """
         self._flushing += 1
-        self._retry_at.clear()
-        self._failures.clear()
+        self.attempts.retry_now()
         self._wake.set()
         started = time.monotonic()
         deadline = started + (DEFAULT_FLUSH_TIMEOUT if timeout is None else timeout)
@@ -551,10 +538,7 @@ class WriteBack:
                     await self._changed_wait()
         finally:
             self._flushing -= 1
-            later = self._clock() + PERMANENT_BACKOFF
-            for seq, at in self._retry_at.items():
-                if math.isinf(at):  # not retried during this flush; in the background, now and then
-                    self._retry_at[seq] = later
+            self.attempts.after_flush()
         return {
             "uploaded_files": self.stats.uploads_done - start_done,
             "uploaded_bytes": self.stats.bytes_uploaded - start_bytes,
@@ -563,13 +547,13 @@ class WriteBack:
 
     def _stuck_on_permanent(self) -> bool:
         """Nothing runs or can start, and a permanent failure is why."""
-        if self._running or not any(f.permanent for f in self._failures.values()):
+        if self._running or not self.attempts.any_permanent():
             return False
         return not startable(self.ledger.ops, self._running, self._ready, self._node_key, self.concurrency)
 
     def _pending_failures(self) -> dict[str, str]:
         """Every pending op, named by path, with its last error (or what it waits for)."""
-        out = {f.what: f.error for f in self._failures.values()}
+        out = self.attempts.failing()
         for op in self.ledger.ops:
             what = self._what(op)
             out.setdefault(what, "running" if op.seq in self._running else "waiting behind a failed upload")
@@ -634,7 +618,7 @@ class WriteBack:
 
     def _ready(self, op: Op) -> bool:
         now = self._clock()
-        if self._retry_at.get(op.seq, 0.0) > now or self.ledger.dropping(op.seq):
+        if self.attempts.held_back(op.seq, now) or self.ledger.dropping(op.seq):
             return False
         if self._frozen and op.kind == "put" and any(op.key.startswith(p) for p in self._frozen):
             return False
@@ -649,8 +633,7 @@ class WriteBack:
     def _next_deadline(self) -> float:
         """When the executor must look again by itself: the next retry, or the next put whose
         write-back delay runs out (none while flushing: every put is ready then)."""
-        retries = (at for seq, at in self._retry_at.items() if seq not in self._running)
-        deadline = min(retries, default=math.inf)
+        deadline = self.attempts.next_retry(self._running)
         if self._flushing:
             return deadline
         inos = {op.ino for op in self.ledger.ops if op.kind == "put" and op.seq not in self._running}
@@ -694,15 +677,9 @@ class WriteBack:
     def _failed(self, op: Op, key: str, exc: Exception) -> None:
         self.stats.uploads_failed += 1
         permanent = isinstance(exc, Permanent)
-        previous = self._failures.get(op.seq)
-        attempts = previous.attempts + 1 if previous else 1
         what = self._what(op, key)
-        self._failures[op.seq] = Failure(what, f"{type(exc).__name__}: {exc}", permanent, attempts)
-        if permanent:
-            backoff = math.inf if self._flushing else PERMANENT_BACKOFF
-        else:
-            backoff = RETRY_BACKOFF[min(attempts, len(RETRY_BACKOFF)) - 1]
-        self._retry_at[op.seq] = self._clock() + backoff
+        error = f"{type(exc).__name__}: {exc}"
+        self.attempts.failed(op.seq, what, error, permanent=permanent, flushing=bool(self._flushing))
         message = f"write-back {op.kind} {what} failed ({'permanent' if permanent else 'will retry'})"
         if isinstance(exc, StoreError):
             log.warning("%s: %s", message, exc)
