@@ -75,87 +75,31 @@ class StackSettings:
 
 
 class Stack:
-    """The layers of one mount on one cache dir, from the cache tiers up to the file system."""
+    """The layers of one mount on one cache dir, from the cache tiers up to the file system.
+
+    Made by :func:`build_stack`, which fills in the layers; this class holds them and the two
+    bounded thread pools their blocking work goes through.
+    """
+
+    disk: ChunkCache
+    memory: MemoryTier
+    tiers: Tiers
+    commit: GroupCommit
+    namespace: Namespace
+    hydrator: Hydrator
+    journal: Journal | None
+    writeback: WriteBack | None
+    fs: FileSystem
 
     def __init__(
-        self,
-        store: ObjectStore,
-        cache_root: Path,
-        owner: str,
-        settings: StackSettings,
-        *,
-        shared: Sequence[CacheTier] = (),
-        spawn: Spawn | None = None,
-        abandon_on_cancel: bool = False,
+        self, store: ObjectStore, cachedir: CacheDir, settings: StackSettings, *, abandon: bool
     ) -> None:
-        self.settings = settings
         self.store = store
-        self._abandon = abandon_on_cancel
+        self.cachedir = cachedir
+        self.settings = settings
+        self._abandon = abandon
         self.s3_limiter = trio.CapacityLimiter(settings.s3_concurrency)
         self.io_limiter = trio.CapacityLimiter(IO_THREADS)
-        self.cachedir = CacheDir(cache_root, owner)
-        try:
-            self._build(cache_root, shared, spawn)
-        except BaseException:
-            self.cachedir.close()
-            raise
-
-    def _build(self, cache_root: Path, shared: Sequence[CacheTier], spawn: Spawn | None) -> None:
-        s = self.settings
-        env = self.cachedir.env
-        self.disk = ChunkCache(
-            self.cachedir.index_env,
-            cache_root,
-            block_size=s.block_size,
-            limit_bytes=s.cache_size,
-            min_free=s.cache_min_free,
-            max_age=s.cache_max_age,
-            compression_level=s.cache_compression,
-        )
-        self.memory = MemoryTier(HOT_BYTES)
-        self.tiers = Tiers([self.memory, self.disk, *shared])
-        policy = NamespacePolicy(
-            bucket=s.bucket, root_prefix=s.root_prefix, ttl=s.metadata_ttl, uid=s.uid, gid=s.gid,
-            file_mode=s.file_mode, dir_mode=s.dir_mode,
-        )  # fmt: skip
-        self.commit = GroupCommit(env)  # one committer for the env: record updates and journal share flushes
-        self.namespace = Namespace(env, self.store, policy, self.run_s3, spawn=spawn, commit=self.commit)
-        self.hydrator = Hydrator(
-            bucket=s.bucket,
-            store=self.store,
-            tiers=self.tiers,
-            run_s3=self.run_s3,
-            run_io=self.run_io,
-            block_size=s.block_size,
-            spawn=spawn or (lambda task: None),  # no spawner: no read-ahead
-            learn_metadata=self.namespace.learn_metadata,
-            timeout=s.timeout,
-            max_parallel_runs=s.s3_concurrency,
-        )
-        self.journal: Journal | None = None
-        self.writeback: WriteBack | None = None
-        if not s.read_only:
-            self.journal = Journal(env, self.commit)
-            self.writeback = WriteBack(
-                bucket=s.bucket,
-                namespace=self.namespace,
-                store=self.store,
-                hydrator=self.hydrator,
-                staging=Staging(cache_root / "staging"),
-                journal=self.journal,
-                cache=self.tiers,
-                run_s3=self.run_s3,
-                run_io=self.run_io,
-                delay=s.writeback_delay,
-                upload_concurrency=s.upload_concurrency,
-            )
-        self.fs = FileSystem(
-            self.namespace,
-            self.hydrator,
-            block_size=s.block_size,
-            writeback=self.writeback,
-            run_io=self.run_io,
-        )
 
     async def run_s3(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run blocking S3 work in a worker thread, at most ``s3_concurrency`` at once. With
@@ -170,7 +114,8 @@ class Stack:
 
     def close(self) -> None:
         try:
-            self.tiers.close()
+            if hasattr(self, "tiers"):
+                self.tiers.close()
         finally:
             self.cachedir.close()
 
@@ -187,7 +132,69 @@ def build_stack(
 ) -> Stack:
     """The layers of a mount of ``store`` on the cache dir ``cache_root`` (owned by ``owner``, the
     tag a cache dir keeps of its source). ``spawn`` starts background tasks (read-ahead, lazy
-    listings); without it none run."""
-    return Stack(
-        store, cache_root, owner, settings, shared=shared, spawn=spawn, abandon_on_cancel=abandon_on_cancel
+    listings); without it none run. Blocking (it opens files and LMDB): before the loop runs."""
+    stack = Stack(store, CacheDir(cache_root, owner), settings, abandon=abandon_on_cancel)
+    try:
+        _wire(stack, cache_root, shared, spawn)
+    except BaseException:
+        stack.close()
+        raise
+    return stack
+
+
+def _wire(stack: Stack, cache_root: Path, shared: Sequence[CacheTier], spawn: Spawn | None) -> None:
+    s = stack.settings
+    env = stack.cachedir.env
+    stack.disk = ChunkCache(
+        stack.cachedir.index_env,
+        cache_root,
+        block_size=s.block_size,
+        limit_bytes=s.cache_size,
+        min_free=s.cache_min_free,
+        max_age=s.cache_max_age,
+        compression_level=s.cache_compression,
+    )
+    stack.memory = MemoryTier(HOT_BYTES)
+    stack.tiers = Tiers([stack.memory, stack.disk, *shared])
+    policy = NamespacePolicy(
+        bucket=s.bucket, root_prefix=s.root_prefix, ttl=s.metadata_ttl, uid=s.uid, gid=s.gid,
+        file_mode=s.file_mode, dir_mode=s.dir_mode,
+    )  # fmt: skip
+    stack.commit = GroupCommit(env)  # one committer for the env: record updates and journal share flushes
+    stack.namespace = Namespace(env, stack.store, policy, stack.run_s3, spawn=spawn, commit=stack.commit)
+    stack.hydrator = Hydrator(
+        bucket=s.bucket,
+        store=stack.store,
+        tiers=stack.tiers,
+        run_s3=stack.run_s3,
+        run_io=stack.run_io,
+        block_size=s.block_size,
+        spawn=spawn or (lambda task: None),  # no spawner: no read-ahead
+        learn_metadata=stack.namespace.learn_metadata,
+        timeout=s.timeout,
+        max_parallel_runs=s.s3_concurrency,
+    )
+    stack.journal = None
+    stack.writeback = None
+    if not s.read_only:
+        stack.journal = Journal(env, stack.commit)
+        stack.writeback = WriteBack(
+            bucket=s.bucket,
+            namespace=stack.namespace,
+            store=stack.store,
+            hydrator=stack.hydrator,
+            staging=Staging(cache_root / "staging"),
+            journal=stack.journal,
+            cache=stack.tiers,
+            run_s3=stack.run_s3,
+            run_io=stack.run_io,
+            delay=s.writeback_delay,
+            upload_concurrency=s.upload_concurrency,
+        )
+    stack.fs = FileSystem(
+        stack.namespace,
+        stack.hydrator,
+        block_size=s.block_size,
+        writeback=stack.writeback,
+        run_io=stack.run_io,
     )
