@@ -11,8 +11,10 @@ STAMP := $(VENV)/.tierfs-installed
 # System packages: FUSE 3 for mounting, libfuse3-dev + pkg-config + a compiler and
 # Python headers to build pyfuse3 (no wheel exists), python3-venv for `python3 -m venv`.
 SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
-# Only the benchmark compares against these.
-BENCH_PACKAGES := s3fs rclone
+# Only the benchmark compares against these. awscli (the copy-first baseline) comes from Debian,
+# outside the venv, so its botocore never moves the one tierfs runs on.
+BENCH_PACKAGES := s3fs rclone awscli
+BENCH_STAMP := $(VENV)/.tierfs-bench-installed
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
@@ -39,8 +41,13 @@ all: test
 deps:
 	$(call apt_install,$(SYSTEM_PACKAGES))
 
-bench-deps:
+# The peers from Debian, and the venv's `bench` extra (s3torchconnector beside the pinned CPU torch).
+bench-deps: deps $(BENCH_STAMP)
 	$(call apt_install,$(BENCH_PACKAGES))
+
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(PY) -m pip install -e '.[dev,torch,bench]'
+	touch $@
 
 venv .venv: $(STAMP)
 
