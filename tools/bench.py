@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -30,6 +31,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import botocore.exceptions
 
 from tierfs.units import format_bytes, parse_size
 from tools.bench_loaders import Skipped, loader_epoch
@@ -85,9 +88,9 @@ WORKLOADS: list[tuple[str, str]] = [
     ("large_warm_disk", "6 large seq, warm on disk"),
     ("small_warm_page", "7 small files, warm page cache"),
     ("loader_cold", "8a DataLoader, files, cold"),
+    ("loader_warm", "8b DataLoader, files, warm disk"),
     ("loader_direct_cold", "8c DataLoader, tierfs dataset, cold"),
     ("loader_hints_cold", "8d DataLoader, dataset + hints, cold"),
-    ("loader_warm", "8b DataLoader, files, warm disk"),
     ("epoch_one", "9 epoch one, s (local: copy-first)"),
     ("model_cold", "10 model load, cold"),
 ]
@@ -446,7 +449,10 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
-    def record(self, workload: str, system: str, measure: Measure) -> None:
+    def record(self, workload: str, system: str, measure: Measure | None) -> None:
+        """Keep one row's measure; None (a skipped row) keeps nothing."""
+        if measure is None:
+            return
         self.results.setdefault(workload, {})[system] = asdict(measure)
         log(f"{system:7} {workload:16} {measure.value:>10.1f} {measure.unit} ({measure.seconds:.2f} s)")
 
@@ -460,10 +466,10 @@ class Report:
     def cpu_ms(self, workload: str, system: str, per: str) -> float | None:
         """The daemon's CPU milliseconds per file (``per="item"``) or per MiB (``"mib"``) in one phase."""
         u = self.phase_usage(workload, system)
-        amount = None if u is None else (u["items"] if per == "item" else u["nbytes"] / MiB)
-        if u is None or not amount:
+        if u is None:
             return None
-        return 1000.0 * u["cpu_seconds"] / amount
+        amount = float(u["items"] if per == "item" else u["nbytes"] / MiB)
+        return 1000.0 * float(u["cpu_seconds"]) / amount if amount > 0 else None
 
     def metric(self, metric: str, workload: str, system: str) -> float | None:
         """A target's metric; see :class:`Target`."""
@@ -622,8 +628,7 @@ class Runner:
         self.report.record("large_warm_disk", "local", large)
         if "local" in o.loader_systems:
             loader = self.timed("local", "loader_cold", None, lambda d: self.loader("files", local, d))
-            if loader is not None:
-                self.report.record("loader_warm", "local", loader)
+            self.report.record("loader_warm", "local", loader)
 
     # -- boto3 ---------------------------------------------------------------------
 
@@ -731,7 +736,7 @@ class Runner:
         if isinstance(system, TierfsSystem):
             for kind, workload in (("direct", "loader_direct_cold"), ("hinted", "loader_hints_cold")):
                 with system.mounted(fresh=True) as m:
-                    timed(workload, m.pid, lambda d, kind=kind, m=m: self.loader(kind, m.path, d))
+                    timed(workload, m.pid, functools.partial(self.loader, kind, m.path))
         if epoch:
             dropped = drop_caches()  # before mounting, so the mount time is part of the measured epoch
             with system.mounted(fresh=True) as m:
@@ -974,15 +979,16 @@ def s3_endpoint(args: argparse.Namespace, workdir: Path) -> Iterator[str]:
 
 def prepare_bucket(client: Any, bucket: str, dataset: Dataset, report: Report) -> None:
     """Seed the bucket unless it already holds exactly this dataset; refuse to mix datasets."""
-    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
-    if bucket in existing:
+    try:  # HEAD, not ListBuckets: a gateway lists only the buckets of the listing identity
+        client.head_bucket(Bucket=bucket)
+    except botocore.exceptions.ClientError:
+        client.create_bucket(Bucket=bucket)
+    else:
         if dataset_present(client, bucket, dataset):
             log(f"bucket {bucket} already holds this dataset: not re-seeding")
             return
         if client.list_objects_v2(Bucket=bucket, MaxKeys=1).get("KeyCount", 0):
             raise SystemExit(f"bucket {bucket} holds other data; choose another --bucket")
-    else:
-        client.create_bucket(Bucket=bucket)
     log(
         f"seeding {dataset.small_files} x {format_bytes(dataset.small_size)} + "
         f"{dataset.shards} x {format_bytes(dataset.shard_size)} + a {format_bytes(dataset.model_size)} model"

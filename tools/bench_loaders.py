@@ -139,7 +139,7 @@ def build(args: argparse.Namespace, keys: list[str]) -> tuple[Any, list[int], Ca
     from tierfs.reader.datasets import FileDataset
 
     top = os.path.join(args.root, os.path.commonpath(keys)) if len(keys) > 1 else args.root
-    files = FileDataset(top)
+    files = FileDataset(top, transform=len)
     index = {os.path.relpath(path, args.root): i for i, path in enumerate(files.files)}
     order = [index[k] for k in keys]
     if args.kind == "direct":
