@@ -689,7 +689,7 @@ class Runner:
                     "nullfs",
                     workload,
                     m.pid,
-                    lambda d, path=m.path: read_small(path, small, o.threads, d),
+                    functools.partial(read_small, m.path, small, o.threads),
                     drop=not keep_cache,
                 )
             system.cleanup()
