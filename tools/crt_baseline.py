@@ -8,6 +8,9 @@ same client the same way: static credentials, SigV4, TLS off for the loopback ga
 * :func:`crt_small`: whole-object GETs, ``inflight`` requests at a time from one thread.
 * :func:`crt_large`: one auto-ranged ``GET_OBJECT`` meta request per key (the CRT splits it
   into ``part_size`` ranged GETs and runs them in parallel), every key at once.
+
+Either way at most ``connections`` (16) connections are open, so "awscrt with 16 in flight"
+means the same for small and large objects.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from tools.servers import ACCESS_KEY, REGION, SECRET_KEY
 class CrtBaseline:
     """One CRT S3 client for a run of GETs; counts received bytes and collects failures."""
 
-    def __init__(self, endpoint_url: str, bucket: str, part_size: int = 8 * MiB) -> None:
+    def __init__(
+        self, endpoint_url: str, bucket: str, part_size: int = 8 * MiB, connections: int = 16
+    ) -> None:
         self.netloc = urlsplit(endpoint_url).netloc
         self.bucket = bucket
         elg = io.EventLoopGroup(2)
@@ -39,6 +44,7 @@ class CrtBaseline:
             region=REGION,
             tls_mode=s3.S3RequestTlsMode.DISABLED,
             part_size=part_size,
+            max_active_connections_override=connections,
             signing_config=s3.create_default_s3_signing_config(
                 region=REGION, credential_provider=credentials
             ),
@@ -86,7 +92,7 @@ class CrtBaseline:
 
 def crt_small(endpoint_url: str, bucket: str, keys: Sequence[str], inflight: int = 16) -> Measure:
     """GET every key whole with the CRT's S3 client, ``inflight`` requests at a time. Unit: files/s."""
-    crt = CrtBaseline(endpoint_url, bucket)
+    crt = CrtBaseline(endpoint_url, bucket, connections=inflight)
     seconds = crt.run(keys, inflight, s3.S3RequestType.DEFAULT)
     return rate(len(keys), crt.received, seconds, "files/s", False)
 
