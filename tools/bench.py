@@ -35,7 +35,7 @@ from typing import Any
 import botocore.exceptions
 
 from tierfs.units import format_bytes, parse_size
-from tools.bench_loaders import Skipped, loader_epoch
+from tools.bench_loaders import NO_HINTS, Skipped, hint_call, loader_epoch
 from tools.bench_workloads import (
     Dataset,
     Measure,
@@ -518,6 +518,11 @@ class Runner:
         self.client = client
         self.bucket = bucket
 
+    def skipped(self, system: str, workload: str, reason: str) -> None:
+        """A row that cannot run here: a warning in the report, with the reason."""
+        self.report.warnings.append(f"{system} {workload} skipped: {reason}")
+        log(f"{system} {workload} skipped: {reason}")
+
     def loader(self, kind: str, root: Path | None, dropped: bool) -> Measure:
         """One cold or warm DataLoader epoch over the small files (see tools.bench_loaders)."""
         o = self.opts
@@ -553,8 +558,7 @@ class Runner:
             with UsageMeter(pid) as meter:
                 measure = fn(dropped)
         except Skipped as exc:
-            self.report.warnings.append(f"{system} {workload} skipped: {exc}")
-            log(f"{system} {workload} skipped: {exc}")
+            self.skipped(system, workload, str(exc))
             return None
         self.report.record(workload, system, measure)
         if meter.usage is not None:
@@ -735,6 +739,9 @@ class Runner:
                 timed("loader_warm", m.pid, lambda d: self.loader("files", m.path, d))
         if isinstance(system, TierfsSystem):
             for kind, workload in (("direct", "loader_direct_cold"), ("hinted", "loader_hints_cold")):
+                if kind == "hinted" and hint_call() is None:  # known here already: spare a mount
+                    self.skipped(name, workload, NO_HINTS)
+                    continue
                 with system.mounted(fresh=True) as m:
                     timed(workload, m.pid, functools.partial(self.loader, kind, m.path))
         if epoch:

@@ -104,6 +104,9 @@ def hint_call() -> Callable[[Sequence[str]], Any] | None:
     return None
 
 
+NO_HINTS = f"tierfs.reader has none of {', '.join(HINT_NAMES)} (no hint API in this tierfs)"
+
+
 class Files:
     """Map-style dataset over a list of paths, read with the builtin open."""
 
@@ -146,7 +149,7 @@ def build(args: argparse.Namespace, keys: list[str]) -> tuple[Any, list[int], Ca
         return files, order, nothing
     hint = hint_call()
     if hint is None:
-        raise LookupError(f"tierfs.reader has none of {', '.join(HINT_NAMES)} (no hint API in this tierfs)")
+        raise LookupError(NO_HINTS)
     paths = [files.files[i] for i in order]
     return files, order, lambda: hint(paths)
 
