@@ -34,7 +34,7 @@ def test_one_run_reads_the_same_bytes_on_every_baseline(
     name = bucket()
     out = tmp_path / "bench.json"
     command = [sys.executable, "-m", "tools.bench", "--endpoint-url", seaweed.endpoint_url]
-    command += ["--bucket", name, "--small-files", "40", "--small-size", "8K", "--shards", "1"]
+    command += ["--quick", "--bucket", name, "--small-files", "40", "--small-size", "8K", "--shards", "1"]
     command += ["--shard-size", "2M", "--model-size", "3M", "--preads", "16", "--workers", "2"]
     command += ["--systems", "local,boto3,crt,s3torch", "--workdir", str(tmp_path / "wd")]
     command += ["--json-out", str(out)]

@@ -121,7 +121,7 @@ class Files:
 
 
 def build(args: argparse.Namespace, keys: list[str]) -> tuple[Any, list[int], Callable[[], None]]:
-    """The dataset, the sampler's index order, and what to do right before the epoch starts."""
+    """The dataset, the sampler's index order, and what to do once the epoch's clock has started."""
 
     def nothing() -> None:
         return None
@@ -149,7 +149,7 @@ def build(args: argparse.Namespace, keys: list[str]) -> tuple[Any, list[int], Ca
         return files, order, nothing
     hint = hint_call()
     if hint is None:
-        raise LookupError(NO_HINTS)
+        raise Skipped(NO_HINTS)
     paths = [files.files[i] for i in order]
     return files, order, lambda: hint(paths)
 
@@ -161,7 +161,7 @@ def epoch(args: argparse.Namespace) -> dict[str, Any]:
         keys = [line.strip() for line in f if line.strip()]
     try:
         dataset, order, before = build(args, keys)
-    except (LookupError, ImportError) as exc:
+    except (Skipped, ModuleNotFoundError) as exc:  # a missing index is a bug, not a skip
         return {"skip": str(exc)}
     loader = torch.utils.data.DataLoader(
         dataset,
