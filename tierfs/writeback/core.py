@@ -38,6 +38,7 @@ from .attempts import Attempts
 from .files import BlockSink, StagedFiles
 from .journal import Journal, Op
 from .ledger import JournalOp, Ledger
+from .renames import DirRenames
 from .schedule import NODE_OPS, startable, target_key
 from .staging import Staging
 from .stream import Stream, Streams
@@ -122,13 +123,7 @@ class WriteBack:
         self._fsyncs = 0  # fsync calls waiting: the executor does not coalesce wake-ups meanwhile
         self._wake = trio.Event()
         self._changed = trio.Event()
-        # Puts below a directory whose rename is being journaled must not start (they are
-        # re-journaled under the new name).
-        self._frozen: list[str] = []
-        # Directory renames between the namespace change and their journal entries; records
-        # below them must not stop being LOCAL meanwhile (see renaming() and _quiesce).
-        self._dir_renames = 0
-        self._deferred_quiesce: set[int] = set()
+        self.dir_renames = DirRenames()  # what is held back while a directory rename is journaled
         if self.ledger.ops:
             log.info("write-back: replaying %d journaled operations", len(self.ledger.ops))
 
@@ -371,18 +366,10 @@ class WriteBack:
         an op of the inode finishing then must not settle it (a listing would drop the entry
         whose object the pending copy has not made yet).
         """
-        if node.is_dir:
-            self._dir_renames += 1
-        with self.ledger.holding([] if node.is_dir else [node.ino]):
-            try:
-                yield
-            finally:
-                if node.is_dir:
-                    self._dir_renames -= 1
-        if not self._dir_renames:
-            deferred, self._deferred_quiesce = self._deferred_quiesce, set()
-            for ino in sorted(deferred):
-                await self._quiesce(ino)
+        with self.dir_renames.bracket(node.is_dir), self.ledger.holding([] if node.is_dir else [node.ino]):
+            yield
+        for ino in self.dir_renames.take_deferred():
+            await self._quiesce(ino)
         if not node.is_dir:
             await self._quiesce(node.ino)
 
@@ -418,11 +405,10 @@ class WriteBack:
         finish before or after the listing below sees them: do them again under the new
         name and delete what they wrote. Their staging files are held until then.
         """
-        self._frozen.append(old_key)
         try:
-            await self._journal_dir_rename(moved, old_key)
+            with self.dir_renames.freezing(old_key):
+                await self._journal_dir_rename(moved, old_key)
         finally:
-            self._frozen.remove(old_key)
             self._wake.set()
 
     async def _journal_dir_rename(self, moved: Inode, old_key: str) -> None:
@@ -620,7 +606,7 @@ class WriteBack:
         now = self._clock()
         if self.attempts.held_back(op.seq, now) or self.ledger.dropping(op.seq):
             return False
-        if self._frozen and op.kind == "put" and any(op.key.startswith(p) for p in self._frozen):
+        if self.dir_renames.holds(op):
             return False
         if op.kind != "put":
             return True
@@ -786,9 +772,8 @@ class WriteBack:
         if node is None:
             self._last_put.pop(ino, None)
             return
-        if self._dir_renames:
-            self._deferred_quiesce.add(ino)  # renaming() runs it once the rename is journaled
-            return
+        if self.dir_renames.defer(ino):
+            return  # renaming() runs it once the rename is journaled
         if self._pending_at_name(ino, node.key):
             return
         last = self._last_put.pop(ino, None)
