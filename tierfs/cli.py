@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
+from . import __version__, snapshot_cli
 from .config import MountConfig, Source
 from .control.progress import ProgressBar
 from .control.protocol import (
@@ -332,6 +332,18 @@ MOUNT_OPTIONS: tuple[MountOption, ...] = (
         "N",
     ),
     MountOption("debug_fuse", "log every FUSE request (very verbose)", field="fuse_debug"),
+    MountOption(
+        "snapshot",
+        "mount the snapshot NAME of SOURCE (or a manifest URL) read-only, without LIST (docs/snapshots.md)",
+        _parse_str,
+        "NAME|URL",
+    ),
+    MountOption(
+        "as_of",
+        "mount SOURCE read-only as it was at TIME (a versioned bucket), e.g. 2026-12-01T00:00:00Z",
+        _parse_str,
+        "TIME",
+    ),
 )
 _OPTIONS_BY_NAME = {opt.name: opt for opt in MOUNT_OPTIONS}
 
@@ -743,6 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
                 help="files downloaded in parallel",
             )
         cmd.set_defaults(func=_path_command(name, progress))
+
+    snapshot_cli.add_parser(sub, flush=_flush)
 
     refresh = sub.add_parser("refresh", help="forget cached metadata and re-list from S3")
     refresh.add_argument("paths", metavar="PATH")

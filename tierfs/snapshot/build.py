@@ -15,11 +15,22 @@ import io
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 from ..meta import keys
 from ..store.objectstore import ObjectInfo, ObjectVersionInfo, normalize_etag
-from .format import KEY, KIND, KIND_DIR, PARENT, ManifestError, ManifestWriter, Row, key_problem, new_row
+from .format import (
+    KEY,
+    KIND,
+    KIND_DIR,
+    PARENT,
+    Footer,
+    ManifestError,
+    ManifestWriter,
+    Row,
+    key_problem,
+    new_row,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +52,10 @@ class ListingStore(Protocol):
 class TreeBuilder:
     """Adds the implied directories to sorted rows and sets every row's parent ordinal."""
 
-    def __init__(self, writer: ManifestWriter) -> None:
+    def __init__(self, writer: ManifestWriter, *, enrich: Callable[[Row], None] | None = None) -> None:
+        """``enrich(row)`` may fill in POSIX attributes of each row (directories included)."""
         self.writer = writer
+        self._enrich = enrich
         self._open: list[tuple[str, int]] = []  # (directory key, ordinal), outermost first
 
     def add(self, row: Row) -> None:
@@ -61,12 +74,16 @@ class TreeBuilder:
             row[KIND] = KIND_DIR
             self._open_dir(row)
         else:
-            row[PARENT] = self._open[-1][1] if self._open else -1
-            self.writer.add(row)
+            self._write(row)
+
+    def _write(self, row: Row) -> int:
+        row[PARENT] = self._open[-1][1] if self._open else -1
+        if self._enrich is not None:
+            self._enrich(row)
+        return self.writer.add(row)
 
     def _open_dir(self, row: Row) -> None:
-        row[PARENT] = self._open[-1][1] if self._open else -1
-        self._open.append((row[KEY], self.writer.add(row)))
+        self._open.append((row[KEY], self._write(row)))
 
 
 def visible(key: str, prefix: str) -> str | None:
@@ -86,13 +103,13 @@ def visible(key: str, prefix: str) -> str | None:
 
 
 class Counted:
-    """Counts the keys a source skipped, for the footer's ``hidden_keys``."""
+    """Counts the keys a source skipped in the footer's ``hidden_keys`` (written last)."""
 
-    def __init__(self) -> None:
-        self.hidden = 0
+    def __init__(self, footer: Footer) -> None:
+        self.footer = footer
 
     def skip(self, key: str) -> None:
-        self.hidden += 1
+        self.footer.hidden_keys += 1
         log.info("snapshot: hiding key %r (not representable as a POSIX path)", key)
 
 
@@ -209,14 +226,3 @@ def parse_time(text: str) -> int:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return int(when.timestamp() * 1_000_000_000)
-
-
-def write_rows(
-    writer: ManifestWriter, rows: Iterable[Row], progress: Callable[[int], None] | None = None
-) -> Any:
-    tree = TreeBuilder(writer)
-    for count, row in enumerate(rows, 1):
-        tree.add(row)
-        if progress is not None and count % 100_000 == 0:
-            progress(count)
-    return writer.finish()

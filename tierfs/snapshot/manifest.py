@@ -59,7 +59,9 @@ class Manifest:
         self._lock = threading.Lock()
         self._decoded: OrderedDict[int, list[Row]] = OrderedDict()
         self.fetched_pages = 0
+        self.on_close: Callable[[], None] | None = None
         self._fd: int | None = None
+        self.local_path = local  # the local copy direct readers open (None: kept in memory)
         self._whole: bytes = b""  # a small manifest fetched whole, when there is no local copy
         if local is not None:
             flags = os.O_RDWR | os.O_CREAT if fetch is not None else os.O_RDONLY
@@ -78,6 +80,9 @@ class Manifest:
             self._load_everything()
 
     def close(self) -> None:
+        if self.on_close is not None:
+            self.on_close()
+            self.on_close = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -190,6 +195,17 @@ class Manifest:
         if ordinal < self.footer.entries and self.row(ordinal, fetch=fetch)[KEY] == key:
             return ordinal
         return None
+
+    def local_rows(self) -> Iterator[tuple[int, Row]]:
+        """(ordinal, row) of every page already local, without fetching any."""
+        for index, ref in enumerate(self.footer.pages):
+            if self._verified[index]:
+                try:
+                    rows = self.page(index, fetch=False)
+                except (PageMissing, ManifestError):
+                    continue
+                for n, row in enumerate(rows):
+                    yield ref.first_ordinal + n, row
 
     def rows(self, start: int = 0, *, fetch: bool = True) -> Iterator[tuple[int, Row]]:
         """(ordinal, row) from ``start`` to the end, page by page."""

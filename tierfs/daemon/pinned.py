@@ -1,0 +1,136 @@
+"""A mount pinned to a dataset version (``--snapshot`` or ``--as-of``; docs/snapshots.md):
+opens the manifest before anything is mounted, serves the namespace from it, and keeps the
+per-snapshot status (bytes cached locally, hits, misses, last use).
+
+``--snapshot`` makes no LIST, ever: the footer and pages come by ranged GETs of the manifest.
+``--as-of`` lists the bucket's versions once, here, before the mount goes live, into a
+manifest in the cache dir, and from then on serves it exactly like a snapshot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..cache.chunkcache import ChunkCache
+from ..config import MountConfig
+from ..errors import ConfigError
+from ..read.hydrator import HydratorStats
+from ..snapshot.build import parse_time
+from ..snapshot.create import create, is_versioned
+from ..snapshot.format import SUFFIX
+from ..snapshot.location import open_manifest
+from ..snapshot.manifest import Manifest
+from ..snapshot.namespace import Defaults, RunBlocking, SnapshotNamespace
+from ..snapshot.usage import cached
+from ..store.objectstore import S3ObjectStore
+
+log = logging.getLogger("tierfs")
+
+USAGE_INTERVAL = 60.0  # seconds between recounts of the snapshot's cached bytes
+
+
+def pinned(cfg: MountConfig) -> bool:
+    """Whether the mount is pinned to a dataset version."""
+    return cfg.snapshot is not None or cfg.as_of is not None
+
+
+class PinnedSnapshot:
+    def __init__(self, cfg: MountConfig, store: Any, cache_root: Path, run_blocking: RunBlocking) -> None:
+        self.cfg = cfg
+        local_dir = cache_root / "snapshots"
+        if cfg.as_of is not None:
+            self.manifest, self.label = self._build_as_of(cfg, store, local_dir)
+        else:
+            assert cfg.snapshot is not None
+            manifest, ref = open_manifest(
+                cfg.source, cfg.snapshot, lambda bucket: self._store_for(store, bucket), local_dir
+            )
+            self.manifest, self.label = manifest, str(ref)
+        self.local_path = self.manifest.local_path
+        footer = self.manifest.footer
+        defaults = Defaults(cfg.uid, cfg.gid, cfg.file_mode, cfg.dir_mode)
+        self.namespace = SnapshotNamespace(self.manifest, cfg.source.prefix, defaults, run_blocking)
+        self.name = footer.name
+        self.last_use: float | None = None
+        self._reads = 0
+        self._usage: dict[str, int] = {}
+        self._usage_at = 0.0
+        log.info(
+            "snapshot %s of s3://%s/%s: %d entries, %d bytes, made %s%s",
+            self.label, footer.bucket, footer.prefix, footer.entries, footer.total_bytes,
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(footer.created_ns / 1e9)),
+            " (version ids pinned)" if footer.versioned else " (ETags pinned)",
+        )  # fmt: skip
+
+    @staticmethod
+    def _build_as_of(cfg: MountConfig, store: Any, local_dir: Path) -> tuple[Manifest, str]:
+        assert cfg.as_of is not None
+        when = parse_time(cfg.as_of)
+        if not is_versioned(store):
+            raise ConfigError(
+                f"--as-of needs a versioned bucket: s3://{cfg.source.bucket} has versioning off"
+            )
+        local_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ident = hashlib.sha256(f"{cfg.source}|{cfg.as_of}|{time.time_ns()}".encode()).hexdigest()[:24]
+        path = local_dir / f"as-of-{ident}{SUFFIX}"
+        with tempfile.TemporaryDirectory(dir=local_dir) as scratch:
+            create(store, cfg.source, f"as-of-{ident}", to=str(Path(scratch) / "m.tsnap"), as_of_ns=when,
+                   as_of_text=cfg.as_of, tmpdir=scratch)  # fmt: skip
+            (Path(scratch) / "m.tsnap").rename(path)
+        return Manifest(path.stat().st_size, None, path), f"{cfg.source} as of {cfg.as_of}"
+
+    def _store_for(self, store: Any, bucket: str) -> Any:
+        """The mount's own store for its bucket; a manifest URL naming another bucket at the same
+        endpoint gets a client of its own."""
+        if bucket == store.bucket:
+            return store
+        cfg = self.cfg
+        return S3ObjectStore(
+            bucket, endpoint_url=cfg.endpoint_url, region=cfg.region, profile=cfg.profile,
+            timeout=cfg.timeout, retries=cfg.retries,
+        )  # fmt: skip
+
+    def note_reads(self, stats: HydratorStats) -> None:
+        """Called by maintenance: a change in the read counters since the last pass is a use."""
+        reads = stats.cache_hits + stats.cache_misses
+        if reads != self._reads:
+            self._reads = reads
+            self.last_use = time.time()
+
+    def count_usage(self, disk: ChunkCache) -> None:
+        """Recount the cached bytes of the entries this node looked up (their pages are local);
+        a worker thread, at most every USAGE_INTERVAL. ``tierfs snapshot show`` counts all entries."""
+        now = time.monotonic()
+        if now - self._usage_at < USAGE_INTERVAL and self._usage_at:
+            return
+        self._usage_at = now
+        usage = cached(
+            self.manifest.local_rows(), self.cfg.source.bucket, self.cfg.source.prefix, self.cfg.block_size,
+            disk.contains,
+        )  # fmt: skip
+        self._usage = {"cached_bytes": usage.bytes_cached, "cached_files": usage.files_cached}
+
+    def status(self, stats: HydratorStats) -> dict[str, Any]:
+        footer = self.manifest.footer
+        return {
+            "name": self.name,
+            "manifest": self.label,
+            "created": footer.created_ns / 1e9,
+            "versioned": footer.versioned,
+            "entries": footer.entries,
+            "files": footer.files,
+            "bytes": footer.total_bytes,
+            "manifest_bytes": self.manifest.size,
+            "manifest_pages": len(footer.pages),
+            "manifest_pages_local": self.manifest.local_pages,
+            "manifest_pages_fetched": self.manifest.fetched_pages,
+            "hits": stats.cache_hits,
+            "misses": stats.cache_misses,
+            "last_use": self.last_use,
+            **self._usage,
+        }
