@@ -100,7 +100,8 @@ class SnapshotNamespace:
         row = self.manifest.row(ino - FIRST_INO, fetch=fetch)
         return str(row[KEY]) if row[KEY].endswith("/") else None
 
-    def _get_local(self, ino: int, *, fetch: bool = False) -> Inode | None:
+    def record(self, ino: int, *, fetch: bool = False) -> Inode | None:
+        """The inode (None: no such number); PageMissing when its page is not local and not ``fetch``."""
         if ino == ROOT_INO:
             return self.root
         ordinal = ino - FIRST_INO
@@ -112,7 +113,7 @@ class SnapshotNamespace:
         """The kernel only knows inodes it was given by lookup or readdir, whose pages are local;
         a page missing now (its local copy went bad) is an I/O error, not a fetch on the loop."""
         try:
-            return self._get_local(ino)
+            return self.record(ino)
         except PageMissing:
             raise Unavailable(f"snapshot manifest page of inode {ino} is not local") from None
 
@@ -184,7 +185,7 @@ class SnapshotNamespace:
         return sorted(visible + dirs)
 
     async def ensure_listed(self, ino: int, *, force: bool = False, ahead: bool = True) -> Inode:
-        node = await self._with_pages(lambda: self._get_local(ino))
+        node = await self._with_pages(lambda: self.record(ino))
         if node is None:
             raise NotFound(f"snapshot inode {ino}")
         if node.is_dir and ino not in self._listings:
