@@ -38,11 +38,12 @@ from ..meta.records import Inode
 from ..meta.view import NamespaceView
 from ..read.hydrator import Hydrator
 from ..reader.daemon import DirectReaders
+from ..store.objectstore import ObjectStore
 from ..writeback import WriteBack
 from ..writeback.journal import Journal
 from ..writeback.staging import Staging
 from . import memory, metrics, sdnotify
-from .pinned import PinnedSnapshot, pinned
+from .pinned import PinnedReads, PinnedSnapshot, pinned
 from .startup import preflight_store, setup_logging, shared_store
 
 log = logging.getLogger("tierfs")
@@ -107,7 +108,7 @@ class Mount:
         self.view: NamespaceView = self.pinned.namespace if self.pinned else self.namespace
         self.hydrator = Hydrator(
             bucket=cfg.source.bucket,
-            store=self.store,
+            store=cast(ObjectStore, PinnedReads(self.store)) if self.pinned else self.store,
             tiers=self.tiers,
             run_s3=self.run_s3,
             run_io=self.run_io,

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..cache.chunkcache import ChunkCache
 from ..config import MountConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, NotFound, PreconditionFailed
 from ..read.hydrator import HydratorStats
 from ..snapshot.build import parse_time
 from ..snapshot.create import create, is_versioned
@@ -32,6 +32,24 @@ from ..store.objectstore import S3ObjectStore
 log = logging.getLogger("tierfs")
 
 USAGE_INTERVAL = 60.0  # seconds between recounts of the snapshot's cached bytes
+
+
+class PinnedReads:
+    """The mount's store, with one rule of pinned reads: an object deleted since the snapshot is
+    an I/O error naming its key (as a changed one is, by If-Match), not "no such file" for a
+    name the snapshot shows."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def get_range(self, key: str, start: int, length: int, if_match: str | None = None, **kw: Any) -> Any:
+        try:
+            return self.inner.get_range(key, start, length, if_match, **kw)
+        except NotFound as exc:
+            raise PreconditionFailed(f"{key}: gone from the bucket since the snapshot ({exc})") from None
 
 
 def pinned(cfg: MountConfig) -> bool:

@@ -549,8 +549,10 @@ class S3ObjectStore:
             found = [(v, False) for v in resp.get("Versions", ())] + [
                 (d, True) for d in resp.get("DeleteMarkers", ())
             ]
-            # The two lists come apart in the answer; S3's order is key, then newest first.
-            found.sort(key=lambda item: (item[0]["Key"], -_to_ns(item[0].get("LastModified"))))
+            # The answer splits versions from delete markers; S3's order is key, then newest first.
+            # LastModified may have whole seconds: on a tie the latest one is the newest, and a
+            # delete marker is taken to follow the version it hides.
+            found.sort(key=_version_order)
             for v, deleted in found:
                 yield ObjectVersionInfo(
                     key=v["Key"], version_id=str(v.get("VersionId") or ""), is_latest=bool(v.get("IsLatest")),
@@ -824,6 +826,13 @@ class S3ObjectStore:
 
     def delete(self, key: str) -> None:
         self._call("delete_object", Key=key)
+
+
+def _version_order(item: tuple[Mapping[str, Any], bool]) -> tuple[str, int, bool, bool]:
+    """ListObjectVersions order: key, newest first; on a LastModified tie the latest first, then
+    a delete marker before the version it hides."""
+    version, deleted = item
+    return version["Key"], -_to_ns(version.get("LastModified")), not version.get("IsLatest"), not deleted
 
 
 def _info_from_response(key: str, resp: Mapping[str, Any]) -> ObjectInfo:
