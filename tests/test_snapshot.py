@@ -256,3 +256,23 @@ def test_direct_reader_on_a_snapshot_mount(
     with r.open(path) as f:
         assert f.read() == BEFORE["d/e/same.bin"]
     assert r.stats()["direct_bytes"] == len(BEFORE["d/e/same.bin"]), r.stats()
+
+
+def test_snapshot_of_a_mounted_path_flushes_and_keeps_owners_and_modes(
+    seaweed: SeaweedFS, bucket: Callable[..., str], mounter: Mounter
+) -> None:
+    name = bucket(seaweed)
+    live = mounter(f"s3://{name}", "--writeback-delay", "60")
+    (live.path / "sub" / "deep").mkdir(parents=True)
+    (live.path / "sub" / "deep" / "f.bin").write_bytes(b"written through the mount")
+    os.chmod(live.path / "sub" / "deep" / "f.bin", 0o600)
+    os.chown(live.path / "sub" / "deep" / "f.bin", 1234, 5678)
+    os.symlink("deep/f.bin", live.path / "sub" / "link")
+    made = snap(seaweed, "create", str(live.path / "sub"), "v1")  # flushes the pending uploads first
+    assert made.returncode == 0, made.stderr
+    assert sorted(os.listdir(live.path)) == ["sub"]  # the bucket's .tierfs/ is never shown
+    pinned = mounter(f"s3://{name}/sub", "--snapshot", "v1")
+    st = os.lstat(pinned.path / "deep" / "f.bin")
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o600, 1234, 5678)
+    assert (pinned.path / "deep" / "f.bin").read_bytes() == b"written through the mount"
+    assert os.readlink(pinned.path / "link") == "deep/f.bin"

@@ -35,7 +35,7 @@ from .format import (
 log = logging.getLogger(__name__)
 
 #: Where manifests live in their bucket; a mount of the whole bucket hides this top-level directory.
-META_DIR = ".tierfs/"
+META_DIR = keys.OWN_PREFIX
 HEAD_THREADS = 16
 
 
