@@ -100,9 +100,7 @@ def synthetic_row(endpoint: str, workdir: Path, count: int) -> dict[str, Any]:
     client.create_bucket(Bucket=SYNTH_BUCKET)
     manifest = workdir / "synthetic.tsnap"
     result = write_synthetic(manifest, count)
-    log(
-        f"manifest: {result['entries']:,} entries, {result['manifest_bytes']:,} bytes"
-    )
+    log(f"manifest: {result['entries']:,} entries, {result['manifest_bytes']:,} bytes")
     client.upload_file(str(manifest), SYNTH_BUCKET, ".tierfs/snapshots/synthetic.tsnap")
     manifest.unlink()
     mount = TierfsSystem(workdir / "synth", endpoint, SYNTH_BUCKET, ["--snapshot", "synthetic"])
