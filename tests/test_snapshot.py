@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 from mounting import Mounter, run_tierfs, tierfs_ok
 
 from tierfs.reader import Reader
-from tools.servers import MotoS3, SeaweedFS, s3_client
+from tools.servers import MotoS3, SeaweedFS, free_port, s3_client
 
 pytestmark = pytest.mark.fuse
 
@@ -147,13 +149,20 @@ def test_two_snapshots_share_cached_blocks(
         "--endpoint-url", seaweed.endpoint_url,
     )  # fmt: skip
     assert shown["cached_bytes"] == len(BEFORE["d/e/same.bin"])
-    second = mounter(f"s3://{name}/data", "--snapshot", "v2", cache_dir=cache)
+    port = free_port()
+    second = mounter(
+        f"s3://{name}/data", "--snapshot", "v2", "--metrics-addr", f"127.0.0.1:{port}", cache_dir=cache
+    )
     gets = seaweed.request_count(name, "GET")
     assert (second.path / "d/e/same.bin").read_bytes() == BEFORE["d/e/same.bin"]
     assert seaweed.request_count(name, "GET") == gets, "the shared object was fetched again"
     assert (second.path / "a.txt").read_bytes() == b"alpha v2 NEW\n"
     status = second.status()["snapshot"]
     assert status["name"] == "v2" and status["hits"] > 0
+    assert status["files"] == len(BEFORE)  # one deleted, one added since v1
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        scraped = response.read().decode()
+    assert re.search(r'tierfs_snapshot_hits\{snapshot="v2"\} [1-9]', scraped), scraped
 
 
 def test_bad_input_is_refused_with_nothing_mounted(

@@ -132,6 +132,7 @@ class StatusCollector(Collector):
             status, "direct_fallbacks", "tierfs_direct_fallbacks", "Direct reads sent to the mount", "reason"
         )
         yield from _read_bytes_family(status)
+        yield from _snapshot_families(status)
         for spec in _SCALARS:
             value = status.get(spec.key)
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -164,6 +165,29 @@ def _read_bytes_family(status: Mapping[str, Any]) -> Iterator[Metric]:
             found = True
     if found:
         yield family
+
+
+#: Per mounted snapshot (docs/snapshots.md), labelled by its name: key in status["snapshot"], metric, help.
+_SNAPSHOT_GAUGES = (
+    ("cached_bytes", "tierfs_snapshot_cached_bytes", "Bytes of its looked-up files cached on this node"),
+    ("hits", "tierfs_snapshot_hits", "Block reads of the snapshot served from the cache"),
+    ("misses", "tierfs_snapshot_misses", "Block reads of the snapshot fetched from S3"),
+    ("last_use", "tierfs_snapshot_last_use_seconds", "Unix time of the last read of the snapshot"),
+    ("files", "tierfs_snapshot_files", "Files in the snapshot"),
+    ("bytes", "tierfs_snapshot_bytes", "Bytes of the snapshot's files"),
+)
+
+
+def _snapshot_families(status: Mapping[str, Any]) -> Iterator[Metric]:
+    snapshot = status.get("snapshot")
+    if not isinstance(snapshot, Mapping):
+        return
+    for key, name, help in _SNAPSHOT_GAUGES:
+        value = snapshot.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            family = GaugeMetricFamily(name, help, labels=["snapshot"])
+            family.add_metric([str(snapshot.get("name", ""))], float(value))
+            yield family
 
 
 class MetricsServer:
