@@ -68,9 +68,11 @@ def _resolve_source(text: str, ns: argparse.Namespace) -> Resolved:
 
 
 def _store(bucket: str, where: Resolved, ns: argparse.Namespace) -> S3ObjectStore:
+    # No CRT client: the commands make few GETs, and its buffers would cost ~150 MiB of RSS.
     return S3ObjectStore(
-        bucket, endpoint_url=where.endpoint_url, region=ns.region, profile=ns.profile, timeout=ns.timeout
-    )
+        bucket, endpoint_url=where.endpoint_url, region=ns.region, profile=ns.profile, timeout=ns.timeout,
+        fast_gets=False,
+    )  # fmt: skip
 
 
 def _progress(count: int) -> None:

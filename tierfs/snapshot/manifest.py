@@ -58,6 +58,7 @@ class Manifest:
         self._fetch = fetch
         self._lock = threading.Lock()
         self._decoded: OrderedDict[int, list[Row]] = OrderedDict()
+        self._last: tuple[int, list[Row]] | None = None  # the page asked for last (one tuple: atomic)
         self.fetched_pages = 0
         self.on_close: Callable[[], None] | None = None
         self._fd: int | None = None
@@ -139,10 +140,14 @@ class Manifest:
     # -- pages ----------------------------------------------------------------------------------------
 
     def page(self, index: int, *, fetch: bool) -> list[Row]:
+        last = self._last  # a readdir or walk asks for one page many times in a row: no lock then
+        if last is not None and last[0] == index:
+            return last[1]
         with self._lock:
             rows = self._decoded.get(index)
             if rows is not None:
                 self._decoded.move_to_end(index)
+                self._last = (index, rows)
                 return rows
         ref = self.footer.pages[index]
         raw = self._local(ref.offset, ref.length)
@@ -161,6 +166,7 @@ class Manifest:
             self._decoded[index] = rows
             if len(self._decoded) > DECODED_PAGES:
                 self._decoded.popitem(last=False)
+            self._last = (index, rows)
         return rows
 
     @property
