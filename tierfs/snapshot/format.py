@@ -62,20 +62,26 @@ def key_problem(key: str) -> str | None:
     ``.``/``..`` segments and turns ``a//b`` into ``a/b`` (docs/namespace.md); a NUL byte
     cannot be a POSIX name. A manifest naming such a key is refused as a whole.
     """
-    if not key or key.startswith("/"):
+    if not key or key[0] == "/":
         return "empty or absolute key"
-    try:
-        size = len(key.encode("utf-8"))
-    except UnicodeEncodeError:
-        return "not valid UTF-8"
+    if not key.isascii():  # an ASCII key is valid UTF-8 and at most one byte per character
+        try:
+            size = len(key.encode("utf-8"))
+        except UnicodeEncodeError:
+            return "not valid UTF-8"
+    else:
+        size = len(key)
     if size > MAX_KEY_BYTES:
         return f"longer than {MAX_KEY_BYTES} bytes"
     if "\0" in key:
         return "contains a NUL byte"
-    body = key[:-1] if key.endswith("/") else key
-    for segment in body.split("/"):
-        if segment in ("", ".", ".."):
-            return f"has a {segment or 'empty'!r} segment"
+    if "//" in key:
+        return "has an empty segment"
+    if "." in key:  # only then can a segment be . or ..
+        body = key[:-1] if key.endswith("/") else key
+        for segment in body.split("/"):
+            if segment in (".", ".."):
+                return f"has a {segment!r} segment"
     return None
 
 

@@ -70,6 +70,10 @@ class SnapshotNamespace:
         self.counters = SnapshotCounters(hidden_keys=manifest.footer.hidden_keys)
         self._listings: OrderedDict[int, list[tuple[str, int]]] = OrderedDict()
         self._lock = threading.Lock()
+        self._default_modes = {
+            kind: type_bits(kind) | (defaults.dir_mode if kind is Kind.DIR else defaults.file_mode)
+            for kind in (Kind.FILE, Kind.DIR, Kind.SYMLINK)
+        } | {Kind.SPECIAL: defaults.file_mode}
         created = manifest.footer.created_ns
         self.root = Inode(
             ROOT_INO, Kind.DIR, Flag.NONE, ROOT_INO, 0, created, created, stat.S_IFDIR | defaults.dir_mode,
@@ -81,11 +85,9 @@ class SnapshotNamespace:
     def _inode(self, ordinal: int, row: Row) -> Inode:
         kind = _KINDS[row[KIND]]
         rel: str = row[KEY]
-        mode = row[MODE] or (
-            type_bits(kind) | (self.defaults.dir_mode if kind is Kind.DIR else self.defaults.file_mode)
-        )
+        mode = row[MODE] or self._default_modes[kind]
         uid, gid = row[UID], row[GID]
-        name = rel[rel.rstrip("/").rfind("/") + 1 :].rstrip("/")
+        name = rel[rel.rfind("/", 0, -1) + 1 : -1] if rel[-1] == "/" else rel[rel.rfind("/") + 1 :]
         return Inode(
             ordinal + FIRST_INO, kind, Flag.META_KNOWN if row[MODE] else Flag.NONE,
             row[PARENT] + FIRST_INO if row[PARENT] >= 0 else ROOT_INO, row[SIZE], row[MTIME], row[MTIME],
