@@ -66,13 +66,19 @@ def versioned_bucket(server: MotoS3 | SeaweedFS, bucket: Callable[..., str]) -> 
     return client, name
 
 
+def snapshot_then_change(server: MotoS3 | SeaweedFS, bucket: Callable[..., str]) -> tuple[object, str]:
+    """A versioned bucket holding BEFORE under data/, snapshot v1 of it, then change_bucket."""
+    client, name = versioned_bucket(server, bucket)
+    put_all(client, name, "data/", BEFORE)
+    assert snap(server, "create", f"s3://{name}/data", "v1").returncode == 0
+    change_bucket(client, name)
+    return client, name
+
+
 def test_snapshot_of_a_versioned_bucket_serves_the_old_bytes_with_zero_lists(
     seaweed: SeaweedFS, bucket: Callable[..., str], mounter: Mounter
 ) -> None:
-    client, name = versioned_bucket(seaweed, bucket)
-    put_all(client, name, "data/", BEFORE)
-    assert snap(seaweed, "create", f"s3://{name}/data", "v1").returncode == 0
-    change_bucket(client, name)
+    _, name = snapshot_then_change(seaweed, bucket)
     listed = snap(seaweed, "list", f"s3://{name}/data")
     assert listed.stdout.split("\t")[0] == "v1", listed
     lists_before = seaweed.request_count(name, "LIST")
@@ -135,10 +141,7 @@ def test_as_of_reproduces_the_tree_with_delete_markers(
 def test_two_snapshots_share_cached_blocks(
     seaweed: SeaweedFS, bucket: Callable[..., str], mounter: Mounter
 ) -> None:
-    client, name = versioned_bucket(seaweed, bucket)
-    put_all(client, name, "data/", BEFORE)
-    assert snap(seaweed, "create", f"s3://{name}/data", "v1").returncode == 0
-    change_bucket(client, name)
+    _, name = snapshot_then_change(seaweed, bucket)
     assert snap(seaweed, "create", f"s3://{name}/data", "v2").returncode == 0
     first = mounter(f"s3://{name}/data", "--snapshot", "v1")
     assert (first.path / "d/e/same.bin").read_bytes() == BEFORE["d/e/same.bin"]

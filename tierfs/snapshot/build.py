@@ -15,10 +15,9 @@ import io
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
-from typing import Protocol
 
 from ..meta import keys
-from ..store.objectstore import ObjectInfo, ObjectVersionInfo, normalize_etag
+from ..store.objectstore import ObjectVersionInfo, S3ObjectStore, normalize_etag
 from .format import (
     KEY,
     KIND,
@@ -37,16 +36,6 @@ log = logging.getLogger(__name__)
 #: Where manifests live in their bucket; a mount of the whole bucket hides this top-level directory.
 META_DIR = keys.OWN_PREFIX
 HEAD_THREADS = 16
-
-
-class ListingStore(Protocol):
-    """What building a manifest needs of the object store (``S3ObjectStore`` has it all)."""
-
-    def list_tree(self, prefix: str) -> Iterator[ObjectInfo]: ...
-
-    def list_versions(self, prefix: str) -> Iterator[ObjectVersionInfo]: ...
-
-    def head(self, key: str, *, version_id: str | None = None) -> ObjectInfo: ...
 
 
 class TreeBuilder:
@@ -113,7 +102,7 @@ class Counted:
         log.info("snapshot: hiding key %r (not representable as a POSIX path)", key)
 
 
-def rows_from_list(store: ListingStore, prefix: str, counter: Counted) -> Iterator[Row]:
+def rows_from_list(store: S3ObjectStore, prefix: str, counter: Counted) -> Iterator[Row]:
     """The current objects below ``prefix`` (an unversioned bucket): ETags pin them."""
     for info in store.list_tree(prefix):
         rel = visible(info.key, prefix)
@@ -125,7 +114,7 @@ def rows_from_list(store: ListingStore, prefix: str, counter: Counted) -> Iterat
 
 
 def rows_from_versions(
-    store: ListingStore, prefix: str, counter: Counted, as_of_ns: int | None
+    store: S3ObjectStore, prefix: str, counter: Counted, as_of_ns: int | None
 ) -> Iterator[Row]:
     """Each key's newest version at or before ``as_of_ns`` (None: its latest), skipping keys whose
     chosen version is a delete marker; version ids pin them. One key's versions at a time."""
@@ -179,7 +168,7 @@ def keys_from_lines(lines: Iterable[str], prefix: str) -> Iterator[str]:
 
 
 def rows_from_keys(
-    store: ListingStore, prefix: str, rel_keys: Iterable[str], *, versioned: bool
+    store: S3ObjectStore, prefix: str, rel_keys: Iterable[str], *, versioned: bool
 ) -> Iterator[Row]:
     """A plain key list says nothing but the keys: one HEAD each (16 at a time, in order) gives
     size, ETag, mtime and, on a versioned bucket, the version id that pins it."""

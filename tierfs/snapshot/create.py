@@ -7,16 +7,14 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Protocol
 
 from ..config import Source
 from ..errors import ConfigError, NotFound, PreconditionFailed
-from ..store.objectstore import ObjectInfo
+from ..store.objectstore import S3ObjectStore
 from .build import (
     Counted,
-    ListingStore,
     TreeBuilder,
     keys_from_lines,
     rows_from_keys,
@@ -41,22 +39,7 @@ from .location import ManifestRef, resolve
 from .sorter import checked_order, sorted_rows
 
 
-class SnapshotStore(ListingStore, Protocol):
-    def versioning(self) -> str: ...
-
-    def put_file(
-        self,
-        key: str,
-        path: Path,
-        metadata: Mapping[str, str],
-        if_match: str | None = None,
-        if_none_match: bool = False,
-    ) -> str: ...
-
-    def head(self, key: str, *, version_id: str | None = None) -> ObjectInfo: ...
-
-
-def is_versioned(store: SnapshotStore) -> bool:
+def is_versioned(store: S3ObjectStore) -> bool:
     """Whether the bucket has (or had) versioning: then version ids pin a snapshot's objects."""
     return store.versioning() in ("Enabled", "Suspended")
 
@@ -103,7 +86,7 @@ def write_manifest(
 
 
 def create(
-    store: SnapshotStore,
+    store: S3ObjectStore,
     source: Source,
     name: str,
     *,
@@ -149,7 +132,7 @@ def create(
     return where, footer
 
 
-def _refuse_existing(store: SnapshotStore, where: ManifestRef) -> None:
+def _refuse_existing(store: S3ObjectStore, where: ManifestRef) -> None:
     if where.path:
         if os.path.exists(where.path):
             raise ConfigError(f"{where.path} exists; snapshots are immutable (delete it first)")
@@ -161,7 +144,7 @@ def _refuse_existing(store: SnapshotStore, where: ManifestRef) -> None:
     raise ConfigError(f"snapshot {where} exists; snapshots are immutable (delete it first)")
 
 
-def _publish(store: SnapshotStore, where: ManifestRef, path: Path) -> None:
+def _publish(store: S3ObjectStore, where: ManifestRef, path: Path) -> None:
     if where.path:
         os.link(path, where.path)  # fails if it appeared meanwhile, never replaces it
         return
@@ -171,7 +154,7 @@ def _publish(store: SnapshotStore, where: ManifestRef, path: Path) -> None:
         raise ConfigError(f"snapshot {where} was created meanwhile by someone else") from None
 
 
-def import_source(fmt: str, file: str, prefix: str, store: ListingStore) -> Callable[[bool], Iterable[Row]]:
+def import_source(fmt: str, file: str, prefix: str, store: S3ObjectStore) -> Callable[[bool], Iterable[Row]]:
     """The rows of an imported key list: ``keys`` (one key per line; HEADs fill in the rest) or
     ``mountpoint-csv`` (key,etag,size[,checksum]; no request)."""
 

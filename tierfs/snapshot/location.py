@@ -17,32 +17,16 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from ..config import Source
 from ..errors import ConfigError, NotFound
-from ..store.objectstore import GetResult, ObjectInfo
+from ..store.objectstore import ObjectStore
 from .build import META_DIR
 from .format import SUFFIX, ManifestError
 from .manifest import Manifest
 
 SNAPSHOT_DIR = META_DIR + "snapshots/"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
-
-
-class ManifestStore(Protocol):
-    def head(self, key: str, *, version_id: str | None = None) -> ObjectInfo: ...
-
-    def get_range(
-        self,
-        key: str,
-        start: int,
-        length: int,
-        if_match: str | None = None,
-        *,
-        object_size: int | None = None,
-        version_id: str | None = None,
-    ) -> GetResult: ...
 
 
 def check_name(name: str) -> str:
@@ -96,7 +80,7 @@ def resolve(source: Source, ref: str) -> ManifestRef:
 def open_manifest(
     source: Source,
     ref: str,
-    store_for: Callable[[str], ManifestStore],
+    store_for: Callable[[str], ObjectStore],
     local_dir: Path | None,
 ) -> tuple[Manifest, ManifestRef]:
     """Open the manifest ``ref`` (a snapshot name of ``source`` or a URL) and check it is of
