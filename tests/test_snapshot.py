@@ -75,6 +75,15 @@ def snapshot_then_change(server: MotoS3 | SeaweedFS, bucket: Callable[..., str])
     return client, name
 
 
+def unversioned_snapshot(moto: MotoS3, bucket: Callable[..., str]) -> tuple[object, str]:
+    """A moto bucket (no versioning) holding BEFORE under data/, and its snapshot v1."""
+    name = bucket(moto)
+    client = s3_client(moto.endpoint_url)
+    put_all(client, name, "data/", BEFORE)
+    assert snap(moto, "create", f"s3://{name}/data", "v1").returncode == 0
+    return client, name
+
+
 def test_snapshot_of_a_versioned_bucket_serves_the_old_bytes_with_zero_lists(
     seaweed: SeaweedFS, bucket: Callable[..., str], mounter: Mounter
 ) -> None:
@@ -103,10 +112,7 @@ def test_snapshot_of_a_versioned_bucket_serves_the_old_bytes_with_zero_lists(
 def test_unversioned_snapshot_gives_eio_for_changed_objects_never_new_bytes(
     moto: MotoS3, bucket: Callable[..., str], mounter: Mounter
 ) -> None:
-    name = bucket(moto)
-    client = s3_client(moto.endpoint_url)
-    put_all(client, name, "data/", BEFORE)
-    assert snap(moto, "create", f"s3://{name}/data", "v1").returncode == 0
+    client, name = unversioned_snapshot(moto, bucket)
     change_bucket(client, name)
     mount = mounter(f"s3://{name}/data", "--snapshot", "v1", endpoint_url=moto.endpoint_url)
     seen = tree(mount.path)
@@ -253,10 +259,7 @@ def test_imports_of_key_lists_and_mountpoint_csv(
 def test_direct_reader_on_a_snapshot_mount(
     moto: MotoS3, bucket: Callable[..., str], mounter: Mounter
 ) -> None:
-    name = bucket(moto)
-    client = s3_client(moto.endpoint_url)
-    put_all(client, name, "data/", BEFORE)
-    assert snap(moto, "create", f"s3://{name}/data", "v1").returncode == 0
+    _, name = unversioned_snapshot(moto, bucket)
     mount = mounter(f"s3://{name}/data", "--snapshot", "v1", endpoint_url=moto.endpoint_url)
     path = mount.path / "d/e/same.bin"
     assert path.read_bytes() == BEFORE["d/e/same.bin"]  # warms the cache through the mount
