@@ -95,7 +95,7 @@ def find(root: Path) -> tuple[float, int]:
     return time.perf_counter() - started, out.count(b"\n")
 
 
-def synthetic_row(endpoint: str, workdir: Path, count: int) -> dict[str, Any]:
+def synthetic_row(endpoint: str, workdir: Path, count: int, *, walk: bool = True) -> dict[str, Any]:
     client = bench_client(endpoint)
     client.create_bucket(Bucket=SYNTH_BUCKET)
     manifest = workdir / "synthetic.tsnap"
@@ -115,11 +115,12 @@ def synthetic_row(endpoint: str, workdir: Path, count: int) -> dict[str, Any]:
         result["stat_after_mount_seconds"] = round(time.perf_counter() - live, 3)
         result["first_stat_gets"] = mount.status().get("s3_get_requests")
         result["rss_after_first_stat_mib"] = round(process_status_kib(pid, "VmHWM") / 1024, 1)
-        cpu = cpu_seconds(pid)
-        seconds, entries = find(mount.mountpoint)
-        result["find_seconds"] = round(seconds, 1)
-        result["find_entries"] = entries
-        result["find_daemon_cpu_seconds"] = round(cpu_seconds(pid) - cpu, 1)
+        if walk:
+            cpu = cpu_seconds(pid)
+            seconds, entries = find(mount.mountpoint)
+            result["find_seconds"] = round(seconds, 1)
+            result["find_entries"] = entries
+            result["find_daemon_cpu_seconds"] = round(cpu_seconds(pid) - cpu, 1)
         result["peak_rss_mib"] = round(process_status_kib(pid, "VmHWM") / 1024, 1)
         status = mount.status()
         result["s3_list_requests"] = status.get("s3_list_requests")
@@ -251,6 +252,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--server", choices=("moto", "seaweedfs"), default="moto")
     parser.add_argument("--threads", type=int, default=16, help="seeding threads")
     parser.add_argument("--no-lmdb", action="store_true", help="skip the LMDB comparison")
+    parser.add_argument("--stat-only", action="store_true", help="first stat, RSS and disk only: no find")
     parser.add_argument("--json", action="store_true")
     return parser.parse_args(argv)
 
@@ -262,7 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = Path(tmp)
         server_cm: Any = MotoProcess() if args.server == "moto" else SeaweedFS(workdir / "seaweed")
         with server_cm as server:
-            result["synthetic"] = synthetic_row(server.endpoint_url, workdir, args.entries)
+            result["synthetic"] = synthetic_row(
+                server.endpoint_url, workdir, args.entries, walk=not args.stat_only
+            )
             if args.objects:
                 result["real"] = real_row(server.endpoint_url, workdir, args.objects, args.threads)
         if not args.no_lmdb:
