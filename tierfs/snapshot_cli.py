@@ -42,6 +42,7 @@ class Resolved:
     mount_root: str | None = None
     cache_dir: str | None = None
     record: Mapping[str, Any] | None = None
+    pinned: bool = False  # a snapshot mount: it shows a snapshot, not the bucket
 
 
 def _resolve_source(text: str, ns: argparse.Namespace) -> Resolved:
@@ -54,8 +55,6 @@ def _resolve_source(text: str, ns: argparse.Namespace) -> Resolved:
     status = ControlClient(str(record["socket"]), mountpoint=str(record["mountpoint"])).call(
         "status", {}, timeout=30
     )
-    if status.get("snapshot"):
-        raise ConfigError(f"{text} is on a snapshot mount; take snapshots of s3://... or a writable mount")
     mounted = Source.parse(str(record["source"]))
     prefix = mounted.prefix + ("" if rel == "." else rel.strip("/") + "/")
     return Resolved(
@@ -64,6 +63,7 @@ def _resolve_source(text: str, ns: argparse.Namespace) -> Resolved:
         mount_root=os.path.join(str(record["mountpoint"]), "" if rel == "." else rel),
         cache_dir=str(record.get("cache_dir") or ""),
         record=record,
+        pinned=bool(status.get("snapshot")),
     )
 
 
@@ -83,6 +83,8 @@ def _progress(count: int) -> None:
 def cmd_create(ns: argparse.Namespace, flush: Flush) -> int:
     where = _resolve_source(ns.source, ns)
     check_name(ns.name)
+    if where.pinned:
+        raise ConfigError(f"{ns.source} is on a snapshot mount: snapshot s3://... or a writable mount")
     if where.record is not None:
         flush(where.record, None)
     store = _store(where.source.bucket, where, ns)
