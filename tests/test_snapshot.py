@@ -92,7 +92,10 @@ def test_snapshot_of_a_versioned_bucket_serves_the_old_bytes_with_zero_lists(
     assert listed.stdout.split("\t")[0] == "v1", listed
     lists_before = seaweed.request_count(name, "LIST")
     mount = mounter(f"s3://{name}/data", "--snapshot", "v1")
+    tierfs_ok("prefetch", str(mount.path / "d"), "--recursive")  # pinned through the control socket
+    gets = seaweed.request_count(name, "GET")
     assert tree(mount.path) == BEFORE  # old bytes, the deleted object, not the added one
+    assert seaweed.request_count(name, "GET") - gets == 1  # only a.txt was not prefetched
     os.stat(mount.path / "d" / "e" / "c.txt")
     assert not (mount.path / "new.txt").exists()
     with pytest.raises(OSError) as refused:
