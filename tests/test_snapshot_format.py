@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from tierfs.errors import NotFound
+from tierfs.snapshot import manifest as manifest_module
 from tierfs.snapshot.build import TreeBuilder, rows_from_mountpoint_csv
 from tierfs.snapshot.format import KEY, PARENT, Footer, ManifestError, ManifestWriter, Row, new_row
 from tierfs.snapshot.manifest import Manifest, PageMissing
@@ -128,3 +129,26 @@ def test_mountpoint_csv_rows() -> None:
     assert [(r[KEY], r[2]) for r in rows] == [("a.txt", 12), ("with,comma", 3)]
     with pytest.raises(ManifestError, match="not below the prefix"):
         list(rows_from_mountpoint_csv(io.StringIO("q/x,e,1\n"), "p/"))
+
+
+def test_fill_fetches_the_missing_pages_in_few_gets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(manifest_module, "EAGER_BYTES", 0)  # as if it were large: pages on demand
+    monkeypatch.setattr(manifest_module, "TAIL_BYTES", 64)  # and its first GET held the trailer only
+    data = build([f"d{i // 10:02d}/f{i:04d}" for i in range(300)], page_entries=8)
+    gets: list[tuple[int, int]] = []
+
+    def fetch(offset: int, length: int) -> bytes:
+        gets.append((offset, length))
+        return data[offset : offset + length]
+
+    manifest = Manifest(len(data), fetch, tmp_path / "m.tsnap")
+    assert manifest.local_pages == 0
+    manifest.row(5, fetch=True)  # one page on demand
+    gets.clear()
+    manifest.fill(chunk_bytes=len(data) // 3)
+    assert manifest.local_pages == len(manifest.footer.pages)
+    assert 2 <= len(gets) <= 5  # a few ranged GETs, not one per page
+    again = Manifest(len(data), fetch, tmp_path / "m.tsnap")  # a remount: the local copy is kept
+    gets.clear()
+    again.fill()
+    assert gets == [] and [r[KEY] for _, r in again.rows(fetch=False)] == [r[KEY] for _, r in manifest.rows()]

@@ -258,6 +258,8 @@ class Mount:
             nursery.start_soon(self._signals)
             if self.writeback is not None:
                 await nursery.start(self.writeback.run)
+            if self.pinned is not None:
+                nursery.start_soon(self.pinned.fill, self.run_s3)
             if self.cfg.import_interval and self.pinned is None:
                 nursery.start_soon(sweep_loop, self.namespace, self.cfg.import_interval)
             await self._start_control(nursery)

@@ -113,6 +113,19 @@ class PinnedSnapshot:
             timeout=cfg.timeout, retries=cfg.retries,
         )  # fmt: skip
 
+    async def fill(self, run_blocking: RunBlocking) -> None:
+        """Background, after the mount is live: make the whole manifest local (docs/snapshots.md).
+        A failure only means lookups keep fetching the pages they need."""
+        if self.manifest.local_path is None or self.manifest.local_pages == len(self.manifest.footer.pages):
+            return
+        started = time.monotonic()
+        try:
+            fetched = await run_blocking(self.manifest.fill)
+        except Exception as exc:
+            log.warning("snapshot manifest: background fetch stopped (%s); pages come on demand", exc)
+            return
+        log.info("snapshot manifest local: %d bytes fetched in %.1f s", fetched, time.monotonic() - started)
+
     def note_reads(self, stats: HydratorStats) -> None:
         """Called by maintenance: a change in the read counters since the last pass is a use."""
         reads = stats.cache_hits + stats.cache_misses

@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import os
 import threading
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +37,7 @@ from .format import (
 
 TAIL_BYTES = 256 << 10  # the first GET: trailer, footer and (small manifests) everything
 EAGER_BYTES = 8 << 20  # manifests up to this size are fetched whole and checked at open
+FILL_BYTES = 8 << 20  # one ranged GET of the background fill
 DECODED_PAGES = 64  # decoded pages kept on the heap (~0.3 MiB each at 1,024 entries)
 
 #: fetch(offset, length) -> exactly those bytes of the manifest object (a ranged GET).
@@ -155,12 +157,14 @@ class Manifest:
             rows = decode_page(raw, ref)
         except ManifestError:
             if self._verified[index] and self._fd is not None:
-                raise  # it was good: the local copy went bad under us
-            if not fetch or self._fetch is None:
+                # Checked good before (maybe by fill while this read ran): read it once more.
+                rows = decode_page(self._local(ref.offset, ref.length), ref)
+            elif not fetch or self._fetch is None:
                 raise PageMissing(index) from None
-            rows = decode_page(self._remote(ref.offset, ref.length), ref)
-            with self._lock:
-                self.fetched_pages += 1
+            else:
+                rows = decode_page(self._remote(ref.offset, ref.length), ref)
+                with self._lock:
+                    self.fetched_pages += 1
         self._verified[index] = 1
         with self._lock:
             self._decoded[index] = rows
@@ -168,6 +172,46 @@ class Manifest:
                 self._decoded.popitem(last=False)
             self._last = (index, rows)
         return rows
+
+    def fill(self, chunk_bytes: int = FILL_BYTES) -> int:
+        """Make every page local: pages already in the local copy are checked (CRC) and kept, the
+        rest fetched in ranged GETs of about ``chunk_bytes``, so a node fetches the manifest once
+        and a ``find`` never waits for one GET per page. Blocking (a worker thread); returns the
+        bytes fetched. Keys are still checked when each page is first decoded."""
+        pages = self.footer.pages
+        fetched = 0
+        index = 0
+        while index < len(pages):
+            if self._verified[index] or self._local_ok(index):
+                index += 1
+                continue
+            end = index + 1
+            start = pages[index].offset
+            while (
+                end < len(pages)
+                and not self._verified[end]
+                and pages[end].offset + pages[end].length - start <= chunk_bytes
+            ):
+                end += 1
+            last = pages[end - 1]
+            data = self._remote(start, last.offset + last.length - start)
+            fetched += len(data)
+            for k in range(index, end):
+                ref = pages[k]
+                if zlib.crc32(data[ref.offset - start : ref.offset - start + ref.length]) != ref.crc:
+                    raise ManifestError(f"manifest page at {ref.offset} is corrupt (checksum)")
+                self._verified[k] = 1
+            with self._lock:
+                self.fetched_pages += end - index
+            index = end
+        return fetched
+
+    def _local_ok(self, index: int) -> bool:
+        ref = self.footer.pages[index]
+        if self._fd is None or zlib.crc32(self._local(ref.offset, ref.length)) != ref.crc:
+            return False
+        self._verified[index] = 1
+        return True
 
     @property
     def local_pages(self) -> int:
