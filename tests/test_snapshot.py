@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from mounting import Mounter, run_tierfs, tierfs_ok
+from mounting import Mounter, run_tierfs, tierfs_ok, wait_until
 
 from tierfs.reader import Reader
 from tools.servers import MotoS3, SeaweedFS, free_port, s3_client
@@ -172,6 +172,12 @@ def test_two_snapshots_share_cached_blocks(
     status = second.status()["snapshot"]
     assert status["name"] == "v2" and status["hits"] > 0
     assert status["files"] == len(BEFORE)  # one deleted, one added since v1
+    wait_until(
+        lambda: second.status()["snapshot"].get("cached_bytes", 0) >= len(BEFORE["d/e/same.bin"]),
+        30,
+        "status counts the snapshot's cached bytes",
+    )
+    assert second.status()["snapshot"]["last_use"] is not None
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         scraped = response.read().decode()
     assert re.search(r'tierfs_snapshot_hits\{snapshot="v2"\} [1-9]', scraped), scraped

@@ -10,9 +10,11 @@ manifest in the cache dir, and from then on serves it exactly like a snapshot.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +24,17 @@ from ..errors import ConfigError, NotFound, PreconditionFailed
 from ..read.hydrator import HydratorStats
 from ..snapshot.build import parse_time
 from ..snapshot.create import create, is_versioned
-from ..snapshot.format import SUFFIX
+from ..snapshot.format import SUFFIX, Row
 from ..snapshot.location import open_manifest
 from ..snapshot.manifest import Manifest
 from ..snapshot.namespace import Defaults, RunBlocking, SnapshotNamespace
-from ..snapshot.usage import cached
+from ..snapshot.usage import Usage, cached
 from ..store.objectstore import S3ObjectStore
 
 log = logging.getLogger("tierfs")
 
 USAGE_INTERVAL = 60.0  # seconds between recounts of the snapshot's cached bytes
+USAGE_ROWS = 100_000  # entries counted per maintenance pass
 
 
 class PinnedReads:
@@ -78,6 +81,8 @@ class PinnedSnapshot:
         self._reads = 0
         self._usage: dict[str, int] = {}
         self._usage_at = 0.0
+        self._scan: Iterator[tuple[int, Row]] | None = None  # a count in progress
+        self._partial = Usage()
         log.info(
             "snapshot %s of s3://%s/%s: %d entries, %d bytes, made %s%s",
             self.label, footer.bucket, footer.prefix, footer.entries, footer.total_bytes,
@@ -134,17 +139,25 @@ class PinnedSnapshot:
             self.last_use = time.time()
 
     def count_usage(self, disk: ChunkCache) -> None:
-        """Recount the cached bytes of the entries this node looked up (their pages are local);
-        a worker thread, at most every USAGE_INTERVAL. ``tierfs snapshot show`` counts all entries."""
+        """Count the snapshot's cached bytes over its local manifest pages (all of them once the
+        background fetch is done), USAGE_ROWS entries per maintenance pass so that a 10M-entry
+        snapshot costs each pass a bounded slice; a new count starts at most every USAGE_INTERVAL."""
         now = time.monotonic()
-        if now - self._usage_at < USAGE_INTERVAL and self._usage_at:
-            return
-        self._usage_at = now
-        usage = cached(
-            self.manifest.local_rows(), self.cfg.source.bucket, self.cfg.source.prefix, self.cfg.block_size,
-            disk.contains,
-        )  # fmt: skip
-        self._usage = {"cached_bytes": usage.bytes_cached, "cached_files": usage.files_cached}
+        if self._scan is None:
+            if self._usage_at and now - self._usage_at < USAGE_INTERVAL:
+                return
+            self._scan, self._partial = self.manifest.local_rows(), Usage()
+        batch = list(itertools.islice(self._scan, USAGE_ROWS))
+        part = cached(
+            iter(batch), self.cfg.source.bucket, self.cfg.source.prefix, self.cfg.block_size, disk.contains
+        )
+        self._partial.add(part)
+        if len(batch) < USAGE_ROWS:
+            self._usage = {
+                "cached_bytes": self._partial.bytes_cached,
+                "cached_files": self._partial.files_cached,
+            }
+            self._scan, self._usage_at = None, now
 
     def status(self, stats: HydratorStats) -> dict[str, Any]:
         footer = self.manifest.footer

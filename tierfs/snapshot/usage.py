@@ -20,6 +20,12 @@ class Usage:
     bytes: int = 0
     bytes_cached: int = 0
 
+    def add(self, other: Usage) -> None:
+        self.files += other.files
+        self.files_cached += other.files_cached
+        self.bytes += other.bytes
+        self.bytes_cached += other.bytes_cached
+
 
 def cached(
     rows: Iterator[tuple[int, Row]],
