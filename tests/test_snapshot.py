@@ -300,3 +300,17 @@ def test_snapshot_of_a_mounted_path_flushes_and_keeps_owners_and_modes(
     assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o600, 1234, 5678)
     assert (pinned.path / "deep" / "f.bin").read_bytes() == b"written through the mount"
     assert os.readlink(pinned.path / "link") == "deep/f.bin"
+
+
+def test_cache_max_age_ages_out_a_snapshot_nobody_reads(
+    moto: MotoS3, bucket: Callable[..., str], mounter: Mounter
+) -> None:
+    """The chunk cache's age-out covers snapshot blocks: they are ordinary blocks, aged by access time."""
+    _, name = unversioned_snapshot(moto, bucket)
+    mount = mounter(
+        f"s3://{name}/data", "--snapshot", "v1", "--cache-max-age", "3s", endpoint_url=moto.endpoint_url
+    )
+    assert (mount.path / "d/e/same.bin").read_bytes() == BEFORE["d/e/same.bin"]
+    assert mount.status()["chunks_cached"] >= 3
+    wait_until(lambda: mount.status()["chunks_cached"] == 0, 60, "unread snapshot blocks aged out")
+    assert (mount.path / "d/e/same.bin").read_bytes() == BEFORE["d/e/same.bin"]  # and read again from S3
