@@ -21,10 +21,13 @@ import trio
 
 from tierfs.control import client as control_client
 from tierfs.control import registry
-from tierfs.control.client import ControlClient, ControlError, ControlTimeout, ControlUnavailable
+from tierfs.control.client import ControlClient
 from tierfs.control.progress import ProgressBar, RateMeter, format_eta, format_rate, render_bar, render_line
 from tierfs.control.protocol import ControlServer, Handler, ProgressCallback, peer_allowed
 from tierfs.control.registry import (
+    ControlError,
+    ControlTimeout,
+    ControlUnavailable,
     lookup,
     mount_holding,
     normalize_mountpoint,
@@ -211,7 +214,8 @@ def shared_dir() -> Iterator[Path]:
 
 CLIENT_SCRIPT = """
 import sys
-from tierfs.control.client import ControlClient, ControlError
+from tierfs.control.client import ControlClient
+from tierfs.control.registry import ControlError
 try:
     print("OK", ControlClient(sys.argv[1]).call("status", {}, timeout=30)["state"])
 except ControlError as exc:

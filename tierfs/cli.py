@@ -30,9 +30,9 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .config import MountConfig, Source
-from .control.client import ControlClient, ControlError, ControlTimeout, ControlUnavailable
+from .control.client import ControlClient
 from .control.progress import ProgressBar
-from .control.registry import mount_holding, pid_alive
+from .control.registry import ControlError, ControlTimeout, ControlUnavailable, mount_holding, pid_alive
 from .errors import ConfigError, FlushFailed
 from .units import format_bytes, parse_duration, parse_mode, parse_size, split_addr
 

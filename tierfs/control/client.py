@@ -19,7 +19,7 @@ answers ``{"ok": false, "error": ..., "reason": ..., "failures": {path: last err
 which the client raises as :class:`tierfs.errors.FlushFailed`, so the CLI can name each
 file that was not uploaded.
 
-Where the socket of a mount is: :mod:`tierfs.control.registry`.
+Where the socket of a mount is, and the errors of talking to it: :mod:`tierfs.control.registry`.
 """
 
 from __future__ import annotations
@@ -32,27 +32,12 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FlushFailed, TierfsError
+from .registry import ControlError, ControlTimeout, ControlUnavailable
 
 if TYPE_CHECKING:
     import socket
 
 DEADLINE_GRACE = 5.0  # the client waits this long past a deadline the server promised
-
-
-class ControlError(TierfsError):
-    """An error reply from the daemon, or no daemon to talk to. The message is one line for the user."""
-
-
-class ControlUnavailable(ControlError):
-    """No daemon answers (not mounted, daemon dead, socket gone): callers such as umount may go on."""
-
-
-class ControlTimeout(ControlError):
-    """The daemon took the request but did not answer in time (hung, or stuck past its own deadline).
-
-    Unlike ControlUnavailable, the daemon is there and may still hold work (umount must not
-    treat it as gone).
-    """
 
 
 def one_line(text: str) -> str:

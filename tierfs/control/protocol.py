@@ -26,7 +26,8 @@ from typing import Any
 import trio
 
 from ..errors import FlushFailed, TierfsError
-from .client import ControlError, encode_message, one_line
+from .client import encode_message, one_line
+from .registry import ControlError
 
 __all__ = ["ControlError", "ControlServer", "Handler", "ProgressCallback", "peer_allowed", "peer_uid"]
 

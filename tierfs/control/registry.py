@@ -35,11 +35,27 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from .client import ControlError, ControlUnavailable
+from ..errors import TierfsError
 
 RUNTIME_DIR_ENV = "TIERFS_RUNTIME_DIR"
 SYSTEM_REGISTRY = Path("/run/tierfs/mounts")
 _MAX_SYMLINKS = 40  # Linux's MAXSYMLINKS
+
+
+class ControlError(TierfsError):
+    """An error reply from the daemon, or no daemon to talk to. The message is one line for the user."""
+
+
+class ControlUnavailable(ControlError):
+    """No daemon answers (not mounted, daemon dead, socket gone): callers such as umount may go on."""
+
+
+class ControlTimeout(ControlError):
+    """The daemon took the request but did not answer in time (hung, or stuck past its own deadline).
+
+    Unlike ControlUnavailable, the daemon is there and may still hold work (umount must not
+    treat it as gone).
+    """
 
 
 def normalize_mountpoint(path: str | os.PathLike[str]) -> str:

@@ -3,7 +3,7 @@
 ``tierfs.reader.open(path)`` returns a binary file whose cached, clean blocks are read
 straight from the cache directory (every block checked against its digests) and whose
 other bytes come through the mount. The fsspec filesystem ``tierfs://`` and the PyTorch
-datasets in :mod:`tierfs.reader.torch` are built on it. See docs/reader.md.
+datasets in :mod:`tierfs.reader.datasets` are built on it. See docs/reader.md.
 """
 
 from __future__ import annotations

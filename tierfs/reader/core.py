@@ -24,8 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..control.client import ControlError
-from ..control.registry import lookup
+from ..control.registry import ControlError, lookup
 from ..mountinfo import by_device
 from . import protocol
 from .view import CacheView, Fallback, Version
