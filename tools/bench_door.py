@@ -40,8 +40,8 @@ from typing import Any
 
 from tierfs.units import parse_size
 from tools.bench import REPO_ROOT, TierfsSystem
-from tools.bench_workloads import Dataset, bench_client, log, seed
-from tools.servers import SeaweedFS, child_env
+from tools.bench_workloads import Dataset, log, seeded_seaweed
+from tools.servers import child_env
 
 BUCKET = "tierfs-bench-door"
 TARGET_MS = 30.0  # import + first direct read (issue 23)
@@ -179,11 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = child_env()
     workdir = Path(tempfile.mkdtemp(prefix="tierfs-bench-door-", dir="/var/tmp"))
     try:
-        with SeaweedFS(workdir / "seaweed") as server:
-            client = bench_client(server.endpoint_url)
-            client.create_bucket(Bucket=BUCKET)
-            log(f"seeding {args.files} files of {args.size} bytes")
-            seed(client, BUCKET, dataset)
+        with seeded_seaweed(workdir, BUCKET, dataset) as server:
             mount = TierfsSystem(workdir, server.endpoint_url, BUCKET, args.tierfs_arg)
             with mount.mounted(fresh=True) as mounted:
                 paths = [mounted.path / key for key in dataset.small_keys()]
