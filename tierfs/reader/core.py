@@ -79,7 +79,7 @@ class Reader:
 
     def _reset(self) -> None:
         self._pid = os.getpid()
-        self._mounts: dict[int, tuple[str, str]] = {}  # dev -> (mountpoint, fstype), see _mount_of
+        self._mounts: dict[int, tuple[str, str] | None] = {}  # dev -> (mountpoint, fstype) or None
         self._roots: dict[int, Path | tuple[float, str]] = {}  # dev -> cache dir, or (retry at, reason)
         self._mountinfo_read = 0.0
         self._totals: dict[str, Any] = {"direct_reads": 0, "direct_bytes": 0, "fallbacks": {}}
@@ -106,18 +106,18 @@ class Reader:
     # -- discovery --------------------------------------------------------------------------------------
 
     def _mount_of(self, dev: int) -> tuple[str, str] | None:
-        """(mountpoint, fstype) of the mount with device ``dev``, from a mountinfo at most a second old.
-
-        Only called while a device has no open view (its first open, and after a failure), so
-        the parse is rare; it is never cached for longer than that second. Caching an answer
-        for good (a miss, or a mount that has since gone) once made a remount that got the
-        same device number, or a mount that appeared after the first open, read through the
-        mount for the rest of the process."""
+        if dev in self._mounts:
+            return self._mounts[dev]
         now = time.monotonic()
-        if now - self._mountinfo_read > 1.0:
+        if now - self._mountinfo_read > 1.0 or not self._mounts:
             self._mountinfo_read = now
-            self._mounts = {d: (info.mountpoint, info.fstype) for d, info in by_device().items()}
-        return self._mounts.get(dev)
+            found: dict[int, tuple[str, str] | None] = {
+                dev: (info.mountpoint, info.fstype) for dev, info in by_device().items()
+            }
+            self._mounts = found
+        result = self._mounts.get(dev)
+        self._mounts.setdefault(dev, result)
+        return result
 
     def _cache_dir_of(self, mountpoint: str) -> Path:
         if mountpoint in self._explicit:
@@ -147,7 +147,7 @@ class Reader:
             # The cache dir found earlier failed: a remount may have given its device number to
             # another mount with another cache. Find the cache again before giving up.
             self._roots.pop(dev, None)
-            self._mountinfo_read = 0.0  # and the mount it is on (a remount reuses device numbers)
+            self._mounts.pop(dev, None)
             return self._view(dev)
 
     def _view(self, dev: int) -> CacheView:
