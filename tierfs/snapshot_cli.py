@@ -20,7 +20,8 @@ from typing import Any
 import lmdb
 
 from .config import MountConfig, Source
-from .control.protocol import ControlClient, find_mount
+from .control.client import ControlClient
+from .control.registry import mount_holding
 from .errors import ConfigError, NotFound
 from .snapshot.build import parse_time
 from .snapshot.create import create, import_source
@@ -51,7 +52,7 @@ def _resolve_source(text: str, ns: argparse.Namespace) -> Resolved:
     endpoint = ns.endpoint_url or next((os.environ[v] for v in ENDPOINT_ENV if os.environ.get(v)), None)
     if text.startswith("s3://"):
         return Resolved(Source.parse(text), endpoint)
-    record, rel = find_mount(text)
+    record, rel = mount_holding(text)
     status = ControlClient(str(record["socket"]), mountpoint=str(record["mountpoint"])).call(
         "status", {}, timeout=30
     )

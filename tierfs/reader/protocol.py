@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import cacheformat as fmt
+
 PROTOCOL = 1
 READER_FILE = "reader.json"
 ACCESS_DIR = "access"
@@ -112,7 +114,7 @@ def publish(
         "dev": list(dev),
         "pid": os.getpid(),
         "heartbeat": time.time(),
-        "locks": {"meta": lock_ident(cache_dir / "meta"), "index": lock_ident(cache_dir / "index")},
+        "locks": {env: lock_ident(cache_dir / env) for env in (fmt.META_ENV, fmt.INDEX_ENV)},
     }
     if snapshot is not None:  # a snapshot mount: inode records come from this manifest copy
         record["snapshot"] = snapshot
