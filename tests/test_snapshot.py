@@ -141,6 +141,7 @@ def test_as_of_reproduces_the_tree_with_delete_markers(
     mount = mounter(f"s3://{name}/data", "--as-of", when)
     assert tree(mount.path) == BEFORE
     mount.umount()
+    assert not list((mount.cache_dir / "snapshots").glob("as-of-*"))  # its own manifest went with it
     made = snap(seaweed, "create", f"s3://{name}/data", "t0", "--as-of", when)
     assert made.returncode == 0, made.stderr
     again = mounter(f"s3://{name}/data", "-o", "snapshot=t0")

@@ -169,7 +169,7 @@ class Mount:
             self.tiers.close()
         finally:
             if self.pinned is not None:
-                self.pinned.manifest.close()
+                self.pinned.close()
             self.cachedir.close()
 
     # -- thread helpers -------------------------------------------------------------------------------

@@ -107,6 +107,13 @@ class PinnedSnapshot:
             (Path(scratch) / "m.tsnap").rename(path)
         return Manifest(path.stat().st_size, None, path), f"{cfg.source} as of {cfg.as_of}"
 
+    def close(self) -> None:
+        """At unmount: an ``--as-of`` manifest was this mount's own; it goes (a named snapshot's
+        local copy stays, so a remount fetches nothing)."""
+        self.manifest.close()
+        if self.cfg.as_of is not None and self.local_path is not None:
+            self.local_path.unlink(missing_ok=True)
+
     def _store_for(self, store: Any, bucket: str) -> Any:
         """The mount's own store for its bucket; a manifest URL naming another bucket at the same
         endpoint gets a client of its own."""
