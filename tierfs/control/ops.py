@@ -25,11 +25,15 @@ from ..meta.namespace import Namespace
 from ..meta.records import ROOT_INO, Inode
 from ..read.hydrator import Hydrator, ObjectVersion
 from . import protocol
+from .lookahead import HintError, LookAhead, cache_budget
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
 FLUSH_HEARTBEAT = 5.0  # seconds between a flush's deadline lines; the CLI's silence bound is larger
+HINT_WINDOW_FILES = 1024  # hinted files fetched ahead of a reader at most (docs/reader.md, "Hints")
+HINT_WINDOW_BYTES = 4 << 30  # and bytes, further bounded by the cache (lookahead.cache_budget)
+SMALL_BLOCKS = 64  # a hinted file of at most this many blocks is checked in the index before a fetch
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,21 @@ class ControlOps:
         self.parts = parts
         self.ns = parts.namespace
         self.active: dict[str, dict[str, Any]] = {}
+        cfg = parts.cfg
+        self.lookahead = LookAhead(
+            resolve=self._hinted_version,
+            hydrate=parts.hydrator.hydrate,
+            budget=lambda: cache_budget(
+                status=parts.tiers.status,
+                limit_bytes=cfg.cache_size,
+                min_free=cfg.cache_min_free,
+                cache_dir=str(cfg.resolved_cache_dir),
+            ),
+            workers=cfg.s3_concurrency,
+            max_files=HINT_WINDOW_FILES,
+            max_bytes=HINT_WINDOW_BYTES,
+            is_cached=self._cached_whole,
+        )
 
     async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.parts.cfg
@@ -69,6 +88,7 @@ class ControlOps:
             "pin": self.pin,
             "unpin": self.unpin,
             "refresh": self.refresh,
+            "hint": self.hint,
         }
         _, sock_path = protocol.registry_paths(str(cfg.mountpoint))
         server = protocol.ControlServer(str(sock_path), handlers, owner_uid=os.getuid())
@@ -80,7 +100,10 @@ class ControlOps:
             uid=os.getuid(),
         )
         try:
-            await server.serve(task_status=task_status)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.lookahead.run)
+                await nursery.start(server.serve)
+                task_status.started()
         finally:
             protocol.unregister(str(cfg.mountpoint))
 
@@ -105,6 +128,54 @@ class ControlOps:
                     yield f"{top}/{rel}".strip("/"), node
 
     # -- operations --------------------------------------------------------------------------------------
+
+    async def _hinted_version(self, path: str) -> ObjectVersion | None:
+        """What a hinted path names now: the version to fetch, or None (a directory, or a file
+        with no uploaded version yet: the reader reads those through the mount)."""
+        node = await self.resolve(path)
+        if node.is_dir or not node.etag:
+            return None
+        return self.parts.version_of(node)
+
+    def _cached_whole(self, version: ObjectVersion) -> bool:
+        """Whether every block of a small file is in a local tier (index lookups only, on the loop)."""
+        hydrator = self.parts.hydrator
+        count = hydrator.block_count(version)
+        if count > SMALL_BLOCKS:
+            return False
+        return all(self.parts.tiers.held_locally(hydrator.chunk_key(version, i)) for i in range(count))
+
+    async def hint(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        """Hints of what a loader reads next (docs/reader.md, "Hints"): ``stream`` (the client's id),
+        ``paths`` (relative to the mountpoint, numbered from ``start``), ``position`` (the reader's),
+        ``end`` (forget the stream). With ``wait``, ``paths`` are fetched now instead (a direct
+        reader's miss) and the reply comes once they are in the cache."""
+        paths = args.get("paths") or []
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise protocol.ControlError("hint: paths must be a list of strings")
+        if args.get("wait"):
+            fetched, failed = 0, []
+            for path in paths:
+                try:
+                    version = await self._hinted_version(path)
+                    if version is not None:
+                        await self.lookahead.fetch_now(version)
+                        fetched += 1
+                except (StoreError, OSError) as exc:
+                    failed.append({"path": path, "error": str(exc)})
+            return {"fetched": fetched, "failed": failed}
+        stream = args.get("stream")
+        start, position = args.get("start"), args.get("position")
+        for name, value in (("start", start), ("position", position)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise protocol.ControlError(f"hint: {name} must be a count, not {value!r}")
+        if not isinstance(stream, str) or not stream or len(stream) > 128:
+            raise protocol.ControlError("hint: stream must be a short non-empty string")
+        try:
+            end = bool(args.get("end"))
+            return self.lookahead.hint(stream, paths=paths, start=start, position=position, end=end)
+        except HintError as exc:
+            raise protocol.ControlError(str(exc)) from None
 
     async def status(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         result = self.parts.status()

@@ -27,13 +27,17 @@ from typing import Any
 
 from ..control import protocol as control
 from ..fuse.kerneltune import parse_mountinfo_line, read_mountinfo
-from . import protocol
+from . import hints, protocol
 from .view import CacheView, Fallback, Version
 
 CACHE_DIR_ENV = "TIERFS_CACHE_DIR"  # DIR, or MOUNTPOINT=DIR[:MOUNTPOINT=DIR...] (containers)
 ACCESS_FLUSH_SECONDS = 1.0
 ACCESS_FLUSH_RECORDS = 8192
 RETRY_VIEW_SECONDS = 2.0  # a mount whose cache could not be opened is tried again after this
+# A miss in a file up to this size has the daemon fetch the whole file (docs/reader.md, "Hints");
+# bigger files fall back to the mount, whose read-ahead streams them. TIERFS_MISS_FETCH=0 turns it off.
+MISS_FETCH_MAX = 8 << 20
+MISS_FETCH_ENV = "TIERFS_MISS_FETCH"
 _EFFECTIVE = os.access in os.supports_effective_ids
 
 # Views are per process, not per Reader: LMDB (and py-lmdb) allow one open environment per
@@ -74,6 +78,7 @@ class Reader:
         """``cache_dirs`` maps a mountpoint to its cache directory where discovery cannot find it
         (another user's registry, a container); ``$TIERFS_CACHE_DIR`` does the same."""
         self._explicit = {os.path.abspath(m): Path(d) for m, d in (cache_dirs or {}).items()}
+        self.miss_fetch = os.environ.get(MISS_FETCH_ENV, "1") != "0"
         self._lock = threading.Lock()
         self._reset()
         atexit.register(self.flush)
@@ -90,6 +95,7 @@ class Reader:
         self._last_flush = time.monotonic()
         self._seq = 0
         self._dropped = 0
+        self._miss_fetches = 0
         # DataLoader workers end with os._exit, which skips atexit; multiprocessing still runs
         # its finalizers first, so the last batch of access records is not lost.
         multiprocessing.util.Finalize(self, Reader.flush, args=(self,), exitpriority=10)
@@ -201,6 +207,15 @@ class Reader:
         if due:
             self.flush()
 
+    def fetch_missing(self, path: str, size: int) -> bool:
+        """A direct read missed: have the daemon fetch the whole (small) file into the cache now, at
+        its full concurrency, so the read is then served from the cache. True once it is there."""
+        if not self.miss_fetch or size > MISS_FETCH_MAX or not hints.fetch_now(path):
+            return False
+        with self._lock:
+            self._miss_fetches += 1
+        return True
+
     def count_direct(self, view: CacheView, digest: bytes, nbytes: int) -> None:
         with self._lock:
             for target in (self._totals, self._delta):
@@ -263,6 +278,7 @@ class Reader:
                 "direct_bytes": self._totals["direct_bytes"],
                 "fallbacks": dict(self._totals["fallbacks"]),
                 "access_records_dropped": self._dropped,
+                "miss_fetches": self._miss_fetches,
             }
 
     def open(self, path: str | os.PathLike[str], buffering: int = -1) -> io.BufferedReader | TierFile:
@@ -304,6 +320,7 @@ class TierFile(io.RawIOBase):
         self._pos = 0
         self._served_direct = False
         self._stale = False
+        self._asked_daemon = False  # a miss asks the daemon to fetch the file once per file object
         self._view: CacheView | None = None
         self._version: Version | None = None
         st = os.stat(path)
@@ -373,6 +390,20 @@ class TierFile(io.RawIOBase):
                 self._fd = None
             self._open_mount()
 
+    def _read_block(
+        self, view: CacheView, version: Version, index: int, start: int, take: int
+    ) -> tuple[bytes, bytes]:
+        """``view.read_block``; on the first miss the daemon fetches the file and the read is tried again."""
+        try:
+            return view.read_block(version, index, start, take)
+        except Fallback as fb:
+            if fb.reason != "miss" or self._asked_daemon:
+                raise
+            self._asked_daemon = True
+            if not self._reader.fetch_missing(self.name, version.size):
+                raise
+        return view.read_block(version, index, start, take)
+
     def preadinto(self, buffer: Any, offset: int) -> int:
         """Read into ``buffer`` at ``offset`` without moving the position (pread(2)); returns the count."""
         self._checkClosed()
@@ -390,7 +421,7 @@ class TierFile(io.RawIOBase):
             index, start = divmod(pos, view.block_size)
             take = min(total - done, view.block_size - start)
             try:
-                data, digest = view.read_block(version, index, start, take)
+                data, digest = self._read_block(view, version, index, start, take)
             except Fallback as fb:
                 self._reader.count_fallback(fb.reason)
                 self._open_mount()
@@ -417,7 +448,7 @@ class TierFile(io.RawIOBase):
             index, start = divmod(offset, view.block_size)
             if start + size <= view.block_size:  # one block: hand over the validated bytes as they are
                 try:
-                    data, digest = view.read_block(version, index, start, size)
+                    data, digest = self._read_block(view, version, index, start, size)
                 except Fallback as fb:  # this block through the mount (one block: all of the range)
                     self._reader.count_fallback(fb.reason)
                     buf = bytearray(size)
