@@ -66,37 +66,39 @@ def call(sock_path: str, op: str, args: dict[str, Any], timeout: float = CALL_TI
     raise HintsUnavailable(f"{op}: the daemon closed the connection without answering")
 
 
-class _Mounts:
-    """Maps absolute paths to (control socket, path relative to the mountpoint), one registry walk
-    per directory: a million paths in a few directories cost a few walks, not a million."""
+class MountPaths:
+    """Maps paths to (mount's registry record, path relative to its mountpoint), one registry walk
+    per directory: a million paths in a few directories cost a few walks, not a million.
+    Also used by ``tierfs prefetch --from``."""
 
     def __init__(self) -> None:
-        self._dirs: dict[str, tuple[str, str] | None] = {}
+        self._dirs: dict[str, tuple[dict[str, Any], str] | None] = {}
 
-    def locate(self, path: str) -> tuple[str, str] | None:
-        path = os.path.abspath(path)
-        directory, name = os.path.split(path)
+    def locate(self, path: str) -> tuple[dict[str, Any], str] | None:
+        """None if ``path`` is on no tierfs mount that answers the registry."""
+        directory, name = os.path.split(os.path.abspath(path))
         if directory not in self._dirs:
             try:
                 record, rel = find_mount(directory)
-                self._dirs[directory] = (str(record["socket"]), "" if rel == "." else rel)
+                self._dirs[directory] = (record, "" if rel == "." else rel)
             except (ControlError, OSError):
                 self._dirs[directory] = None
         found = self._dirs[directory]
-        if found is None:
+        if found is None or not name:
             return None
         return found[0], f"{found[1]}/{name}" if found[1] else name
 
 
-_mounts = _Mounts()
+_mounts = MountPaths()
 _mounts_pid = os.getpid()
 
 
 def _locate(path: str | os.PathLike[str]) -> tuple[str, str] | None:
     global _mounts, _mounts_pid
     if os.getpid() != _mounts_pid:  # a forked worker starts its own map
-        _mounts, _mounts_pid = _Mounts(), os.getpid()
-    return _mounts.locate(os.fspath(path))
+        _mounts, _mounts_pid = MountPaths(), os.getpid()
+    found = _mounts.locate(os.fspath(path))
+    return None if found is None else (str(found[0]["socket"]), found[1])
 
 
 def fetch_now(path: str | os.PathLike[str], timeout: float = CALL_TIMEOUT) -> bool:
