@@ -26,12 +26,13 @@ import random
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tools.bench import TierfsSystem
-from tools.bench_accel import seed, tierfs_cmd
+from tools.bench_accel import PlainFiles, _collate, seed, tierfs_cmd
 from tools.servers import SeaweedFS
 
 SYSTEMS = ("mount", "direct-fuse-miss", "direct", "direct-hints", "s3torchconnector")
@@ -46,30 +47,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class MountFiles:
-    """Plain reads through the mount (the ``mount`` row)."""
-
-    def __init__(self, paths: Sequence[str]) -> None:
-        self.paths = list(paths)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> int:
-        with open(self.paths[index], "rb") as f:
-            return len(f.read())
-
-
 def _lengths(data: bytes) -> int:
     return len(data)
 
 
 def _size_of(item: Any) -> int:
     return len(item.read()) if hasattr(item, "read") else len(item)
-
-
-def _collate(batch: list[int]) -> int:
-    return sum(batch)
 
 
 def epoch(dataset: Any, sampler: Any, args: argparse.Namespace) -> tuple[float, int]:
@@ -104,7 +87,7 @@ def run_tierfs(
             reader = Reader()
             ds: Any
             if name == "mount":
-                ds, sampler = MountFiles([str(Path(m.path) / k) for k in keys]), order
+                ds, sampler = PlainFiles([str(Path(m.path) / k) for k in keys]), order
             else:
                 ds = FileDataset(root, transform=_lengths, reader=reader)
                 assert len(ds.files) == len(keys)
@@ -150,18 +133,19 @@ def run_s3torch(server: SeaweedFS, bucket: str, keys: list[str], args: argparse.
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--files", type=int, default=2000)
-    p.add_argument("--size", type=int, default=110 * 1024)
-    p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--systems", default=",".join(SYSTEMS))
-    p.add_argument("--json-out", type=Path)
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="rows to run (default: all)")
+    p.add_argument("--files", type=int, default=2000, help="samples (default 2000)")
+    p.add_argument("--size", type=int, default=110 * 1024, help="bytes per sample (default 110 KiB)")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader worker processes (default 8)")
+    p.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
+    p.add_argument("--seed", type=int, default=1, help="the epoch's shuffle (default 1)")
+    p.add_argument("--json-out", type=Path, help="also write the rows here as JSON")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*worker processes in total.*")  # 8 workers on 2 CPUs
     wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
     workdir = Path(tempfile.mkdtemp(prefix="tierfs-bench-hints-"))
     bucket = f"hints-{int(time.time())}"
