@@ -144,7 +144,8 @@ def test_hints_beyond_the_cache_size_keep_pinned_blocks_and_never_thrash(
     assert status["cache_bytes_on_disk"] <= 16 * MiB
     # No thrash: every file came from S3 once (by a hint or by a reader's miss), never twice.
     assert status["s3_get_requests"] <= 1 + len(order) + 2  # the pin's prefetch, each file once
-    assert r.stats()["fallbacks"].get("miss", 0) == 0
+    stats = r.stats()  # a file the look-ahead had not reached yet was fetched for its miss, never via FUSE
+    assert stats["fallbacks"].get("miss", 0) == stats["miss_fetches"] and set(stats["fallbacks"]) <= {"miss"}
     before = gets(loaded)
     with r.open(loaded.path("pinned.bin")) as f:
         assert f.read() == files["pinned.bin"]
@@ -172,7 +173,9 @@ def test_a_direct_miss_has_the_daemon_fetch_the_file(loaded: Loaded) -> None:
         with r.open(loaded.path(rel)) as f:
             assert f.read() == loaded.files[rel]
     stats = r.stats()
-    assert stats["miss_fetches"] == len(rels) and stats["fallbacks"] == {}
+    # Each file missed once, the daemon fetched it, and the read was then served from the cache.
+    assert stats["miss_fetches"] == len(rels) and stats["fallbacks"] == {"miss": len(rels)}
+    assert stats["direct_reads"] >= len(rels)
     assert loaded.status()["hints_demand_fetches"] == len(rels)
 
 
@@ -180,7 +183,8 @@ def test_prefetch_from_a_list(loaded: Loaded, tmp_path: Any) -> None:
     rels = list(loaded.files)[:6]
     listing = tmp_path / "list.txt"
     # relative lines start from the PATH given; absolute ones stand; '#' lines and blanks are skipped
-    listing.write_text("# a list\n" + "\n".join(rels[:3]) + "\n\n" + "\n".join(loaded.path(r) for r in rels[3:5]))
+    absolute = [loaded.path(r) for r in rels[3:5]]
+    listing.write_text("# a list\n" + "\n".join(rels[:3]) + "\n\n" + "\n".join(absolute))
     assert run_tierfs("prefetch", "--from", str(listing), str(loaded.mount.path)).returncode == 0
     stdin = subprocess.run(
         [*__import__("mounting").tierfs_command("prefetch", "--from", "-")],
@@ -203,7 +207,8 @@ def test_prefetch_from_bad_input_fails_in_one_line(loaded: Loaded, tmp_path: Any
     gone = tmp_path / "gone.txt"
     gone.write_text("train/no-such-file.bin\n")
     absent = run_tierfs("prefetch", "--from", str(gone), str(loaded.mount.path))
-    for result, words in ((missing, "nope.txt"), (elsewhere, "not on a tierfs mount"), (absent, "no-such-file")):
+    cases = ((missing, "nope.txt"), (elsewhere, "not on a tierfs mount"), (absent, "no-such-file"))
+    for result, words in cases:
         assert result.returncode != 0
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0], result.stderr

@@ -401,7 +401,8 @@ class TierFile(io.RawIOBase):
                 raise
             self._asked_daemon = True
             if not self._reader.fetch_missing(self.name, version.size):
-                raise
+                raise  # counted by the caller, which reads through the mount
+            self._reader.count_fallback("miss")  # still a miss: the daemon fetched it, not a hit
         return view.read_block(version, index, start, take)
 
     def preadinto(self, buffer: Any, offset: int) -> int:
