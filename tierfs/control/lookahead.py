@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 MAX_STREAMS = 64  # concurrent hint streams (one per loader, e.g. one per rank on a node)
 MAX_QUEUED = 100_000  # hints a stream may have queued; a client sends more as room frees up
 STREAM_IDLE = 600.0  # seconds without a word from its client before a stream is forgotten
+DEMAND_WAIT = 30.0  # seconds a reader's miss waits for the look-ahead's fetch of the same file
 IDLE_WAIT = 1.0  # a worker with nothing to do looks again after this (the cache's room may change)
 BUDGET_REFRESH = 0.5  # seconds a computed budget is reused
 
@@ -83,7 +84,16 @@ class _Stream:
     ahead: dict[int, int] = field(default_factory=dict)  # seq -> bytes, fetched or in flight, >= position
     ahead_bytes: int = 0
     paused_at: int | None = None  # the position at which a full cache stopped this stream
+    head_size: int = 0  # bytes of the queue's first hint, once known to be too big for the room left
     touched: float = field(default_factory=time.monotonic)
+
+    def requeue(self, seq: int, path: str) -> None:
+        """Put a hint taken from the queue back in its place (near the head: others taken at the
+        same time may be back already), keeping the queue in seq order."""
+        at = 0
+        while at < len(self.queue) and self.queue[at][0] < seq:
+            at += 1
+        self.queue.insert(at, (seq, path))
 
     def retire_behind(self, counters: HintCounters) -> None:
         while self.queue and self.queue[0][0] < self.position:
@@ -119,6 +129,7 @@ class LookAhead:
         self._order: deque[str] = deque()  # round robin over streams
         self._changed = trio.Event()
         self._budget = (0.0, 0)
+        self._inflight: dict[tuple[str, str], trio.Event] = {}  # (key, etag) -> set when fetched
 
     # -- the control op's side (on the loop, no await) ----------------------------------------------------
 
@@ -153,7 +164,7 @@ class LookAhead:
             first = stream.next_seq if start is None else start
             if first > stream.next_seq:
                 raise HintError(f"hints out of order: expected seq {stream.next_seq}, got {first}")
-            skip = stream.next_seq - first  # a chunk sent again after a lost reply: keep what we have
+            skip = min(len(paths), stream.next_seq - first)  # a chunk sent again after a lost reply
             fresh = paths[skip:]
             accepted = min(len(fresh), MAX_QUEUED - len(stream.queue))
             seq = stream.next_seq
@@ -169,8 +180,15 @@ class LookAhead:
         return {"accepted": accepted, "queued": len(stream.queue), "room": MAX_QUEUED - len(stream.queue)}
 
     async def fetch_now(self, version: ObjectVersion) -> None:
-        """A direct reader's miss: fetch the whole file now, at once, outside any window."""
+        """A direct reader's miss: fetch the whole file now, at once, outside any window. If the
+        look-ahead is fetching it already, wait for that fetch (bounded) instead of a second GET."""
         self.counters.demand_fetches += 1
+        running = self._inflight.get((version.key, version.etag))
+        if running is not None:
+            with trio.move_on_after(DEMAND_WAIT):
+                await running.wait()
+            if self._is_cached(version):
+                return
         await self._hydrate(version)
 
     def status(self) -> dict[str, Any]:
@@ -228,9 +246,15 @@ class LookAhead:
             if not stream.queue or stream.paused_at is not None:
                 continue
             seq, path = stream.queue[0]
-            if seq >= stream.position + self.max_files or stream.ahead_bytes >= self.budget():
+            budget = self.budget()
+            if (
+                seq >= stream.position + self.max_files
+                or stream.ahead_bytes >= budget
+                or stream.ahead_bytes + stream.head_size > budget
+            ):
                 continue  # the window is full: wait for the reader to move on
             stream.queue.popleft()
+            stream.head_size = 0
             stream.ahead[seq] = 0  # reserved; its size is known once resolved
             return stream, seq, path
         return None
@@ -251,11 +275,19 @@ class LookAhead:
             self.counters.skipped_full += 1  # would push out what the reader is about to read
             self._release(stream, seq)
             return
+        if stream.ahead_bytes + version.size > budget and stream.ahead_bytes > 0:
+            # No room for it until the reader takes what is ahead: back to the head of the queue.
+            self._release(stream, seq)
+            stream.requeue(seq, path)
+            stream.head_size = version.size
+            return
         stream.ahead[seq] = version.size
         stream.ahead_bytes += version.size
         if self._is_cached(version):
             self.counters.already_cached += 1
             return
+        flight = (version.key, version.etag)
+        done = self._inflight.setdefault(flight, trio.Event())
         try:
             await self._hydrate(version)
         except OSError as exc:
@@ -271,6 +303,10 @@ class LookAhead:
             self._release(stream, seq)
             log.debug("hinted fetch of %s failed: %s", path, exc)
             return
+        finally:
+            if self._inflight.get(flight) is done:
+                del self._inflight[flight]
+            done.set()
         self.counters.fetched += 1
         self.counters.fetched_bytes += version.size
 
