@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
 FLUSH_HEARTBEAT = 5.0  # seconds between a flush's deadline lines; the CLI's silence bound is larger
-HINT_WINDOW_FILES = 1024  # hinted files fetched ahead of a reader at most (docs/reader.md, "Hints")
+HINT_WINDOW_FILES = 4096  # hinted files fetched ahead of a reader at most (docs/reader.md, "Hints")
 HINT_WINDOW_BYTES = 4 << 30  # and bytes, further bounded by the cache (lookahead.cache_budget)
 SMALL_BLOCKS = 64  # a hinted file of at most this many blocks is checked in the index before a fetch
 

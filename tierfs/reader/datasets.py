@@ -28,6 +28,10 @@ from .core import Reader, default_reader
 from .hints import prefetch
 
 POSITION_STEP = 32  # indices yielded between two position reports (each only wakes the hint thread)
+# Indices a DataLoader holds between its sampler and its workers' reads: num_workers x
+# prefetch_factor x batch_size (8 x 2 x 64 = 1,024). The sampler reports its position this far
+# back, so the files handed to workers and not yet read are still fetched ahead, not dropped.
+IN_FLIGHT = 1024
 
 
 def _torch_data() -> Any:
@@ -79,12 +83,18 @@ class FileDataset(_MapBase):  # type: ignore[misc]
         return len(self.files)
 
     def sampler(
-        self, *, shuffle: bool = False, seed: int = 0, base: Iterable[int] | None = None
+        self,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        base: Iterable[int] | None = None,
+        in_flight: int = IN_FLIGHT,
     ) -> HintedSampler:
         """A sampler for ``DataLoader(ds, sampler=ds.sampler(shuffle=True))`` that hints each epoch's
         order to the daemon: ``base`` (any sampler of indices) or the indices in order, reshuffled
-        with ``seed + epoch`` per epoch with ``shuffle`` (call ``set_epoch`` like a DistributedSampler)."""
-        return HintedSampler(self.files, base, shuffle=shuffle, seed=seed)
+        with ``seed + epoch`` per epoch with ``shuffle`` (call ``set_epoch`` like a DistributedSampler).
+        ``in_flight``: see IN_FLIGHT; raise it for bigger batches or more workers."""
+        return HintedSampler(self.files, base, shuffle=shuffle, seed=seed, in_flight=in_flight)
 
     def __getitem__(self, index: int) -> Any:
         reader = self._reader or default_reader()
@@ -99,14 +109,21 @@ class HintedSampler:
 
     The order is taken whole first (a million indices take tens of milliseconds), and the paths
     are sent by a background thread, so the first batch never waits for the hints. Every
-    POSITION_STEP indices it tells the daemon how far the DataLoader has got: hints for files
-    already handed to workers are dropped, and the look-ahead window moves on.
+    POSITION_STEP indices it tells the daemon how far the DataLoader's workers have got (its own
+    position less ``in_flight``): hints behind that are dropped, and the look-ahead window moves on.
     """
 
     def __init__(
-        self, paths: Sequence[str], base: Iterable[int] | None = None, *, shuffle: bool = False, seed: int = 0
+        self,
+        paths: Sequence[str],
+        base: Iterable[int] | None = None,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        in_flight: int = IN_FLIGHT,
     ) -> None:
         self.paths = paths
+        self.in_flight = in_flight
         self.base = base
         self.shuffle = shuffle
         self.seed = seed
@@ -134,8 +151,8 @@ class HintedSampler:
         stream = prefetch(paths[i] for i in order)
         try:
             for n, index in enumerate(order):
-                if n % POSITION_STEP == 0:
-                    stream.advance(n)
+                if n % POSITION_STEP == 0 and n > self.in_flight:
+                    stream.advance(n - self.in_flight)
                 yield index
         finally:
             stream.close()
