@@ -153,6 +153,8 @@ class ControlOps:
         paths = args.get("paths") or []
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise protocol.ControlError("hint: paths must be a list of strings")
+        if args.get("wait") and "ino" in args:
+            return await self._fetch_inode(args)
         if args.get("wait"):
             fetched, failed = 0, []
             for path in paths:
@@ -176,6 +178,21 @@ class ControlOps:
             return self.lookahead.hint(stream, paths=paths, start=start, position=position, end=end)
         except HintError as exc:
             raise protocol.ControlError(str(exc)) from None
+
+    async def _fetch_inode(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A direct reader's miss, named by inode and ETag (what it resolved at open): no path walk.
+        Fetched only while the namespace still has that version; else the reader goes to the mount."""
+        ino, etag = args.get("ino"), args.get("etag")
+        if isinstance(ino, bool) or not isinstance(ino, int) or not isinstance(etag, str):
+            raise protocol.ControlError("hint: ino must be an inode number and etag a string")
+        node = self.ns.get(ino)
+        if node is None or node.is_dir or not node.etag or node.etag != etag:
+            return {"fetched": 0, "failed": [{"path": f"inode {ino}", "error": "not that version now"}]}
+        try:
+            await self.lookahead.fetch_now(self.parts.version_of(node))
+        except (StoreError, OSError) as exc:
+            return {"fetched": 0, "failed": [{"path": f"inode {ino}", "error": str(exc)}]}
+        return {"fetched": 1, "failed": []}
 
     async def status(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         result = self.parts.status()

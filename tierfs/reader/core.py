@@ -207,10 +207,12 @@ class Reader:
         if due:
             self.flush()
 
-    def fetch_missing(self, path: str, size: int) -> bool:
+    def fetch_missing(self, path: str, version: Version) -> bool:
         """A direct read missed: have the daemon fetch the whole (small) file into the cache now, at
         its full concurrency, so the read is then served from the cache. True once it is there."""
-        if not self.miss_fetch or size > MISS_FETCH_MAX or not hints.fetch_now(path):
+        if not self.miss_fetch or version.size > MISS_FETCH_MAX:
+            return False
+        if not hints.fetch_now(path, ino=version.ino, etag=version.etag):
             return False
         with self._lock:
             self._miss_fetches += 1
@@ -400,7 +402,7 @@ class TierFile(io.RawIOBase):
             if fb.reason != "miss" or self._asked_daemon:
                 raise
             self._asked_daemon = True
-            if not self._reader.fetch_missing(self.name, version.size):
+            if not self._reader.fetch_missing(self.name, version):
                 raise  # counted by the caller, which reads through the mount
             self._reader.count_fallback("miss")  # still a miss: the daemon fetched it, not a hit
         return view.read_block(version, index, start, take)
