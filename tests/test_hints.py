@@ -213,3 +213,18 @@ def test_prefetch_from_bad_input_fails_in_one_line(loaded: Loaded, tmp_path: Any
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0], result.stderr
     assert loaded.status()["s3_get_requests"] == 0, "nothing was fetched for a refused list"
+
+
+def test_a_miss_on_a_version_that_changed_meanwhile_is_not_fetched(loaded: Loaded) -> None:
+    rel = "train/0007.bin"
+    r = Reader()
+    f = r.open(loaded.path(rel), buffering=0)  # resolves the version it stands for: the old one
+    s3_client(loaded.endpoint).put_object(Bucket=loaded.bucket, Key=rel, Body=b"the new version")
+    assert run_tierfs("refresh", str(loaded.mount.path / "train")).returncode == 0
+    before = gets(loaded)
+    with f:
+        assert f.read() == b"the new version"  # nothing served yet: it switched wholly to the mount
+    stats = r.stats()
+    assert stats["miss_fetches"] == 0 and stats["fallbacks"].get("miss") == 1
+    assert loaded.status()["hints_demand_fetches"] == 0, "the daemon fetched no old version"
+    assert gets(loaded) - before == 1
