@@ -189,7 +189,18 @@ class LookAhead:
                 await running.wait()
             if self._is_cached(version):
                 return
-        await self._hydrate(version)
+        await self._hydrate_once(version)
+
+    async def _hydrate_once(self, version: ObjectVersion) -> None:
+        """Hydrate ``version``, registered so that the look-ahead and a reader's miss never both GET it."""
+        flight = (version.key, version.etag)
+        done = self._inflight.setdefault(flight, trio.Event())
+        try:
+            await self._hydrate(version)
+        finally:
+            if self._inflight.get(flight) is done:
+                del self._inflight[flight]
+            done.set()
 
     def status(self) -> dict[str, Any]:
         c = self.counters
@@ -283,13 +294,11 @@ class LookAhead:
             return
         stream.ahead[seq] = version.size
         stream.ahead_bytes += version.size
-        if self._is_cached(version):
-            self.counters.already_cached += 1
+        if self._is_cached(version) or (version.key, version.etag) in self._inflight:
+            self.counters.already_cached += 1  # cached, or a reader's miss is fetching it now
             return
-        flight = (version.key, version.etag)
-        done = self._inflight.setdefault(flight, trio.Event())
         try:
-            await self._hydrate(version)
+            await self._hydrate_once(version)
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
@@ -303,10 +312,6 @@ class LookAhead:
             self._release(stream, seq)
             log.debug("hinted fetch of %s failed: %s", path, exc)
             return
-        finally:
-            if self._inflight.get(flight) is done:
-                del self._inflight[flight]
-            done.set()
         self.counters.fetched += 1
         self.counters.fetched_bytes += version.size
 
