@@ -9,6 +9,7 @@ long to wait, and notices a daemon that stopped answering within seconds.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -65,7 +66,7 @@ class ControlOps:
         cfg = parts.cfg
         self.lookahead = LookAhead(
             resolve=self._hinted_version,
-            hydrate=parts.hydrator.hydrate,
+            hydrate=self._hydrate_hinted,
             budget=lambda: cache_budget(
                 status=parts.tiers.status,
                 limit_bytes=cfg.cache_size,
@@ -136,6 +137,21 @@ class ControlOps:
         if node.is_dir or not node.etag:
             return None
         return self.parts.version_of(node)
+
+    async def _hydrate_hinted(self, version: ObjectVersion) -> None:
+        """Make a hinted (or missed) file whole in the disk cache. A file of one GET's run goes through
+        the read path, which waits for a fetch of the same blocks already in flight (a reader's READ
+        through the mount) instead of sending a second GET; a bigger one through the prefetch entry
+        point, run by run, so its bytes are never all in memory. OSError(ENOSPC) if the cache could
+        not keep it, as ``tierfs prefetch`` reports it."""
+        hydrator = self.parts.hydrator
+        count = hydrator.block_count(version)
+        if count > hydrator.max_run:
+            await hydrator.hydrate(version)
+            return
+        await hydrator.blocks(version, range(count), remember=False)
+        if not self._cached_whole(version):
+            raise OSError(errno.ENOSPC, f"the chunk cache could not store {version.key}")
 
     def _cached_whole(self, version: ObjectVersion) -> bool:
         """Whether every block of a small file is in a local tier (index lookups only, on the loop)."""
