@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from typing import Any
 
 from .core import Reader, default_reader
-from .hints import prefetch
+from .hints import HintStream, prefetch
 
 POSITION_STEP = 32  # indices yielded between two position reports (each only wakes the hint thread)
 # Indices a DataLoader holds between its sampler and its workers' reads: num_workers x
@@ -107,6 +107,8 @@ class HintedSampler:
     """Yields the indices of ``base`` (or ``range(len(paths))``, shuffled per epoch with ``shuffle``),
     and at the start of each iteration hints the paths in that order to the daemon.
 
+    A stream lives until the next epoch's iteration starts (or the daemon forgets it, 10 minutes
+    after its last word): the sampler runs out well before the workers have read what it gave.
     The order is taken whole first (a million indices take tens of milliseconds), and the paths
     are sent by a background thread, so the first batch never waits for the hints. Every
     POSITION_STEP indices it tells the daemon how far the DataLoader's workers have got (its own
@@ -124,6 +126,7 @@ class HintedSampler:
     ) -> None:
         self.paths = paths
         self.in_flight = in_flight
+        self._stream: HintStream | None = None
         self.base = base
         self.shuffle = shuffle
         self.seed = seed
@@ -148,14 +151,15 @@ class HintedSampler:
     def __iter__(self) -> Iterator[int]:
         order = self.order()
         paths = self.paths
-        stream = prefetch(paths[i] for i in order)
-        try:
-            for n, index in enumerate(order):
-                if n % POSITION_STEP == 0 and n > self.in_flight:
-                    stream.advance(n - self.in_flight)
-                yield index
-        finally:
-            stream.close()
+        # The previous epoch's stream ends now, not when its sampler ran out: a DataLoader takes
+        # the last indices long before its workers have read them, and those hints still count.
+        if self._stream is not None:
+            self._stream.close()
+        stream = self._stream = prefetch(paths[i] for i in order)
+        for n, index in enumerate(order):
+            if n % POSITION_STEP == 0 and n > self.in_flight:
+                stream.advance(n - self.in_flight)
+            yield index
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
