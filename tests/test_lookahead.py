@@ -137,3 +137,13 @@ async def test_chunks_sent_again_are_not_queued_twice_and_a_gap_is_refused() -> 
         raise AssertionError("a gap in the numbering was accepted")
     la.hint("s", paths=[], start=None, position=None, end=True)
     assert la.status()["hint_streams"] == 0
+
+
+def test_hint_requests_are_cut_by_count_and_by_size() -> None:
+    from tierfs.reader.hints import batches
+
+    assert [len(b) for b in batches([f"p{i}" for i in range(5)], count=2)] == [2, 2, 1]
+    long = ["x" * 1000] * 10
+    cut = list(batches(long, count=100, size=3000))
+    assert [len(b) for b in cut] == [2, 2, 2, 2, 2] and [p for b in cut for p in b] == long
+    assert list(batches([])) == []

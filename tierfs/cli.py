@@ -654,9 +654,6 @@ def _path_command(op: str, with_progress: bool) -> Callable[[argparse.Namespace]
     return run
 
 
-PREFETCH_LIST_CHUNK = 4096  # paths per prefetch request from a --from list (requests are at most 1 MiB)
-
-
 def _read_path_list(source: str, base: str) -> list[str]:
     """The paths listed in ``source`` ('-': stdin), one per line, made absolute against ``base``;
     blank lines and lines starting with '#' are skipped."""
@@ -674,9 +671,9 @@ def _read_path_list(source: str, base: str) -> list[str]:
 
 def _prefetch_command(plain: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """``tierfs prefetch``: PATH arguments as before; with ``--from FILE`` the listed files too, in
-    their order, sent in requests of PREFETCH_LIST_CHUNK paths. Every listed path is checked to lie
+    their order, in requests of a few thousand paths. Every listed path is checked to lie
     on a tierfs mount before anything is sent (one line names the first that does not)."""
-    from .reader.hints import MountPaths
+    from .reader.hints import MountPaths, batches
 
     def run(ns: argparse.Namespace) -> int:
         if ns.from_file is None:
@@ -696,8 +693,7 @@ def _prefetch_command(plain: Callable[[argparse.Namespace], int]) -> Callable[[a
         failed = False
         for record, rels in groups.values():
             client = _client(record)
-            for start in range(0, len(rels), PREFETCH_LIST_CHUNK):
-                batch = rels[start : start + PREFETCH_LIST_CHUNK]
+            for batch in batches(rels):
                 args: dict[str, Any] = {"paths": batch, "recursive": ns.recursive}
                 if ns.jobs is not None:
                     args["jobs"] = ns.jobs

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 MAX_STREAMS = 64  # concurrent hint streams (one per loader, e.g. one per rank on a node)
 MAX_QUEUED = 100_000  # hints a stream may have queued; a client sends more as room frees up
+MAX_QUEUED_TOTAL = 200_000  # hints all streams may have queued (a few tens of MiB of paths at most)
 STREAM_IDLE = 600.0  # seconds without a word from its client before a stream is forgotten
 DEMAND_WAIT = 30.0  # seconds a reader's miss waits for the look-ahead's fetch of the same file
 IDLE_WAIT = 1.0  # a worker with nothing to do looks again after this (the cache's room may change)
@@ -166,7 +167,8 @@ class LookAhead:
                 raise HintError(f"hints out of order: expected seq {stream.next_seq}, got {first}")
             skip = min(len(paths), stream.next_seq - first)  # a chunk sent again after a lost reply
             fresh = paths[skip:]
-            accepted = min(len(fresh), MAX_QUEUED - len(stream.queue))
+            queued = sum(len(s.queue) for s in self._streams.values())
+            accepted = max(0, min(len(fresh), MAX_QUEUED - len(stream.queue), MAX_QUEUED_TOTAL - queued))
             seq = stream.next_seq
             for n in range(accepted):
                 if seq + n >= stream.position:

@@ -36,7 +36,8 @@ from ..control.registry import ControlError, find_mount
 
 log = logging.getLogger(__name__)
 
-CHUNK = 2048  # paths per request: ~100 KiB of JSON, far below the daemon's 1 MiB request limit
+CHUNK = 2048  # paths per request (~100 KiB of JSON for ordinary names)
+CHUNK_BYTES = 512 << 10  # and at most this much path text, well below the daemon's 1 MiB request limit
 CALL_TIMEOUT = 30.0  # seconds for one hint call (connect, and each wait for a line)
 RETRY_WAIT = 0.2  # seconds before offering again what a full daemon queue did not take
 POSITION_EVERY = 0.1  # seconds: the least time between two position-only updates
@@ -64,6 +65,20 @@ def call(sock_path: str, op: str, args: dict[str, Any], timeout: float = CALL_TI
     except (OSError, ValueError) as exc:
         raise HintsUnavailable(f"{op}: {exc}") from None
     raise HintsUnavailable(f"{op}: the daemon closed the connection without answering")
+
+
+def batches(items: Iterable[str], count: int = CHUNK, size: int = CHUNK_BYTES) -> Iterator[list[str]]:
+    """``items`` in lists of at most ``count`` items and ``size`` bytes of text (one request each)."""
+    batch: list[str] = []
+    held = 0
+    for item in items:
+        if batch and (len(batch) >= count or held + len(item) > size):
+            yield batch
+            batch, held = [], 0
+        batch.append(item)
+        held += len(item) + 4  # quotes, comma, some escaping
+    if batch:
+        yield batch
 
 
 class MountPaths:
@@ -174,21 +189,16 @@ class HintStream:
 
     # -- the thread ---------------------------------------------------------------------------------
 
-    def _chunks(self) -> Iterator[list[tuple[int, str]]]:
-        """(caller's index, relative path) of this stream's mount, CHUNK at a time."""
-        chunk: list[tuple[int, str]] = []
+    def _ours(self) -> Iterator[str]:
+        """The relative paths of this stream's mount; notes each one's index in the caller's list."""
         for index, path in enumerate(self._paths):
             where = _locate(path)
             if where is None or (self._sock is not None and where[0] != self._sock):
                 self.skipped += 1
                 continue
             self._sock = where[0]
-            chunk.append((index, where[1]))
-            if len(chunk) >= CHUNK:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
+            self._seqs.append(index)
+            yield where[1]
 
     def _daemon_position(self) -> int:
         """The caller's position in the daemon's numbering: how many sent paths lie before it."""
@@ -206,10 +216,8 @@ class HintStream:
 
     def _run(self) -> None:
         try:
-            for chunk in self._chunks():
-                self._seqs.extend(index for index, _ in chunk)
+            for rels in batches(self._ours()):
                 start = self.sent
-                rels = [rel for _, rel in chunk]
                 while rels:
                     with self._lock:
                         if self._closed:
