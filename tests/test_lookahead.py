@@ -70,7 +70,7 @@ async def test_the_window_bounds_files_and_bytes_and_moves_with_the_reader() -> 
         await settle()
         status = la.status()
         assert status["hints_dropped_behind"] == 18 - 8  # f8..f17 were never started
-        assert fake.fetched[-2:] == ["f18", "f19"] and status["hints_queued"] == 0
+        assert sorted(fake.fetched[-2:]) == ["f18", "f19"] and status["hints_queued"] == 0
         nursery.cancel_scope.cancel()
 
 
