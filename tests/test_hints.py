@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import subprocess
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,7 @@ from tierfs.control.registry import lookup
 from tierfs.reader import Reader
 from tierfs.reader.datasets import FileDataset
 from tierfs.reader.hints import call
-from tools.servers import MotoS3, s3_client
+from tools.servers import MotoS3, free_port, s3_client
 
 pytestmark = pytest.mark.fuse
 
@@ -241,3 +242,16 @@ def test_a_miss_on_a_version_that_changed_meanwhile_is_not_fetched(
     assert stats["miss_fetches"] == 0 and stats["fallbacks"].get("miss") == 1
     assert loaded.status()["hints_demand_fetches"] == 0, "the daemon fetched no old version"
     assert gets(loaded) - before == 1
+
+
+def test_hint_counters_reach_prometheus(moto: MotoS3, bucket: Callable[..., str], mounter: Mounter) -> None:
+    port = free_port()
+    loaded = load(moto, bucket, mounter, sample_files(6, 20 * 1024), "--metrics-addr", f"127.0.0.1:{port}")
+    hint_op(loaded, {"stream": "m", "paths": list(loaded.files), "start": 0, "position": 2})
+    wait_until(settled(loaded, 4), 30, "the hints fetched")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    lines = [line.rpartition(" ") for line in text.splitlines() if line and not line.startswith("#")]
+    values = {name: float(value) for name, _, value in lines}
+    assert values["tierfs_hints_received_total"] == 6 and values["tierfs_hints_fetched_total"] == 4
+    assert values["tierfs_hints_dropped_behind_total"] == 2 and values["tierfs_hints_queued"] == 0
