@@ -164,24 +164,13 @@ class ControlOps:
     async def hint(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         """Hints of what a loader reads next (docs/reader.md, "Hints"): ``stream`` (the client's id),
         ``paths`` (relative to the mountpoint, numbered from ``start``), ``position`` (the reader's),
-        ``end`` (forget the stream). With ``wait``, ``paths`` are fetched now instead (a direct
-        reader's miss) and the reply comes once they are in the cache."""
+        ``end`` (forget the stream). With ``wait``, ``ino`` and ``etag``, that file is fetched now
+        instead (a direct reader's miss) and the reply comes once it is in the cache."""
+        if args.get("wait"):
+            return await self._fetch_inode(args)
         paths = args.get("paths") or []
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise protocol.ControlError("hint: paths must be a list of strings")
-        if args.get("wait") and "ino" in args:
-            return await self._fetch_inode(args)
-        if args.get("wait"):
-            fetched, failed = 0, []
-            for path in paths:
-                try:
-                    version = await self._hinted_version(path)
-                    if version is not None:
-                        await self.lookahead.fetch_now(version)
-                        fetched += 1
-                except (StoreError, OSError) as exc:
-                    failed.append({"path": path, "error": str(exc)})
-            return {"fetched": fetched, "failed": failed}
         stream = args.get("stream")
         start, position = args.get("start"), args.get("position")
         for name, value in (("start", start), ("position", position)):

@@ -406,8 +406,9 @@ class TierFile(io.RawIOBase):
             self._asked_daemon = True
             if not self._reader.fetch_missing(self.name, version, view.block_size):
                 raise  # counted by the caller, which reads through the mount
-            self._reader.count_fallback("miss")  # still a miss: the daemon fetched it, not a hit
-        return view.read_block(version, index, start, take)
+        found = view.read_block(version, index, start, take)  # a Fallback now is the caller's to count
+        self._reader.count_fallback("miss")  # still a miss: the daemon fetched it, not a hit
+        return found
 
     def preadinto(self, buffer: Any, offset: int) -> int:
         """Read into ``buffer`` at ``offset`` without moving the position (pread(2)); returns the count."""

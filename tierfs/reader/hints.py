@@ -116,26 +116,14 @@ def _locate(path: str | os.PathLike[str]) -> tuple[str, str] | None:
     return None if found is None else (str(found[0]["socket"]), found[1])
 
 
-def fetch_now(
-    path: str | os.PathLike[str],
-    *,
-    ino: int | None = None,
-    etag: str | None = None,
-    timeout: float = CALL_TIMEOUT,
-) -> bool:
-    """Have the daemon fetch ``path`` whole into its cache now; True once it is there. With ``ino``
-    and ``etag`` (the version a direct reader resolved) the daemon skips the path walk, and fetches
-    only while the file is still that version."""
+def fetch_now(path: str | os.PathLike[str], *, ino: int, etag: str, timeout: float = CALL_TIMEOUT) -> bool:
+    """Have the daemon fetch the file at ``path`` whole into its cache now, if it is still the version
+    ``ino``/``etag`` (what a direct reader resolved); True once it is there."""
     where = _locate(path)
     if where is None:
         return False
-    args: dict[str, Any] = {"wait": True}
-    if ino is not None and etag is not None:
-        args.update(ino=ino, etag=etag)
-    else:
-        args["paths"] = [where[1]]
     try:
-        result = call(where[0], "hint", args, timeout)
+        result = call(where[0], "hint", {"wait": True, "ino": ino, "etag": etag}, timeout)
     except HintsUnavailable as exc:
         log.debug("fetch of %s: %s", os.fspath(path), exc)
         return False
