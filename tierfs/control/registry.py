@@ -1,9 +1,27 @@
-"""The mount registry: where a mount's control socket is, found without trio and without touching the mount.
+"""The mount registry: where a running mount's daemon can be found, by mountpoint or by any path.
 
-Split out of :mod:`tierfs.control.protocol` so that light clients (the direct reader's hint
-client, :mod:`tierfs.reader.hints`) can find a daemon without importing trio: this module
-uses the standard library only. ``protocol`` re-exports every name, so callers are unchanged.
-See :mod:`tierfs.control.protocol` for the registry's layout and naming rules.
+Why a registry and not ioctls/xattrs on the mount: a mount that is hung (S3 down, a stuck
+request) must still answer ``status`` and ``umount``, and a caller that touched a path
+inside it would hang with it. So nothing here ever stats inside a mount: callers find the
+daemon through small JSON files keyed by the mountpoint's path, and talk to it over the
+AF_UNIX socket named there (:mod:`tierfs.control.client`). The daemon registers
+(``control.ops``); the CLI, ``doctor`` and the direct reader (which takes the cache dir from
+the record) look mounts up. Trio-free and stdlib only: the reader imports it in every
+DataLoader worker.
+
+Registry: ``<dir>/<sha256(mountpoint)[:24]>.json`` holding ``pid``, ``mountpoint``,
+``socket``, ``source``, ``cache_dir`` and ``uid``; the socket is ``<dir>/<hash>.sock``.
+``<dir>`` is ``/run/tierfs/mounts`` for root, else ``$XDG_RUNTIME_DIR/tierfs`` or
+``/tmp/tierfs-<uid>``; ``$TIERFS_RUNTIME_DIR`` overrides all of them (tests, containers).
+The directory is 0700 and owned by its user; the socket is 0600 and owned by the
+mount's owner, and the server also checks SO_PEERCRED (uid 0 or the owner only).
+
+Mountpoint naming: the key is ``abspath`` of the mountpoint with symlinks resolved in
+its *parent* only, because resolving the last component would stat the mount root.
+The mount and its callers therefore agree as long as they name the same path once the
+parent is resolved; :func:`mount_holding` additionally follows symlinks component by
+component from ``/`` and stops at the first registered mountpoint, so paths given
+through a symlinked directory still find their mount.
 """
 
 from __future__ import annotations
@@ -38,9 +56,6 @@ class ControlTimeout(ControlError):
     Unlike ControlUnavailable, the daemon is there and may still hold work (umount must not
     treat it as gone).
     """
-
-
-# --------------------------------------------------------------------------- registry
 
 
 def normalize_mountpoint(path: str | os.PathLike[str]) -> str:
@@ -202,7 +217,7 @@ def lookup(mountpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
     return record
 
 
-def find_mount(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
+def mount_holding(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
     """Find the mount holding ``path``: ``(record, path relative to the mountpoint)``.
 
     Resolves symlinks one component at a time from ``/`` and stops at the first
@@ -246,3 +261,5 @@ def find_mount(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
     if denied:
         raise ControlError(DENIED_MESSAGE)
     raise ControlUnavailable(f"no tierfs mount at {os.fspath(path)}")
+
+

@@ -2,9 +2,8 @@
 
 The client side of the ``hint`` control op (docs/reader.md, "Hints"). Standard library only, no
 trio: DataLoader workers import the reader, and this must stay light. It speaks the control
-socket's framing (one JSON request line per connection, answered by progress lines and then
-one ``{"ok": ...}`` line; see :mod:`tierfs.control.protocol`) with a plain ``socket``, and finds
-the socket through the trio-free registry (:mod:`tierfs.control.registry`).
+socket's framing through the trio-free control client (:mod:`tierfs.control.client`, plain
+``socket``), and finds the socket through the trio-free registry (:mod:`tierfs.control.registry`).
 
 * :func:`prefetch` (``tierfs.reader.prefetch``) starts a :class:`HintStream`: a background
   thread sends the paths in order, in chunks of :data:`CHUNK`, as fast as the daemon's queue
@@ -22,17 +21,15 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import json
 import logging
 import os
-import socket
 import threading
-import uuid
 from array import array
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ..control.registry import ControlError, find_mount
+from ..control.client import ControlClient
+from ..control.registry import ControlError, mount_holding
 
 log = logging.getLogger(__name__)
 
@@ -48,23 +45,11 @@ class HintsUnavailable(Exception):
 
 
 def call(sock_path: str, op: str, args: dict[str, Any], timeout: float = CALL_TIMEOUT) -> Any:
-    """One request over the control socket; the result, or HintsUnavailable (one line)."""
+    """One request over the control socket (the trio-free client); the result, or HintsUnavailable."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(sock_path)
-            sock.sendall(json.dumps({"op": op, "args": args}, separators=(",", ":")).encode() + b"\n")
-            with sock.makefile("rb") as lines:
-                for raw in lines:
-                    message = json.loads(raw)
-                    if not isinstance(message, dict) or "progress" in message:
-                        continue
-                    if message.get("ok") is True:
-                        return message.get("result")
-                    raise HintsUnavailable(str(message.get("error") or "refused"))
-    except (OSError, ValueError) as exc:
+        return ControlClient(sock_path).call(op, args, timeout=timeout)
+    except (ControlError, OSError, ValueError) as exc:  # ControlError covers error replies, timeouts
         raise HintsUnavailable(f"{op}: {exc}") from None
-    raise HintsUnavailable(f"{op}: the daemon closed the connection without answering")
 
 
 def batches(items: Iterable[str], count: int = CHUNK, size: int = CHUNK_BYTES) -> Iterator[list[str]]:
@@ -94,7 +79,7 @@ class MountPaths:
         directory, name = os.path.split(os.path.abspath(path))
         if directory not in self._dirs:
             try:
-                record, rel = find_mount(directory)
+                record, rel = mount_holding(directory)
                 self._dirs[directory] = (record, "" if rel == "." else rel)
             except (ControlError, OSError):
                 self._dirs[directory] = None
@@ -139,7 +124,7 @@ class HintStream:
     """
 
     def __init__(self, paths: Iterable[str | os.PathLike[str]]) -> None:
-        self.id = uuid.uuid4().hex
+        self.id = os.urandom(16).hex()
         self.sent = 0
         self.skipped = 0
         self.error: str | None = None
