@@ -21,17 +21,13 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import logging
 import os
 import threading
 from array import array
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ..control.client import ControlClient
 from ..control.registry import ControlError, mount_holding
-
-log = logging.getLogger(__name__)
 
 CHUNK = 2048  # paths per request (~100 KiB of JSON for ordinary names)
 CHUNK_BYTES = 512 << 10  # and at most this much path text, well below the daemon's 1 MiB request limit
@@ -46,6 +42,8 @@ class HintsUnavailable(Exception):
 
 def call(sock_path: str, op: str, args: dict[str, Any], timeout: float = CALL_TIMEOUT) -> Any:
     """One request over the control socket (the trio-free client); the result, or HintsUnavailable."""
+    from ..control.client import ControlClient  # at first use: `import tierfs.reader` stays light
+
     try:
         return ControlClient(sock_path).call(op, args, timeout=timeout)
     except (ControlError, OSError, ValueError) as exc:  # ControlError covers error replies, timeouts
@@ -109,8 +107,7 @@ def fetch_now(path: str | os.PathLike[str], *, ino: int, etag: str, timeout: flo
         return False
     try:
         result = call(where[0], "hint", {"wait": True, "ino": ino, "etag": etag}, timeout)
-    except HintsUnavailable as exc:
-        log.debug("fetch of %s: %s", os.fspath(path), exc)
+    except HintsUnavailable:  # the read goes through the mount instead (no logging: it costs the import)
         return False
     return isinstance(result, dict) and result.get("fetched") == 1
 
@@ -216,7 +213,6 @@ class HintStream:
                         self._lock.wait(POSITION_EVERY)
         except Exception as exc:  # HintsUnavailable, or the caller's iterable failed: hints just stop
             self.error = str(exc)
-            log.debug("hint stream ended: %s", exc)
         finally:
             self._end()
 
