@@ -35,7 +35,7 @@ define apt_install
 endef
 
 .PHONY: all deps bench-deps venv .venv lint test demo bench bench-cold bench-rss bench-accel bench-shared \
-	bench-write stress clean \
+	bench-write bench-door bench-snapshot stress clean \
 	install uninstall deb install-test deb-test container-test container-deps
 
 all: test
@@ -100,6 +100,11 @@ bench-shared: deps $(STAMP)
 bench-rss: deps $(STAMP)
 	$(PY) -m tools.bench_rss $(BENCH_ARGS)
 
+# Dataset versions (issue 22): a 1M-entry snapshot on a fresh node, find against the cold
+# LIST walk, snapshot create's RSS; BENCH_ARGS="--entries 10000000 --server seaweedfs" for 10M.
+bench-snapshot: deps $(STAMP)
+	$(PY) -m tools.bench_snapshot $(BENCH_ARGS)
+
 # Write rows of issue 16 (checkpoint, small files, close to durable), each with its raw
 # boto3 baseline in the same run; --quick for a smoke-test size.
 bench-write: deps $(STAMP)
@@ -109,6 +114,11 @@ bench-write: deps $(STAMP)
 # copy, the FUSE mount, the direct reader and s3fs/rclone where installed; cold and warm.
 bench-accel: deps $(STAMP)
 	$(PY) -m tools.bench_accel $(BENCH_ARGS)
+
+# The Python door's start-up (issue 23): fresh processes that import tierfs.reader and do one
+# direct read, median/p90 against the 30 ms target; DataLoader epochs if torch is installed.
+bench-door: deps $(STAMP)
+	$(PY) -m tools.bench_door $(BENCH_ARGS)
 
 # The concurrency stress test of issue 11 at full size: 10 minutes, 16 threads, two busy
 # loops for CPU contention. Override with e.g. STRESS_ARGS='--seconds 60 --delay-faults'.

@@ -20,10 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LINT = Path(sys.executable).with_name("lint-imports")
-CONTRACTS = ["layers", "fs-without-fuse", "pyfuse3-in-fuse-and-daemon-only"]
-# Holds once the direct reader stops importing control.protocol and fuse.kerneltune (issue 23,
-# the ``door`` branch); until that is merged it is the one contract this tree still breaks.
-READER_CONTRACT = "light-reader"
+CONTRACTS = ["layers", "fs-without-fuse", "pyfuse3-in-fuse-and-daemon-only", "light-reader"]
 
 
 def lint(root: Path, *contracts: str) -> subprocess.CompletedProcess[str]:
@@ -38,12 +35,6 @@ def lint(root: Path, *contracts: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize("contract", CONTRACTS)
 def test_contract_is_kept(contract: str) -> None:
     result = lint(ROOT, contract)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-@pytest.mark.xfail(reason="holds once the direct reader's split (branch door) is merged; then drop this mark")
-def test_reader_contract_is_kept() -> None:
-    result = lint(ROOT, READER_CONTRACT)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -8,7 +8,7 @@ mount.fuse3 use, so the two spellings can never drift apart. Long options win ov
 Error contract: every expected failure is one line ``tierfs: error: ...`` on stderr,
 exit 2 for usage/configuration errors and 1 for runtime failures; no tracebacks.
 Commands other than ``mount`` talk to the daemon over the control socket (see
-:mod:`tierfs.control.protocol`) and never stat inside a mount, so they work on a hung mount.
+:mod:`tierfs.control.client`) and never stat inside a mount, so they work on a hung mount.
 """
 
 from __future__ import annotations
@@ -28,17 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
+from . import __version__, snapshot_cli
 from .config import MountConfig, Source
+from .control.client import ControlClient
 from .control.progress import ProgressBar
-from .control.protocol import (
-    ControlClient,
-    ControlError,
-    ControlTimeout,
-    ControlUnavailable,
-    find_mount,
-    pid_alive,
-)
+from .control.registry import ControlError, ControlTimeout, ControlUnavailable, mount_holding, pid_alive
 from .errors import ConfigError, FlushFailed
 from .units import format_bytes, parse_duration, parse_mode, parse_size, split_addr
 
@@ -332,6 +326,18 @@ MOUNT_OPTIONS: tuple[MountOption, ...] = (
         "N",
     ),
     MountOption("debug_fuse", "log every FUSE request (very verbose)", field="fuse_debug"),
+    MountOption(
+        "snapshot",
+        "mount the snapshot NAME of SOURCE (or a manifest URL) read-only, without LIST (docs/snapshots.md)",
+        _parse_str,
+        "NAME|URL",
+    ),
+    MountOption(
+        "as_of",
+        "mount SOURCE read-only as it was at TIME (a versioned bucket), e.g. 2026-12-01T00:00:00Z",
+        _parse_str,
+        "TIME",
+    ),
 )
 _OPTIONS_BY_NAME = {opt.name: opt for opt in MOUNT_OPTIONS}
 
@@ -430,7 +436,7 @@ def _run_mount(config: MountConfig) -> int:
 
 def _mountpoint_record(path: str) -> dict[str, Any]:
     """The registry record of the mount whose mountpoint is exactly ``path`` (symlinks allowed)."""
-    record, rel = find_mount(path)
+    record, rel = mount_holding(path)
     if rel != ".":
         raise ControlError(
             f"{path} is not a mountpoint (it is inside the tierfs mount at {record['mountpoint']})"
@@ -616,7 +622,7 @@ def _group_by_mount(paths: Sequence[str]) -> list[tuple[dict[str, Any], list[str
     """Group PATH arguments by the mount holding them, keeping the command-line order."""
     groups: dict[str, tuple[dict[str, Any], list[str]]] = {}
     for path in paths:
-        record, rel = find_mount(path)
+        record, rel = mount_holding(path)
         groups.setdefault(str(record["socket"]), (record, []))[1].append(rel)
     return list(groups.values())
 
@@ -649,6 +655,56 @@ def _path_command(op: str, with_progress: bool) -> Callable[[argparse.Namespace]
             else:
                 result = client.call(op, args, timeout=None)
             failed = _report_failed(op, result) or failed
+        return 1 if failed else 0
+
+    return run
+
+
+def _read_path_list(source: str, base: str) -> list[str]:
+    """The paths listed in ``source`` ('-': stdin), one per line, made absolute against ``base``;
+    blank lines and lines starting with '#' are skipped."""
+    try:
+        if source == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            with open(source, encoding="utf-8", errors="surrogateescape") as fh:
+                lines = fh.read().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the path list {source}: {exc.strerror or exc}") from None
+    listed = (raw.strip() for raw in lines)
+    return [os.path.join(base, line) for line in listed if line and not line.startswith("#")]
+
+
+def _prefetch_command(plain: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``tierfs prefetch``: PATH arguments as before; with ``--from FILE`` the listed files too, in
+    their order, in requests of a few thousand paths. Every listed path is checked to lie
+    on a tierfs mount before anything is sent (one line names the first that does not)."""
+    from .reader.hints import MountPaths, batches
+
+    def run(ns: argparse.Namespace) -> int:
+        if ns.from_file is None:
+            if not ns.paths:
+                raise ConfigError("tierfs prefetch needs a PATH or --from FILE")
+            return plain(ns)
+        if len(ns.paths) > 1:
+            raise ConfigError("with --from, give at most one PATH: the directory relative paths start from")
+        base = os.path.abspath(ns.paths[0]) if ns.paths else os.getcwd()
+        mounts = MountPaths()
+        groups: dict[str, tuple[dict[str, Any], list[str]]] = {}
+        for path in _read_path_list(ns.from_file, base):
+            found = mounts.locate(path)
+            if found is None:
+                raise ConfigError(f"{path} (listed in {ns.from_file}) is not on a tierfs mount")
+            groups.setdefault(str(found[0]["socket"]), (found[0], []))[1].append(found[1])
+        failed = False
+        for record, rels in groups.values():
+            client = _client(record)
+            for batch in batches(rels):
+                args: dict[str, Any] = {"paths": batch, "recursive": ns.recursive}
+                if ns.jobs is not None:
+                    args["jobs"] = ns.jobs
+                result = _call_with_progress(client, "prefetch", args, "prefetch")
+                failed = _report_failed("prefetch", result) or failed
         return 1 if failed else 0
 
     return run
@@ -729,7 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, text, progress in path_commands:
         cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("paths", nargs="+", metavar="PATH")
+        cmd.add_argument("paths", nargs="*" if name == "prefetch" else "+", metavar="PATH")
         cmd.add_argument(
             "--recursive", "-r", action="store_true", help="include everything below directories"
         )
@@ -742,7 +798,18 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="N",
                 help="files downloaded in parallel",
             )
+            cmd.add_argument(
+                "--from",
+                dest="from_file",
+                metavar="FILE",
+                help="also the paths listed in FILE, one per line ('-': stdin); relative ones are "
+                "relative to PATH (then the only PATH) or the current directory",
+            )
+            cmd.set_defaults(func=_prefetch_command(_path_command(name, progress)))
+            continue
         cmd.set_defaults(func=_path_command(name, progress))
+
+    snapshot_cli.add_parser(sub, flush=_flush)
 
     refresh = sub.add_parser("refresh", help="forget cached metadata and re-list from S3")
     refresh.add_argument("paths", metavar="PATH")

@@ -19,6 +19,9 @@ MiB = 1 << 20
 MIN_PART_SIZE = 5 * MiB  # S3's smallest part (all but the last)
 MAX_PART_SIZE = 5 * 1024 * MiB  # and its largest
 DEFAULT_CACHE_ROOT = Path("/var/cache/tierfs")
+# flush/umount/SIGTERM give up on transient upload errors after this (--flush-timeout); also what
+# a flush that is given no timeout waits (writeback)
+DEFAULT_FLUSH_TIMEOUT = 600.0
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class MountConfig:
     log_level: str = "INFO"
     log_file: Path | None = None
     writeback_delay: float = 5.0
-    flush_timeout: float = 600.0  # flush/umount/SIGTERM give up on transient upload errors after this
+    flush_timeout: float = DEFAULT_FLUSH_TIMEOUT
     nonempty: bool = False  # mount over a directory that has entries (they are hidden while mounted)
     import_interval: float | None = None
     metrics_addr: str | None = None
@@ -90,6 +93,10 @@ class MountConfig:
     shared_cache_endpoint_url: str | None = None  # None: the origin's endpoint
     shared_cache_profile: str | None = None  # None: the origin's credentials
     shared_cache_timeout: float = 0.5  # a read waits this long for the tier, then goes to the origin
+    # Dataset versions (docs/snapshots.md): a read-only mount pinned to a snapshot (a name of the
+    # source's, or a manifest URL), or to the bucket's versions at a time (a versioned bucket).
+    snapshot: str | None = None
+    as_of: str | None = None
 
     @property
     def resolved_cache_dir(self) -> Path:
@@ -122,5 +129,9 @@ class MountConfig:
             raise ConfigError("zstd level must be within 1..22")
         if self.shared_cache_timeout <= 0:
             raise ConfigError("--shared-cache-timeout must be positive")
+        if self.snapshot is not None and self.as_of is not None:
+            raise ConfigError("--snapshot and --as-of pin the mount twice: give one of them")
+        if self.snapshot is not None or self.as_of is not None:
+            self.read_only = True  # a pinned version is never written through the mount
         if self.shared_cache is not None and self.shared_cache == self.source:
             raise ConfigError("--shared-cache must not be the mounted bucket and prefix itself")

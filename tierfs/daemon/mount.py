@@ -15,7 +15,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import pyfuse3
 import trio
@@ -28,10 +28,14 @@ from ..errors import ConfigError, FlushFailed
 from ..fuse import kerneltune
 from ..fuse.operations import TierOperations
 from ..meta.importer import sweep_loop
+from ..meta.namespace import Namespace
 from ..meta.records import Inode
+from ..meta.view import NamespaceView
 from ..reader.daemon import DirectReaders
+from ..store.objectstore import ObjectStore
 from . import memory, metrics, sdnotify
-from .stack import StackSettings, build_stack
+from .pinned import PinnedReads, PinnedSnapshot, pinned
+from .stack import Pinning, Stack, StackSettings, build_stack
 from .startup import preflight_store, setup_logging, shared_store
 
 log = logging.getLogger("tierfs")
@@ -60,9 +64,10 @@ class Mount:
         setup_logging(cfg, self.daemonized)
         self.store = preflight_store(cfg)
         owner = f"{cfg.endpoint_url or 'aws'}|{cfg.source}"
+        self.pinned: PinnedSnapshot | None = None
         self.stack = build_stack(
             self.store, cache_root, owner, StackSettings.from_config(cfg),
-            shared=self._shared_tier(), spawn=self.spawn,
+            shared=self._shared_tier(), spawn=self.spawn, pin=self._pin if pinned(cfg) else None,
         )
         self.cachedir = self.stack.cachedir
         self.disk = self.stack.disk
@@ -74,6 +79,9 @@ class Mount:
         self.namespace.change_hooks.append(self._on_object_changed)
         self.namespace.entry_hooks.append(lambda parent, name: self.queue_invalidation((parent, name)))
         self.namespace.attr_hooks.append(lambda ino: self.queue_invalidation(("attr", ino)))
+        # A mount pinned to a snapshot (docs/snapshots.md) serves its namespace from the manifest,
+        # opened here so that a bad one fails before anything is mounted; the LMDB one stays unused.
+        self.view: NamespaceView = self.pinned.namespace if self.pinned else self.namespace
         self.metrics: Any = None
         if cfg.metrics_addr:
             try:
@@ -82,6 +90,12 @@ class Mount:
                 raise ConfigError(f"cannot serve metrics on {cfg.metrics_addr}: {exc}") from None
         self.ops = TierOperations(self.fs, kernel_timeout=cfg.kernel_timeout)
         return self
+
+    def _pin(self, stack: Stack) -> Pinning:
+        """Open the snapshot a pinned mount serves (its manifest), once the cache dir is ours."""
+        self.pinned = PinnedSnapshot(self.cfg, self.store, self.cfg.resolved_cache_dir, stack.run_s3)
+        reads = cast(ObjectStore, PinnedReads(self.store))
+        return Pinning(self.pinned.namespace, self.pinned.namespace.version_id, reads)
 
     def _shared_tier(self) -> list[SharedTier]:
         store = shared_store(self.cfg)
@@ -96,7 +110,11 @@ class Mount:
     def __exit__(self, *exc: object) -> None:
         if self.metrics is not None:
             self.metrics.close()
-        self.stack.close()
+        try:
+            self.stack.close()
+        finally:
+            if self.pinned is not None:
+                self.pinned.close()
 
     # -- thread helpers -------------------------------------------------------------------------------
 
@@ -184,7 +202,9 @@ class Mount:
             nursery.start_soon(self._signals)
             if self.writeback is not None:
                 await nursery.start(self.writeback.run)
-            if self.cfg.import_interval:
+            if self.pinned is not None:
+                nursery.start_soon(self.pinned.fill, self.run_s3)
+            if self.cfg.import_interval and self.pinned is None:
                 nursery.start_soon(sweep_loop, self.namespace, self.cfg.import_interval)
             await self._start_control(nursery)
             nursery.start_soon(self._announce_live, on_live)
@@ -265,6 +285,7 @@ class Mount:
                 cache_dir=self.cfg.resolved_cache_dir, mountpoint=str(self.cfg.mountpoint),
                 bucket=self.cfg.source.bucket, source=str(self.cfg.source), block_size=self.cfg.block_size,
                 group=self.cfg.cache_group,
+                snapshot=str(self.pinned.local_path) if self.pinned and self.pinned.local_path else None,
             )  # fmt: skip
         self.direct_readers.maintain(self.disk, (self.cachedir.env, self.cachedir.index_env))
 
@@ -274,6 +295,9 @@ class Mount:
     def _maintain_blocking(self) -> None:
         self._direct_readers()
         self.tiers.maintain()  # access times persisted, age-out, eviction
+        if self.pinned is not None:
+            self.pinned.note_reads(self.hydrator.stats)
+            self.pinned.count_usage(self.disk)
         self.cachedir.index_env.sync(True)  # bounds what an OS crash can tear; not needed for safety
         memory.trim()
 
@@ -281,7 +305,7 @@ class Mount:
         self.control = ControlOps(
             MountParts(
                 cfg=self.cfg,
-                namespace=self.namespace,
+                namespace=cast(Namespace, self.view),
                 hydrator=self.hydrator,
                 tiers=self.tiers,
                 status=self.status,
@@ -293,6 +317,11 @@ class Mount:
             )
         )
         await nursery.start(self.control.serve)
+
+    def _hint_status(self) -> dict[str, Any]:
+        """The look-ahead's counters (control.lookahead); empty until the control server runs."""
+        control: ControlOps | None = getattr(self, "control", None)
+        return control.lookahead.status() if control is not None else {}
 
     def _status_from_any_thread(self) -> dict[str, Any]:
         """The status dict, read on the loop (scrapes arrive on prometheus_client's thread)."""
@@ -317,6 +346,8 @@ class Mount:
             "cache_dir": str(self.cfg.resolved_cache_dir),
             "uptime_seconds": round(time.time() - self.started, 1),
             "read_only": self.cfg.read_only,
+            "endpoint_url": self.cfg.endpoint_url,
+            "snapshot": self.pinned.status(hyd) if self.pinned is not None else None,
             "metadata_ttl": None if math.isinf(self.cfg.metadata_ttl) else self.cfg.metadata_ttl,
             **self.tiers.status(),
             "cache_hits": hyd.cache_hits,
@@ -337,6 +368,7 @@ class Mount:
             "shadowed_keys": self.namespace.counters.shadowed_keys,
             "errors": self.ops.errors.count + hyd.errors,
             **self._direct_status(),
+            **self._hint_status(),
             **(self.writeback.status() if self.writeback is not None else {
                 "dirty_files": 0, "dirty_bytes": 0, "uploads_pending": 0, "uploads_failed": 0, "conflicts": 0,
                 "failing": {},

@@ -16,7 +16,7 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import trio
 
@@ -29,6 +29,7 @@ from ..fs import FileSystem
 from ..meta.cachedir import CacheDir
 from ..meta.groupcommit import GroupCommit
 from ..meta.namespace import Namespace, NamespacePolicy
+from ..meta.view import NamespaceView
 from ..read.hydrator import Hydrator
 from ..store.objectstore import ObjectStore
 from ..writeback import WriteBack
@@ -72,6 +73,16 @@ class StackSettings:
             read_only=cfg.read_only, writeback_delay=cfg.writeback_delay,
             upload_concurrency=cfg.upload_concurrency, s3_concurrency=cfg.s3_concurrency, timeout=cfg.timeout,
         )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Pinning:
+    """A mount pinned to a snapshot (docs/snapshots.md): the read-only namespace it serves, the
+    version id that pins each inode's bytes, and the store its reads go through."""
+
+    view: NamespaceView
+    version_ids: Callable[[int], str]
+    reads: ObjectStore
 
 
 class Stack:
@@ -129,20 +140,29 @@ def build_stack(
     shared: Sequence[CacheTier] = (),
     spawn: Spawn | None = None,
     abandon_on_cancel: bool = False,
+    pin: Callable[[Stack], Pinning] | None = None,
 ) -> Stack:
     """The layers of a mount of ``store`` on the cache dir ``cache_root`` (owned by ``owner``, the
     tag a cache dir keeps of its source). ``spawn`` starts background tasks (read-ahead, lazy
-    listings); without it none run. Blocking (it opens files and LMDB): before the loop runs."""
+    listings); without it none run. ``pin`` makes a mount pinned to a snapshot (called once the cache
+    dir is open): its file system serves the snapshot's namespace and reads its versions.
+    Blocking (it opens files and LMDB): before the loop runs."""
     stack = Stack(store, CacheDir(cache_root, owner), settings, abandon=abandon_on_cancel)
     try:
-        _wire(stack, cache_root, shared, spawn)
+        _wire(stack, cache_root, shared, spawn, pin)
     except BaseException:
         stack.close()
         raise
     return stack
 
 
-def _wire(stack: Stack, cache_root: Path, shared: Sequence[CacheTier], spawn: Spawn | None) -> None:
+def _wire(
+    stack: Stack,
+    cache_root: Path,
+    shared: Sequence[CacheTier],
+    spawn: Spawn | None,
+    pin: Callable[[Stack], Pinning] | None,
+) -> None:
     s = stack.settings
     env = stack.cachedir.env
     stack.disk = ChunkCache(
@@ -162,15 +182,16 @@ def _wire(stack: Stack, cache_root: Path, shared: Sequence[CacheTier], spawn: Sp
     )  # fmt: skip
     stack.commit = GroupCommit(env)  # one committer for the env: record updates and journal share flushes
     stack.namespace = Namespace(env, stack.store, policy, stack.run_s3, spawn=spawn, commit=stack.commit)
+    pinning = pin(stack) if pin is not None else None
     stack.hydrator = Hydrator(
         bucket=s.bucket,
-        store=stack.store,
+        store=pinning.reads if pinning else stack.store,
         tiers=stack.tiers,
         run_s3=stack.run_s3,
         run_io=stack.run_io,
         block_size=s.block_size,
         spawn=spawn or (lambda task: None),  # no spawner: no read-ahead
-        learn_metadata=stack.namespace.learn_metadata,
+        learn_metadata=None if pinning else stack.namespace.learn_metadata,
         timeout=s.timeout,
         max_parallel_runs=s.s3_concurrency,
     )
@@ -192,9 +213,10 @@ def _wire(stack: Stack, cache_root: Path, shared: Sequence[CacheTier], spawn: Sp
             upload_concurrency=s.upload_concurrency,
         )
     stack.fs = FileSystem(
-        stack.namespace,
+        cast(Namespace, pinning.view) if pinning else stack.namespace,  # pinned: only the view's calls
         stack.hydrator,
         block_size=s.block_size,
         writeback=stack.writeback,
         run_io=stack.run_io,
+        version_ids=pinning.version_ids if pinning else None,
     )

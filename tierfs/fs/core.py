@@ -61,12 +61,16 @@ class FileSystem:
         block_size: int,
         writeback: WriteBack | None = None,
         run_io: RunBlocking | None = None,
+        version_ids: Callable[[int], str] | None = None,
     ) -> None:
+        """``version_ids(ino)``: the version id that pins an inode's bytes (a snapshot mount on a
+        versioned bucket, docs/snapshots.md); reads then GET that version."""
         self.ns = namespace
         self.hydrator = hydrator
         self.block_size = block_size
         self.wb = writeback
         self._run_io = run_io
+        self._version_ids = version_ids
         self.handles = Handles()
 
     @property
@@ -166,6 +170,8 @@ class FileSystem:
         """The bytes of ``node`` as the bucket holds them *now*: after a rename, the data stays
         under the old key until the journaled copy has run (WriteBack.bytes_at)."""
         key = self.wb.bytes_at(node.ino, node.key).key if self.wb is not None else node.key
+        if self._version_ids is not None:
+            return ObjectVersion(node.ino, key, node.etag, node.size, self._version_ids(node.ino))
         return ObjectVersion(node.ino, key, node.etag, node.size)
 
     def _staged(self, ino: int) -> bool:

@@ -28,6 +28,7 @@ from typing import Any
 
 import trio
 
+from ..config import DEFAULT_FLUSH_TIMEOUT
 from ..errors import FlushFailed, Permanent, StoreError
 from ..meta.namespace import Namespace
 from ..meta.records import Flag, Inode, Kind
@@ -48,7 +49,6 @@ log = logging.getLogger("tierfs.writeback")
 
 RunBlocking = Callable[..., Awaitable[Any]]
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
-DEFAULT_FLUSH_TIMEOUT = 600.0
 COALESCE = 0.01  # seconds the executor lets wake-ups gather before it looks at the journal again
 
 @dataclass(frozen=True)
