@@ -86,7 +86,10 @@ def plain(frame: Frame) -> list[str]:
 
 def rich_view(frame: Frame) -> Group:
     """The frame as rich tables (redrawn in place by :class:`rich.live.Live`)."""
-    tiers = Table(title=f"tierfs stats {frame.mountpoint}", title_justify="left", expand=False)
+    header = Text(
+        f"tierfs stats {frame.mountpoint}  (every {frame.interval:.1f} s, Ctrl-C to quit)", style="bold"
+    )
+    tiers = Table(expand=False)
     tiers.add_column("tier")
     tiers.add_column("reads/s", justify="right")
     tiers.add_column("MB/s", justify="right")
@@ -113,8 +116,8 @@ def rich_view(frame: Frame) -> Group:
         errors.stylize("bold red")
     summary.add_row("errors", errors)
 
-    latency = Table(title="S3 latency (requests answered this interval)", title_justify="left")
-    latency.add_column("op")
+    latency = Table()
+    latency.add_column("S3 op (this interval)")
     latency.add_column("n", justify="right")
     for name in _pct_names():
         latency.add_column(name, justify="right")
@@ -123,7 +126,7 @@ def rich_view(frame: Frame) -> Group:
     if not frame.latency:
         latency.add_row("-", "0", *["-" for _ in PERCENTILES])
 
-    parts: list[Any] = [tiers, summary, latency]
+    parts: list[Any] = [header, tiers, summary, latency]
     if frame.snapshots:
         snaps = Table(title="snapshots", title_justify="left")
         snaps.add_column("snapshot")
