@@ -210,7 +210,7 @@ def screen_figures(screen: str) -> dict[str, tuple[float, float]]:
     """(reads/s, MB/s) of each tier row of rich's table, e.g. ``│ memory │ 78.0 │ 23.39 │``."""
     found: dict[str, tuple[float, float]] = {}
     for m in re.finditer(
-        r"(memory|local disk|shared|origin|direct reader)\s*│\s*([\d.]+)\s*│\s*([\d.]+)", screen
+        r"(memory|local disk|shared|origin|direct reader)(?: \(6 s\))?\s*│\s*([\d.]+)\s*│\s*([\d.]+)", screen
     ):
         found[m.group(1)] = (float(m.group(2)), float(m.group(3)))
     return found

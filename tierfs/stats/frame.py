@@ -69,7 +69,7 @@ class Frame:
     direct_reads_per_s: float = 0.0
     direct_bytes_per_s: float = 0.0
     direct_fallbacks_per_s: float = 0.0
-    direct_fallback_reasons: dict[str, int] = field(default_factory=dict)  # this interval
+    direct_fallback_reasons: dict[str, int] = field(default_factory=dict)  # over the direct window
     uploads_queued: int = 0
     uploads_running: int = 0
     uploads_per_s: float = 0.0
@@ -179,13 +179,25 @@ def _entries(raw: Any) -> dict[str, Mapping[str, Any]]:
     return {}
 
 
-def build(old: Snapshot, new: Snapshot) -> Frame:
-    """The frame for the interval between two snapshots of the same mount."""
+#: Direct readers run in client processes: they report their counts in batch files (at least once
+#: a second) that the daemon adds up in its maintenance pass (every 5 s), so their counters move in
+#: steps. Their rates are taken over this window, not the last interval, to show a rate, not bursts.
+DIRECT_WINDOW = 6.0
+
+
+def build(old: Snapshot, new: Snapshot, direct_from: Snapshot | None = None) -> Frame:
+    """The frame for the interval between two snapshots of the same mount; the direct reader's
+    rates over ``direct_from`` .. ``new`` (a snapshot about :data:`DIRECT_WINDOW` old) if given."""
     a, b = old.status, new.status
     dt = max(new.at - old.at, 1e-6)
+    far = direct_from or old
+    direct_dt = max(new.at - far.at, 1e-6)
 
     def rate(key: str) -> float:
         return max(0.0, _num(b, key) - _num(a, key)) / dt
+
+    def direct_rate(key: str) -> float:
+        return max(0.0, _num(b, key) - _num(far.status, key)) / direct_dt
 
     tiers = [
         TierRow("memory", rate("memory_hits"), rate("memory_hit_bytes")),
@@ -197,7 +209,7 @@ def build(old: Snapshot, new: Snapshot) -> Frame:
     tiers.append(TierRow("origin", max(0.0, origin_gets) / dt, rate("s3_bytes_fetched")))
     hits = _num(b, "cache_hits") - _num(a, "cache_hits")
     misses = _num(b, "cache_misses") - _num(a, "cache_misses")
-    fallbacks = _map_delta(a, b, "direct_fallbacks")
+    fallbacks = _map_delta(far.status, b, "direct_fallbacks")
     in_flight = b.get("s3_in_flight")
     total_ratio = b.get("hit_ratio")
     shared_errors = b.get("shared_errors")
@@ -209,9 +221,9 @@ def build(old: Snapshot, new: Snapshot) -> Frame:
         hit_ratio_total=float(total_ratio) if isinstance(total_ratio, int | float) else None,
         gets_in_flight=int(in_flight) if isinstance(in_flight, int) else None,
         latency=latency_rows(a, b),
-        direct_reads_per_s=rate("direct_reads"),
-        direct_bytes_per_s=rate("direct_bytes"),
-        direct_fallbacks_per_s=max(0, _sum_map(b, "direct_fallbacks") - _sum_map(a, "direct_fallbacks")) / dt,
+        direct_reads_per_s=direct_rate("direct_reads"),
+        direct_bytes_per_s=direct_rate("direct_bytes"),
+        direct_fallbacks_per_s=sum(fallbacks.values()) / direct_dt,
         direct_fallback_reasons=fallbacks,
         uploads_queued=int(_num(b, "uploads_pending")),
         uploads_running=int(_num(b, "uploads_running")),

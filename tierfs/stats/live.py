@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TextIO
 
@@ -18,7 +19,7 @@ from rich.live import Live
 
 from ..control.protocol import ControlClient
 from . import render
-from .frame import Frame, Snapshot, build
+from .frame import DIRECT_WINDOW, Frame, Snapshot, build
 
 Poll = Callable[[], Mapping[str, Any]]
 
@@ -41,11 +42,15 @@ def frames(poll: Poll, interval: float, count: int | None = None) -> Iterator[Fr
     """Yield one :class:`Frame` per interval (``count`` of them, or forever). The first comes after
     one interval: a rate needs two snapshots."""
     previous = _sample(poll)
+    recent: deque[Snapshot] = deque([previous])  # for the direct reader's longer window
     produced = 0
     while count is None or produced < count:
         time.sleep(max(0.0, interval - (time.monotonic() - previous.at)))
         current = _sample(poll)
-        yield build(previous, current)
+        while len(recent) > 1 and current.at - recent[1].at >= DIRECT_WINDOW:
+            recent.popleft()
+        yield build(previous, current, direct_from=recent[0])
+        recent.append(current)
         produced += 1
         previous = current
 

@@ -96,7 +96,7 @@ def rich_view(frame: Frame) -> Group:
     for row in frame.tiers:
         tiers.add_row(row.tier, f"{row.reads_per_s:.1f}", f"{row.bytes_per_s / 1e6:.2f}")
     direct = (f"{frame.direct_reads_per_s:.1f}", f"{frame.direct_bytes_per_s / 1e6:.2f}")
-    tiers.add_row("direct reader", *direct, style="cyan")
+    tiers.add_row("direct reader (6 s)", *direct, style="cyan")
 
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
