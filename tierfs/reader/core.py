@@ -156,11 +156,16 @@ class Reader:
                 raise Fallback(root[1])
             mount = self._mount_of(dev)
             if mount is None or mount[1] != "fuse.tierfs":
+                if mount is None:
+                    self._mounts.pop(dev, None)  # not mounted when last looked: look again next time
                 raise Fallback("not_tierfs")
             try:
                 root = self._cache_dir_of(mount[0])
             except Fallback as fb:
                 self._roots[dev] = (time.monotonic() + RETRY_VIEW_SECONDS, fb.reason)
+                # Device numbers are reused as mounts come and go: the mountpoint remembered for
+                # this one may be another (gone) mount's. Read mountinfo again on the retry.
+                self._mounts.pop(dev, None)
                 raise
             self._roots[dev] = root
         key = (dev, str(root))
