@@ -9,11 +9,11 @@ spelled ``localhost`` instead of ``127.0.0.1``).
 
 from __future__ import annotations
 
-import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
+import test_doctor
 from mounting import run_tierfs
 
 from tierfs import doctor, doctor_shared
@@ -21,6 +21,10 @@ from tierfs.config import Source
 from tierfs.doctor import FAIL, OK, SKIP, WARN
 from tools.faultproxy import FaultProxy, Rule
 from tools.servers import MotoS3, s3_client
+
+# The machine checks' fixtures for an endpoint that is down: a refused port, a listener that never answers.
+refused_port = test_doctor.refused_port
+silent_server = test_doctor.silent_server
 
 
 def by_name(results: list[doctor.Result]) -> dict[str, doctor.Result]:
@@ -46,22 +50,6 @@ def age_out_rule(endpoint: str, bucket: str, prefix: str, days: int = 7) -> None
             ]
         },
     )
-
-
-@pytest.fixture
-def refused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-@pytest.fixture
-def silent_endpoint() -> Iterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(8)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def test_a_healthy_tier_with_an_age_out_rule_passes(
@@ -90,10 +78,10 @@ def test_a_tier_without_an_age_out_rule_warns_with_the_command_to_add_one(
 
 
 def test_a_tier_that_is_down_fails_in_bounded_time(
-    moto: MotoS3, bucket: Callable[..., str], s3_env: None, refused_port: int, silent_endpoint: str
+    moto: MotoS3, bucket: Callable[..., str], s3_env: None, refused_port: int, silent_server: str
 ) -> None:
     origin = bucket(moto)
-    for endpoint in (f"http://127.0.0.1:{refused_port}", silent_endpoint):
+    for endpoint in (f"http://127.0.0.1:{refused_port}", silent_server):
         started = time.monotonic()
         found = check(f"s3://{origin}", moto.endpoint_url, "s3://tier-bucket", endpoint)
         assert time.monotonic() - started < 10
