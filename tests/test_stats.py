@@ -79,7 +79,7 @@ def test_rates_are_deltas_over_the_interval_and_latency_is_of_the_interval_only(
     assert latency.percentiles[2] is None and latency.over == 0.1
     assert frame.gets_in_flight == 4 and frame.direct_reads_per_s == 5.0
     assert frame.direct_fallbacks_per_s == 1.5 and frame.direct_fallback_reasons == {"miss": 2, "dirty": 1}
-    assert (frame.uploads_queued, frame.uploads_running, frame.dirty_bytes) == (3, 2, 5)
+    assert (frame.uploads_pending, frame.uploads_running, frame.dirty_bytes) == (3, 2, 5)
 
 
 def test_every_per_snapshot_entry_the_daemon_reports_gets_a_line() -> None:

@@ -70,7 +70,7 @@ class Frame:
     direct_bytes_per_s: float = 0.0
     direct_fallbacks_per_s: float = 0.0
     direct_fallback_reasons: dict[str, int] = field(default_factory=dict)  # over the direct window
-    uploads_queued: int = 0
+    uploads_pending: int = 0
     uploads_running: int = 0
     uploads_per_s: float = 0.0
     upload_bytes_per_s: float = 0.0
@@ -225,7 +225,7 @@ def build(old: Snapshot, new: Snapshot, direct_from: Snapshot | None = None) -> 
         direct_bytes_per_s=direct_rate("direct_bytes"),
         direct_fallbacks_per_s=sum(fallbacks.values()) / direct_dt,
         direct_fallback_reasons=fallbacks,
-        uploads_queued=int(_num(b, "uploads_pending")),
+        uploads_pending=int(_num(b, "uploads_pending")),
         uploads_running=int(_num(b, "uploads_running")),
         uploads_per_s=rate("uploads_done"),
         upload_bytes_per_s=rate("bytes_uploaded"),

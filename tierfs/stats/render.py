@@ -74,7 +74,7 @@ def plain(frame: Frame) -> list[str]:
         f"fallbacks {frame.direct_fallbacks_per_s:.1f}/s ({reasons})"
     )
     lines.append(
-        f"write-back    queued {frame.uploads_queued} running {frame.uploads_running} "
+        f"write-back    pending {frame.uploads_pending} (running {frame.uploads_running}) "
         f"done {frame.uploads_per_s:.1f}/s {_rate_bytes(frame.upload_bytes_per_s)} "
         f"dirty {frame.dirty_files} files {format_bytes(frame.dirty_bytes)}"
     )
@@ -107,7 +107,7 @@ def rich_view(frame: Frame) -> Group:
     summary.add_row("direct fallbacks", f"{frame.direct_fallbacks_per_s:.1f}/s ({reasons})")
     summary.add_row(
         "write-back",
-        f"queued {frame.uploads_queued}  running {frame.uploads_running}  done {frame.uploads_per_s:.1f}/s "
+        f"pending {frame.uploads_pending} (running {frame.uploads_running}) done {frame.uploads_per_s:.1f}/s "
         f"{_rate_bytes(frame.upload_bytes_per_s)}",
     )
     summary.add_row("dirty", f"{frame.dirty_files} files, {format_bytes(frame.dirty_bytes)}")
