@@ -17,7 +17,7 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.live import Live
 
-from ..control.protocol import ControlClient
+from ..control.client import ControlClient
 from . import render
 from .frame import DIRECT_WINDOW, Frame, Snapshot, build
 
