@@ -192,7 +192,11 @@ class Tmux:
         return done.returncode == 0
 
     def close(self) -> None:
+        """Stop this server and remove its socket file, which tmux leaves behind (it lives in
+        $TMUX_TMPDIR or /tmp, under tmux-UID, named by -L)."""
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=20)
+        directory = Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}"
+        (directory / self.socket).unlink(missing_ok=True)
 
 
 @pytest.fixture
