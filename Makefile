@@ -37,7 +37,7 @@ define apt_install
 endef
 
 .PHONY: all deps bench-deps venv .venv lint test demo bench bench-cold bench-rss bench-accel bench-shared \
-	bench-write bench-door stress clean test-ecosystem \
+	bench-write bench-door bench-snapshot stress clean test-ecosystem \
 	install uninstall deb install-test deb-test container-test container-deps
 
 all: test
@@ -113,6 +113,11 @@ bench-shared: deps $(STAMP)
 
 bench-rss: deps $(STAMP)
 	$(PY) -m tools.bench_rss $(BENCH_ARGS)
+
+# Dataset versions (issue 22): a 1M-entry snapshot on a fresh node, find against the cold
+# LIST walk, snapshot create's RSS; BENCH_ARGS="--entries 10000000 --server seaweedfs" for 10M.
+bench-snapshot: deps $(STAMP)
+	$(PY) -m tools.bench_snapshot $(BENCH_ARGS)
 
 # Write rows of issue 16 (checkpoint, small files, close to durable), each with its raw
 # boto3 baseline in the same run; --quick for a smoke-test size.

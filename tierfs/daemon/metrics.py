@@ -128,6 +128,14 @@ _SCALARS: tuple[_Spec, ...] = (
     _Spec("disk_hit_bytes", "tierfs_disk_hit_bytes", "Bytes served from the local disk tier", True),
     _Spec("s3_in_flight", "tierfs_s3_in_flight", "Origin requests started, not yet answered", False),
     _Spec("uploads_running", "tierfs_uploads_running", "Write-back operations being uploaded now", False),
+    _Spec("hints_received", "tierfs_hints_received", "Paths hinted by loaders (read next)", True),
+    _Spec("hints_fetched", "tierfs_hints_fetched", "Hinted files fetched ahead of their reader", True),
+    _Spec("hints_dropped_behind", "tierfs_hints_dropped_behind", "Hints dropped: reader past them", True),
+    _Spec("hints_skipped_full", "tierfs_hints_skipped_full", "Hints skipped: no room in the cache", True),
+    _Spec("hints_missing", "tierfs_hints_missing", "Hinted paths that named no file", True),
+    _Spec("hints_demand_fetches", "tierfs_hints_demand_fetches", "Files fetched whole for a miss", True),
+    _Spec("hints_queued", "tierfs_hints_queued", "Hints queued, not yet fetched", False),
+    _Spec("hints_ahead_bytes", "tierfs_hints_ahead_bytes", "Hinted bytes ahead of readers", False),
 )
 
 
@@ -159,6 +167,7 @@ class StatusCollector(Collector):
             status, "direct_fallbacks", "tierfs_direct_fallbacks", "Direct reads sent to the mount", "reason"
         )
         yield from _read_bytes_family(status)
+        yield from _snapshot_families(status)
         for spec in _SCALARS:
             value = status.get(spec.key)
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -191,6 +200,29 @@ def _read_bytes_family(status: Mapping[str, Any]) -> Iterator[Metric]:
             found = True
     if found:
         yield family
+
+
+#: Per mounted snapshot (docs/snapshots.md), labelled by its name: key in status["snapshot"], metric, help.
+_SNAPSHOT_GAUGES = (
+    ("cached_bytes", "tierfs_snapshot_cached_bytes", "Bytes of its looked-up files cached on this node"),
+    ("hits", "tierfs_snapshot_hits", "Block reads of the snapshot served from the cache"),
+    ("misses", "tierfs_snapshot_misses", "Block reads of the snapshot fetched from S3"),
+    ("last_use", "tierfs_snapshot_last_use_seconds", "Unix time of the last read of the snapshot"),
+    ("files", "tierfs_snapshot_files", "Files in the snapshot"),
+    ("bytes", "tierfs_snapshot_bytes", "Bytes of the snapshot's files"),
+)
+
+
+def _snapshot_families(status: Mapping[str, Any]) -> Iterator[Metric]:
+    snapshot = status.get("snapshot")
+    if not isinstance(snapshot, Mapping):
+        return
+    for key, name, help in _SNAPSHOT_GAUGES:
+        value = snapshot.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            family = GaugeMetricFamily(name, help, labels=["snapshot"])
+            family.add_metric([str(snapshot.get("name", ""))], float(value))
+            yield family
 
 
 class MetricsServer:

@@ -74,7 +74,10 @@ class TierOperations(pyfuse3.Operations):
         invalidate: Callable[[int], None],
         writeback: WriteBack | None = None,
         run_io: Callable[..., Any] | None = None,
+        version_ids: Callable[[int], str] | None = None,
     ) -> None:
+        """``version_ids(ino)``: the version id that pins an inode's bytes (a snapshot mount on a
+        versioned bucket, docs/snapshots.md); reads then GET that version."""
         super().__init__()
         self.ns = namespace
         self.hydrator = hydrator
@@ -84,6 +87,7 @@ class TierOperations(pyfuse3.Operations):
         self._invalidate = invalidate
         self.wb = writeback
         self._run_io = run_io
+        self._version_ids = version_ids
         self.errors = _errors
         self._files: dict[int, FileHandle] = {}
         self._dirs: dict[int, list[tuple[str, int]]] = {}
@@ -215,6 +219,8 @@ class TierOperations(pyfuse3.Operations):
         """The bytes of ``node`` as the bucket holds them *now*: after a rename, the data stays
         under the old key until the journaled copy has run (WriteBack.data_key)."""
         key = self.wb.data_key(node.ino, node.key) if self.wb is not None else node.key
+        if self._version_ids is not None:
+            return ObjectVersion(node.ino, key, node.etag, node.size, self._version_ids(node.ino))
         return ObjectVersion(node.ino, key, node.etag, node.size)
 
     @handler

@@ -62,6 +62,9 @@ class ObjectVersion:
     key: str
     etag: str
     size: int
+    # A snapshot's pinned version on a versioned bucket (docs/snapshots.md): GETs ask for it by id,
+    # so it stays readable after an overwrite or delete. Cache blocks stay keyed by the ETag.
+    version_id: str = ""
 
 
 @dataclass
@@ -575,8 +578,9 @@ class Hydrator:
         # object_size lets the store ask for a whole object without a Range header, so the
         # server's stored checksum comes back and the body is checked against it.
         result: GetResult = self.store.get_range(
-            obj.key, start, length, if_match=obj.etag or None, object_size=obj.size
-        )
+            obj.key, start, length, if_match=obj.etag or None, object_size=obj.size,
+            **({"version_id": obj.version_id} if obj.version_id else {}),
+        )  # fmt: skip
         data = result.data
         if len(data) != length:
             raise IntegrityError(f"GET {obj.key}: wanted {length} bytes at {start}, got {len(data)}")

@@ -65,7 +65,15 @@ class CrtRangeReader:
         self._lock = threading.Lock()
 
     def get(
-        self, key: str, start: int, length: int, if_match: str | None, *, whole: bool = False, timeout: float
+        self,
+        key: str,
+        start: int,
+        length: int,
+        if_match: str | None,
+        *,
+        whole: bool = False,
+        timeout: float,
+        version_id: str | None = None,
     ) -> tuple[bytes, int, Mapping[str, str]]:
         """Return (data, status, lowercase response headers) within ``timeout`` seconds.
 
@@ -81,6 +89,8 @@ class CrtRangeReader:
         if start == 0:  # the answer may be the whole object: ask for its checksum (AWS needs this)
             headers.add("x-amz-checksum-mode", "ENABLED")
         path = f"{self.base}/{self.bucket}/{quote(key, safe='/~')}"
+        if version_id:
+            path += f"?versionId={quote(version_id, safe='')}"
         body = bytearray(length)
         view = memoryview(body)
         received = 0
