@@ -98,6 +98,16 @@ def test_every_per_snapshot_entry_the_daemon_reports_gets_a_line() -> None:
         del old
 
 
+def test_a_pinned_snapshot_mount_gets_its_line() -> None:
+    """A ``--snapshot`` mount reports the one snapshot it pins as ``status["snapshot"]``."""
+    old = _status(snapshot={"name": "v1", "hits": 10, "misses": 2, "files": 5, "versioned": True})
+    new = _status(snapshot={"name": "v1", "hits": 30, "misses": 2, "files": 5, "versioned": True})
+    (row,) = statsframe.build(statsframe.Snapshot(0.0, old), statsframe.Snapshot(2.0, new)).snapshots
+    assert row.name == "v1" and row.values["files"] == 5 and row.rates == {"hits": 10.0}
+    plain = statsframe.build(statsframe.Snapshot(0.0, _status()), statsframe.Snapshot(1.0, _status()))
+    assert plain.snapshots == []
+
+
 # --------------------------------------------------------------------------- on a real mount
 
 

@@ -150,12 +150,13 @@ def latency_rows(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Latency
 
 
 def snapshot_rows(old: Mapping[str, Any], new: Mapping[str, Any], interval: float) -> list[SnapshotRow]:
-    """One row per entry of the status' ``snapshots``, whether a mapping of name -> fields or a
-    list of field mappings with a ``name`` (or ``id``). Only scalar fields are shown; nothing
-    about their meaning is assumed, so whatever the daemon reports per snapshot appears here."""
+    """One row per entry of the status' ``snapshots`` (a mapping of name -> fields, or a list of
+    field mappings with a ``name`` or ``id``) and for its ``snapshot`` (the pinned one). Only scalar
+    fields are shown; nothing about their meaning is assumed, so whatever the daemon reports per
+    snapshot appears here."""
     rows: list[SnapshotRow] = []
-    for name, fields in _entries(new.get("snapshots")).items():
-        prior = _entries(old.get("snapshots")).get(name, {})
+    for name, fields in _snapshot_entries(new).items():
+        prior = _snapshot_entries(old).get(name, {})
         values = {k: v for k, v in fields.items() if isinstance(v, str | int | float | bool) or v is None}
         rates = {
             k: (v - prior[k]) / interval
@@ -165,6 +166,16 @@ def snapshot_rows(old: Mapping[str, Any], new: Mapping[str, Any], interval: floa
         }  # fmt: skip
         rows.append(SnapshotRow(name, values, rates))
     return rows
+
+
+def _snapshot_entries(status: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """``snapshots`` (several) and ``snapshot`` (the one a ``--snapshot`` mount pins, with its
+    ``name``), whichever the daemon reports."""
+    found = _entries(status.get("snapshots"))
+    one = status.get("snapshot")
+    if isinstance(one, Mapping):
+        found[str(one.get("name", "snapshot"))] = one
+    return found
 
 
 def _entries(raw: Any) -> dict[str, Mapping[str, Any]]:
