@@ -265,3 +265,22 @@ def test_live_view_in_a_real_terminal_redraws_with_moving_numbers(loaded_mount: 
     print(last)  # `pytest -s` shows a screen like the one in the README
     tmux("send-keys", "-t", "stats", "C-c")
     wait_until(lambda: not tmux.has_session("stats"), 15, "tierfs stats to exit on Ctrl-C")
+
+
+@pytest.mark.fuse
+def test_a_snapshot_mount_shows_a_line_for_its_snapshot(
+    moto: MotoS3, bucket: Callable[..., str], mounter: Mounter
+) -> None:
+    name = bucket(moto)
+    client = s3_client(moto.endpoint_url)
+    for i in range(3):
+        client.put_object(Bucket=name, Key=f"d/{i}.bin", Body=os.urandom(50_000))
+    made = run_tierfs("snapshot", "create", f"s3://{name}", "v1", "--endpoint-url", moto.endpoint_url)
+    assert made.returncode == 0, made.stderr
+    mount = mounter(f"s3://{name}", "--snapshot", "v1", endpoint_url=moto.endpoint_url)
+    for i in range(3):
+        assert len((mount.path / f"d/{i}.bin").read_bytes()) == 50_000
+    done = run_tierfs("stats", str(mount.path), "--once")
+    assert done.returncode == 0, done.stderr
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("snapshot ")]
+    assert line.split()[1] == "v1" and "files=3" in line and "misses=3" in line, line

@@ -157,7 +157,11 @@ def snapshot_rows(old: Mapping[str, Any], new: Mapping[str, Any], interval: floa
     rows: list[SnapshotRow] = []
     for name, fields in _snapshot_entries(new).items():
         prior = _snapshot_entries(old).get(name, {})
-        values = {k: v for k, v in fields.items() if isinstance(v, str | int | float | bool) or v is None}
+        values = {
+            k: v
+            for k, v in fields.items()
+            if k != "name" and (isinstance(v, str | int | float | bool) or v is None)
+        }
         rates = {
             k: (v - prior[k]) / interval
             for k, v in values.items()
