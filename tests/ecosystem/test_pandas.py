@@ -20,13 +20,15 @@ def test_read_parquet_and_read_csv_with_tierfs_urls(
     table = parquet_table()
     data = data_mount({"t/train.parquet": parquet_bytes(table), "t/labels.csv": csv_bytes()})
     data.warm("t/train.parquet", "t/labels.csv")
-    before = reader.stats()["direct_reads"]
+    before_stats = reader.stats()
+    before = before_stats["direct_reads"]
     frame = pd.read_parquet(data.url("t/train.parquet"), columns=["id", "label"])
     pd.testing.assert_frame_equal(frame, table.select(["id", "label"]).to_pandas())
     csv = pd.read_csv(data.url("t/labels.csv"))
     pd.testing.assert_frame_equal(csv, pd.read_csv(io.BytesIO(data.files["t/labels.csv"])))
     assert len(csv) == 5_000 and list(csv.columns) == ["id", "label", "name"]
-    assert reader.stats()["direct_reads"] > before, "tierfs:// must read the cache directly"
+    after = reader.stats()
+    assert after["direct_reads"] > before, f"tierfs:// must read directly: {before_stats} -> {after}"
 
 
 def test_read_csv_of_a_cold_file_falls_back_to_the_mount(
