@@ -35,6 +35,7 @@ from ..meta.groupcommit import GroupCommit
 from ..meta.importer import sweep_loop
 from ..meta.namespace import Namespace, NamespacePolicy
 from ..meta.records import Inode
+from ..read.engine import ColdGets
 from ..read.hydrator import Hydrator
 from ..reader.daemon import DirectReaders
 from ..writeback import WriteBack
@@ -46,6 +47,10 @@ from .startup import preflight_store, setup_logging, shared_store
 log = logging.getLogger("tierfs")
 
 IO_THREADS = 8
+# GETs the cold engine keeps in flight per --s3-concurrency slot: they hold no thread, and each
+# is at most CRT_MAX_GET (2 MiB), so 4 x 16 = 64 in flight cost at most 128 MiB, and about
+# 7 MiB for 110 KiB files (docs/coldpath.md).
+COLD_GETS_PER_SLOT = 4
 HOT_BYTES = 64 << 20  # the memory tier
 # An inode (data and attributes), ("attr", inode) for attributes only, or (parent inode, name).
 Invalidation = int | tuple[str, int] | tuple[int, str]
@@ -110,6 +115,12 @@ class Mount:
             learn_metadata=self.namespace.learn_metadata,
             timeout=cfg.timeout,
             max_parallel_runs=cfg.s3_concurrency,
+            cold_gets=ColdGets(
+                self.store,
+                limiter=trio.CapacityLimiter(COLD_GETS_PER_SLOT * cfg.s3_concurrency),
+                timeout=cfg.timeout,
+                retries=cfg.retries,
+            ),
         )
         self.writeback: WriteBack | None = None
         if not cfg.read_only:
@@ -158,6 +169,7 @@ class Mount:
         if self.metrics is not None:
             self.metrics.close()
         try:
+            self.hydrator.close()  # the cache writer stores what it holds before the tiers close
             self.tiers.close()
         finally:
             self.cachedir.close()
@@ -393,6 +405,7 @@ class Mount:
             "prefetched_blocks": hyd.prefetched_blocks,
             "partial_reads": hyd.partial_reads,
             "s3_get_requests": requests.get("get_object", 0),
+            **self.hydrator.engine_status(),
             "s3_list_requests": requests.get("list_objects_v2", 0),
             "s3_head_requests": requests.get("head_object", 0),
             "s3_requests": requests,

@@ -230,7 +230,10 @@ class TierOperations(pyfuse3.Operations):
             if flags & os.O_TRUNC:  # a change of the data like a write: its time is kept the same way
                 self._written_at[inode] = time.time_ns()
         follow = writable or (self.wb is not None and self.wb.is_staged(inode))
-        info = pyfuse3.FileInfo(fh=self._register(FileHandle(self.version_of(node), writable, follow)))
+        handle = FileHandle(self.version_of(node), writable, follow)
+        info = pyfuse3.FileInfo(fh=self._register(handle))
+        if not follow:
+            self.hydrator.start_fetch(handle.version)  # a small object: its READ finds the GET going
         # Keep the kernel's page cache across opens unless the object changed since we
         # last served it: then the stale pages must go (docs/consistency.md).
         previous = self._served_etag.get(inode)

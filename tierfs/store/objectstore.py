@@ -212,6 +212,7 @@ class ObjectStore(Protocol):
 
 # --------------------------------------------------------------------------- error classification
 
+
 def map_error(exc: BaseException, what: str) -> StoreError:
     """Classify any boto3/botocore failure. Unknown failures are transient, never 'not found'."""
     if isinstance(exc, StoreError):
@@ -404,7 +405,8 @@ class S3ObjectStore:
         )
         self._pool = concurrent.futures.ThreadPoolExecutor(
             # Part uploads hold one of their own slots while they wait here, on top of the callers.
-            max_workers=max_pool + part_concurrency, thread_name_prefix="tierfs-s3"
+            max_workers=max_pool + part_concurrency,
+            thread_name_prefix="tierfs-s3",
         )
         self.requests: dict[str, int] = {}
         self.bytes_fetched = 0
@@ -579,23 +581,65 @@ class S3ObjectStore:
     ) -> GetResult:
         def attempt(budget: float) -> GetResult:
             data, _, headers = self._crt.get(key, start, length, if_match, whole=whole, timeout=budget)
-            total = headers.get("content-range", "").rsplit("/", 1)[-1]
-            modified = headers.get("last-modified")
-            info = ObjectInfo(
-                key=key,
-                size=int(total) if total.isdigit() else int(headers.get("content-length", len(data))),
-                etag=normalize_etag(headers.get("etag")),
-                mtime_ns=_to_ns(parsedate_to_datetime(modified)) if modified else 0,
-                metadata={
-                    k[len("x-amz-meta-") :]: v for k, v in headers.items() if k.startswith("x-amz-meta-")
-                },
-            )
-            return self._checked(data, info, start, headers)
+            return self._crt_result(key, start, data, headers)
 
         result = self._retrying("get_object", f"get_object {key}", attempt)
         with self._lock:
             self.bytes_fetched += len(result.data)
         return result
+
+    def _crt_result(self, key: str, start: int, data: bytes, headers: Mapping[str, str]) -> GetResult:
+        """A CRT answer as a checked GetResult (raises IntegrityError when the bytes fail their check)."""
+        total = headers.get("content-range", "").rsplit("/", 1)[-1]
+        modified = headers.get("last-modified")
+        info = ObjectInfo(
+            key=key,
+            size=int(total) if total.isdigit() else int(headers.get("content-length", len(data))),
+            etag=normalize_etag(headers.get("etag")),
+            mtime_ns=_to_ns(parsedate_to_datetime(modified)) if modified else 0,
+            metadata={k[len("x-amz-meta-") :]: v for k, v in headers.items() if k.startswith("x-amz-meta-")},
+        )
+        return self._checked(data, info, start, headers)
+
+    def start_get(
+        self,
+        key: str,
+        start: int,
+        length: int,
+        if_match: str | None,
+        *,
+        object_size: int | None,
+        on_done: Callable[[GetResult | StoreError], None],
+    ) -> Callable[[], None] | None:
+        """One attempt of :meth:`get_range`, sent without a waiting thread: returns a cancel function
+        at once, or None when this GET is not one for the CRT (then call :meth:`get_range`).
+
+        ``on_done`` is called exactly once, on a CRT thread, with the checked result or the error;
+        it must not block long. The caller owns the time rule (bound the wait, cancel, retry
+        Unavailable within ``timeout`` and ``retries``): the cold fetch engine does, on the loop.
+        """
+        if self._crt is None or not 0 < length <= CRT_MAX_GET:
+            return None
+        whole = start == 0 and if_match is not None and object_size is not None and length >= object_size
+        self._count("get_object")
+
+        def finished(answer: tuple[bytes, int, Mapping[str, str], StoreError | None]) -> None:
+            data, _, headers, error = answer
+            try:
+                if error is not None:
+                    raise error
+                result = self._crt_result(key, start, data, headers)
+                with self._lock:
+                    self.bytes_fetched += len(data)
+            except StoreError as exc:
+                on_done(exc)
+            except Exception as exc:  # a malformed answer; never let it escape into the CRT
+                on_done(Unavailable(f"get_object {key}: {type(exc).__name__}: {exc}"))
+            else:
+                on_done(result)
+
+        request = self._crt.start(key, start, length, if_match, whole=whole, on_done=finished)
+        return request.cancel  # type: ignore[no-any-return]
 
     @staticmethod
     def _checked(data: bytes, info: ObjectInfo, start: int, headers: Mapping[str, str]) -> GetResult:
