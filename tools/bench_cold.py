@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -171,6 +172,23 @@ def py_spy(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each of the daemon's live threads, summed by thread name (digits dropped:
+    "tierfs-s3_3" and "tierfs-s3_5" are one kind). Threads that ended are missing: the difference
+    from the process total is theirs."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        kind = re.sub(r"\d+", "N", name)
+        out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
 def daemon_row(
     mounted: Mounted,
     status: Callable[[], dict[str, Any]],
@@ -186,8 +204,10 @@ def daemon_row(
     spy = py_spy(mounted.pid, profile) if profile is not None else None
     if tracer is not None or spy is not None:
         time.sleep(1.0)  # the tracers attach to every thread before the phase starts
+    before = thread_cpu(mounted.pid)
     with UsageMeter(mounted.pid) as meter:
         result = run()
+    after = thread_cpu(mounted.pid)
     items = result.items if per == "file" else max(1, result.nbytes) / MiB
     calls = syscalls_per_item(tracer, int(items))
     if spy is not None:
@@ -202,6 +222,10 @@ def daemon_row(
     result.extra["s3_get_requests"] = done.get("s3_get_requests")
     if calls:
         result.extra["syscalls_per_" + per.lower()] = calls
+    by_thread = {k: round((v - before.get(k, 0.0)) * 1000 / items, 3) for k, v in after.items()}
+    result.extra["cpu_ms_by_thread"] = {
+        k: v for k, v in sorted(by_thread.items(), key=lambda kv: -kv[1]) if v
+    }
     return result
 
 

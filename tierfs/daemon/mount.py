@@ -42,6 +42,7 @@ from ..writeback import WriteBack
 from ..writeback.journal import Journal
 from ..writeback.staging import Staging
 from . import memory, metrics, sdnotify
+from .places import WriteBackPlaces
 from .startup import preflight_store, setup_logging, shared_store
 
 log = logging.getLogger("tierfs")
@@ -152,6 +153,7 @@ class Mount:
             invalidate=self.queue_invalidation,
             writeback=self.writeback,
             run_io=self.run_io,
+            places=WriteBackPlaces(self.writeback) if self.writeback is not None else None,
         )
         return self
 

@@ -28,6 +28,7 @@ from ..meta.namespace import Namespace, Unlinked, child_key
 from ..meta.records import Flag, Inode, Kind, kind_of_mode
 from ..read.follow import read_following
 from ..read.hydrator import Hydrator, ObjectVersion
+from ..read.places import BytePlaces, InTheBucket, Where
 from ..writeback import WriteBack
 from .errnos import ErrorCounter, entry_attributes, fuse_errors, negative_entry
 
@@ -74,7 +75,10 @@ class TierOperations(pyfuse3.Operations):
         invalidate: Callable[[int], None],
         writeback: WriteBack | None = None,
         run_io: Callable[..., Any] | None = None,
+        places: BytePlaces | None = None,
     ) -> None:
+        """``places`` answers where a file's bytes are now (read/places.py); without write-back
+        they are always in the bucket under the file's own key."""
         super().__init__()
         self.ns = namespace
         self.hydrator = hydrator
@@ -83,6 +87,7 @@ class TierOperations(pyfuse3.Operations):
         self.read_only = read_only
         self._invalidate = invalidate
         self.wb = writeback
+        self.places: BytePlaces = places if places is not None else InTheBucket()
         self._run_io = run_io
         self.errors = _errors
         self._files: dict[int, FileHandle] = {}
@@ -264,25 +269,31 @@ class TierOperations(pyfuse3.Operations):
         handle = self._files.get(fh)
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        ino = handle.version.ino
-        if self.wb is not None and self.wb.is_staged(ino):
-            staged = await self.wb.read(ino, off, size)
+        where, version = self._locate(handle)  # the one question per READ: where are the bytes now
+        if where.staged:
+            staged = await self.places.read_staged(version.ino, off, size)
             if staged is not None:
                 return staged
+            where, version = self._locate(handle)  # retired meanwhile: the bucket has them now
         return await read_following(
-            lambda: self._read_version(handle), lambda version: self.hydrator.read(version, off, size)
+            lambda: self._locate(handle)[1], lambda v: self.hydrator.read(v, off, size), first=version
         )
 
-    def _read_version(self, handle: FileHandle) -> ObjectVersion:
-        """What a read through ``handle`` reads now (asked again if the bytes move meanwhile)."""
+    def _locate(self, handle: FileHandle) -> tuple[Where, ObjectVersion]:
+        """Where the bytes read through ``handle`` are now, and the version to read from the bucket
+        (asked again if the bytes move meanwhile)."""
         version = handle.version
         if handle.follow or not version.etag:
             # Written through this handle and uploaded since: read the version the bucket now has.
-            return self.version_of(self._inode(version.ino))
-        if self.wb is not None and (current := self.ns.get(version.ino)) is not None:
-            # Renamed since the open: follow the data to wherever the bucket has it now.
-            return dataclasses.replace(version, key=self.version_of(current).key)
-        return version
+            node = self._inode(version.ino)
+            where = self.places.where(node.ino, node.key)
+            return where, ObjectVersion(node.ino, where.key, node.etag, node.size)
+        current = self.ns.get(version.ino) if self.wb is not None else None
+        if current is None:
+            return self.places.where(version.ino, version.key), version
+        # Renamed since the open: follow the data to wherever the bucket has it now.
+        where = self.places.where(current.ino, current.key)
+        return where, dataclasses.replace(version, key=where.key)
 
     @handler
     async def release(self, fh: int) -> None:
