@@ -3,7 +3,8 @@
 ``mount`` builds every layer from a MountConfig, hands each what it needs and owns the
 background tasks and the start/stop order; ``lifecycle`` does preflight, daemonizing, serving
 and clean shut-down; ``startup`` sets up logging and probes the store before any layer exists;
-``sdnotify``, ``metrics`` and ``memory`` talk to systemd, Prometheus and glibc. It is the only layer that
+``sdnotify``, ``metrics`` and ``memory`` talk to systemd, Prometheus and glibc; ``places``
+answers the read path's ``BytePlaces`` from write-back. It is the only layer that
 knows all the others and may import any of them; only the commands (``tierfs.cli``) may
 import it. Trio loop:
 the mount's tasks run on it and send all blocking work (S3 calls, disk I/O, LMDB writes,
