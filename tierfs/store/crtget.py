@@ -5,9 +5,9 @@ spends ~3.7 ms of CPU per GET; the CRT's native HTTP client and signer ~0.7 ms
 (measured in tools/bench.py and noted in docs/design.md). Everything else (LIST, HEAD,
 PUT, multipart, copy) stays on boto3, where per-call cost does not matter.
 
-Credentials are not resolved a second time: the CRT asks boto3's credential object on
-every signing, so environment, profiles, shared files and refreshes behave exactly as
-for boto3. The CRT retries nothing itself: :class:`~tierfs.store.objectstore.S3ObjectStore`
+Credentials are not resolved a second time: the CRT takes boto3's (static ones once,
+refreshable ones at every signing), so environment, profiles, shared files and refreshes
+behave exactly as for boto3. The CRT retries nothing itself: :class:`~tierfs.store.objectstore.S3ObjectStore`
 retries under one deadline for both clients, and each attempt here is cancelled when it
 runs over the time it was given (the CRT has no read timeout of its own, so a stalled or
 trickling body would otherwise hold the caller forever).
@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+import botocore.credentials
 from awscrt import auth, io, s3
 from awscrt.http import HttpHeaders, HttpRequest
 
@@ -32,6 +33,26 @@ _CODE = re.compile(rb"<Code>([^<]{1,128})</Code>")
 
 #: What one GET ends with: (body, status, lowercase headers, error or None).
 CrtAnswer = tuple[bytes, int, Mapping[str, str], StoreError | None]
+
+
+def _provider(credentials: Any) -> auth.AwsCredentialsProvider:
+    """The CRT's credentials: boto3's own, never resolved a second time.
+
+    Credentials that refresh (an assumed role, instance metadata, SSO) are asked of boto3 at each
+    signing, so refreshes behave exactly as for boto3. Static ones (environment, shared files)
+    never change, so they are handed over once: the delegate is a Python call on the CRT's event
+    loop thread, which must first take the GIL, and while it waits every request on that event
+    loop waits too (py-spy --native: a quarter of the CRT threads' GIL waits; docs/coldpath.md).
+    """
+    if isinstance(credentials, botocore.credentials.RefreshableCredentials):
+
+        def delegate() -> auth.AwsCredentials:
+            frozen = credentials.get_frozen_credentials()
+            return auth.AwsCredentials(frozen.access_key, frozen.secret_key, frozen.token)
+
+        return auth.AwsCredentialsProvider.new_delegate(delegate)
+    frozen = credentials.get_frozen_credentials()
+    return auth.AwsCredentialsProvider.new_static(frozen.access_key, frozen.secret_key, frozen.token)
 
 
 class CrtRangeReader:
@@ -52,11 +73,7 @@ class CrtRangeReader:
         self.base = url.path.rstrip("/")
         tls = s3.S3RequestTlsMode.ENABLED if url.scheme == "https" else s3.S3RequestTlsMode.DISABLED
 
-        def delegate() -> auth.AwsCredentials:
-            frozen = credentials.get_frozen_credentials()
-            return auth.AwsCredentials(frozen.access_key, frozen.secret_key, frozen.token)
-
-        provider = auth.AwsCredentialsProvider.new_delegate(delegate)
+        provider = _provider(credentials)
         bootstrap = io.ClientBootstrap(io.EventLoopGroup(2), io.DefaultHostResolver(io.EventLoopGroup(1)))
         self._client = s3.S3Client(
             bootstrap=bootstrap,
