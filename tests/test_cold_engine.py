@@ -22,7 +22,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,64 +120,64 @@ def gets(rig: Rig) -> int:
 # --------------------------------------------------------------------------- answered before the write
 
 
-async def test_a_read_is_answered_before_its_cache_write_and_a_failed_write_is_fetched_again(
-    seaweed: SeaweedFS, bucket: Callable[..., str], tmp_path: Path
-) -> None:
+@pytest.fixture
+def held(seaweed: SeaweedFS, bucket: Callable[..., str], tmp_path: Path) -> Iterator[tuple[Rig, HeldDisk]]:
+    """A rig whose cache writes wait for the test (and then fail, until told otherwise)."""
     rig = Rig(seaweed.endpoint_url, bucket(), tmp_path, disk=HeldDisk)
-    disk = rig.disk
-    assert isinstance(disk, HeldDisk)
+    assert isinstance(rig.disk, HeldDisk)
     try:
-        body = random.Random(1).randbytes(110 * KiB)
-        obj = rig.put("sample.jpg", body)
-        with trio.fail_after(10):  # the cache write is held: only an answer before it can return
-            assert await rig.hydrator.read(obj, 0, obj.size) == body
-        assert disk.writes <= 1 and not disk.release.is_set()
-        # Meanwhile the bytes are served from what the loop kept, without another GET.
-        before = gets(rig)
-        assert await rig.hydrator.read(obj, 0, 4 * KiB) == body[: 4 * KiB]
-        assert gets(rig) == before
-
-        disk.release.set()  # the write now fails, as on a full disk
-        with trio.fail_after(10):
-            while rig.hydrator.stats.cache_store_failed == 0:
-                await trio.sleep(0.01)
-        assert rig.hydrator.engine_status()["cold_objects_written"] >= 1
-        assert disk.get(rig.hydrator.chunk_key(obj, 0)) is None, "a refused write left a block"
-        # Later reads are still right: the kept bytes were dropped, so the object is fetched again.
-        assert await rig.hydrator.read(obj, 0, obj.size) == body
-        assert gets(rig) == before + 1
-
-        disk.fail = False  # room again: the next fetch is stored and then served from the disk
-        other = rig.put("other.jpg", body[::-1])
-        assert await rig.hydrator.read(other, 0, other.size) == body[::-1]
-        with trio.fail_after(10):
-            while disk.get(rig.hydrator.chunk_key(other, 0)) is None:
-                await trio.sleep(0.01)
-        assert disk.get(rig.hydrator.chunk_key(other, 0)) == body[::-1]
+        yield rig, rig.disk
     finally:
-        disk.release.set()
+        rig.disk.release.set()
         rig.close()
+
+
+async def test_a_read_is_answered_before_its_cache_write_and_a_failed_write_is_fetched_again(
+    held: tuple[Rig, HeldDisk],
+) -> None:
+    rig, disk = held
+    body = random.Random(1).randbytes(110 * KiB)
+    obj = rig.put("sample.jpg", body)
+    with trio.fail_after(10):  # the cache write is held: only an answer before it can return
+        assert await rig.hydrator.read(obj, 0, obj.size) == body
+    assert disk.writes <= 1 and not disk.release.is_set()
+    # Meanwhile the bytes are served from what the loop kept, without another GET.
+    before = gets(rig)
+    assert await rig.hydrator.read(obj, 0, 4 * KiB) == body[: 4 * KiB]
+    assert gets(rig) == before
+
+    disk.release.set()  # the write now fails, as on a full disk
+    with trio.fail_after(10):
+        while rig.hydrator.stats.cache_store_failed == 0:
+            await trio.sleep(0.01)
+    assert rig.hydrator.engine_status()["cold_objects_written"] >= 1
+    assert disk.get(rig.hydrator.chunk_key(obj, 0)) is None, "a refused write left a block"
+    # Later reads are still right: the kept bytes were dropped, so the object is fetched again.
+    assert await rig.hydrator.read(obj, 0, obj.size) == body
+    assert gets(rig) == before + 1
+
+    disk.fail = False  # room again: the next fetch is stored and then served from the disk
+    other = rig.put("other.jpg", body[::-1])
+    assert await rig.hydrator.read(other, 0, other.size) == body[::-1]
+    with trio.fail_after(10):
+        while disk.get(rig.hydrator.chunk_key(other, 0)) is None:
+            await trio.sleep(0.01)
+    assert disk.get(rig.hydrator.chunk_key(other, 0)) == body[::-1]
 
 
 async def test_a_prefetch_waits_for_the_cache_write_and_reports_a_full_disk(
-    seaweed: SeaweedFS, bucket: Callable[..., str], tmp_path: Path
+    held: tuple[Rig, HeldDisk],
 ) -> None:
     """``tierfs prefetch`` promises residency: it waits for the writer and fails if nothing stayed."""
-    rig = Rig(seaweed.endpoint_url, bucket(), tmp_path, disk=HeldDisk)
-    disk = rig.disk
-    assert isinstance(disk, HeldDisk)
-    try:
-        obj = rig.put("a", b"x" * (300 * KiB))
-        disk.release.set()
-        with pytest.raises(OSError) as caught:
-            await rig.hydrator.hydrate(obj)
-        assert caught.value.errno == errno.ENOSPC
-        disk.fail = False
+    rig, disk = held
+    obj = rig.put("a", b"x" * (300 * KiB))
+    disk.release.set()
+    with pytest.raises(OSError) as caught:
         await rig.hydrator.hydrate(obj)
-        assert disk.get(ChunkKey(rig.bucket, obj.key, obj.etag, 0)) == b"x" * (300 * KiB)
-    finally:
-        disk.release.set()
-        rig.close()
+    assert caught.value.errno == errno.ENOSPC
+    disk.fail = False
+    await rig.hydrator.hydrate(obj)
+    assert disk.get(ChunkKey(rig.bucket, obj.key, obj.etag, 0)) == b"x" * (300 * KiB)
 
 
 # --------------------------------------------------------------------------- many in flight

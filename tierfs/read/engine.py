@@ -22,6 +22,7 @@ cancelled.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -33,7 +34,7 @@ import trio
 from ..cache.chunkkey import ChunkKey
 from ..cache.stack import Tiers
 from ..errors import StoreError, Unavailable
-from ..store.objectstore import CRT_MAX_GET, MIN_ATTEMPT, GetResult, ObjectInfo, backoff
+from ..store.objectstore import CRT_MAX_GET, GetResult, ObjectInfo, retry_pause
 
 log = logging.getLogger(__name__)
 
@@ -116,41 +117,28 @@ class ColdGets:
         in flight once it holds a slot."""
         async with self.limiter:
             with gauge if gauge is not None else contextlib.nullcontext():
-                return await self._get(key, start, length, if_match, object_size, accept)
-
-    async def _get(
-        self,
-        key: str,
-        start: int,
-        length: int,
-        if_match: str | None,
-        object_size: int | None,
-        accept: Callable[[GetResult], Accepted[T]],
-    ) -> T:
-        deadline = trio.current_time() + self.timeout
-        tries = 0
-        while True:
-            tries += 1
-            try:
-                return await self._attempt(key, start, length, if_match, object_size, accept, deadline)
-            except Unavailable as exc:
-                pause = backoff(tries)
-                if tries > self.retries or trio.current_time() + pause > deadline - MIN_ATTEMPT:
-                    if tries > 1:
-                        raise type(exc)(f"{exc} (after {tries} attempts)") from exc
-                    raise
-                await trio.sleep(pause)
+                send = functools.partial(
+                    self.store.start_get, key, start, length, if_match, object_size=object_size
+                )
+                deadline = trio.current_time() + self.timeout
+                tries = 0
+                while True:
+                    tries += 1
+                    try:
+                        return await self._attempt(key, send, accept, deadline)
+                    except Unavailable as exc:
+                        await trio.sleep(
+                            retry_pause(exc, tries, self.retries, deadline - trio.current_time())
+                        )
 
     async def _attempt(
         self,
         key: str,
-        start: int,
-        length: int,
-        if_match: str | None,
-        object_size: int | None,
+        send: Callable[..., Callable[[], None] | None],
         accept: Callable[[GetResult], Accepted[T]],
         deadline: float,
     ) -> T:
+        """One attempt: ``send(on_done=...)`` starts the GET; its answer is awaited until ``deadline``."""
         token = trio.lowlevel.current_trio_token()
         attempt: _Attempt[T] = _Attempt()
 
@@ -171,9 +159,9 @@ class ColdGets:
             if then is not None:
                 then()
 
-        cancel = self.store.start_get(key, start, length, if_match, object_size=object_size, on_done=finished)
+        cancel = send(on_done=finished)
         if cancel is None:  # not a GET for the CRT after all (see usable)
-            raise Unavailable(f"GET {key}: {length} bytes cannot be fetched without a thread")
+            raise Unavailable(f"GET {key}: this GET cannot be sent without a thread")
         try:
             with trio.move_on_at(deadline):
                 await attempt.done.wait()

@@ -340,6 +340,19 @@ def backoff(attempt: int) -> float:
     return random.uniform(0.0, min(2.0, 0.1 * 2 ** (attempt - 1)))
 
 
+def retry_pause(error: Unavailable, tries: int, retries: int, left: float) -> float:
+    """The time rule's answer after attempt ``tries`` failed with ``error`` and ``left`` seconds of
+    the call's budget remain: the back-off before the next attempt, or raise the error (naming
+    the attempts) when no retry is allowed or none could start with MIN_ATTEMPT left. One policy
+    for the blocking store and the loop-side cold engine (tierfs/read/engine.py)."""
+    pause = backoff(tries)
+    if tries > retries or pause > left - MIN_ATTEMPT:
+        if tries > 1:
+            raise type(error)(f"{error} (after {tries} attempts)") from error
+        raise error
+    return pause
+
+
 class S3ObjectStore:
     """:class:`ObjectStore` over boto3 (and awscrt for small GETs).
 
@@ -443,12 +456,7 @@ class S3ObjectStore:
                 try:
                     return attempt(deadline - time.monotonic())
                 except Unavailable as exc:
-                    pause = backoff(tries)
-                    if tries > self.retries or time.monotonic() + pause > deadline - MIN_ATTEMPT:
-                        if tries > 1:
-                            raise type(exc)(f"{exc} (after {tries} attempts)") from exc
-                        raise
-                    time.sleep(pause)
+                    time.sleep(retry_pause(exc, tries, self.retries, deadline - time.monotonic()))
         finally:
             if self._observe is not None:
                 self._observe(op, time.monotonic() - started)
