@@ -27,6 +27,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import trio
@@ -176,6 +177,22 @@ class ColdGets:
         return value  # type: ignore[return-value]
 
 
+@dataclass(eq=False)
+class WriteJob:
+    """The blocks of one GET for the cache writer, what the GET taught about the object (``learn``:
+    ino and ObjectInfo, or None), and what the loop (``token``) runs once they are stored."""
+
+    items: Blocks
+    fill_shared: Blocks
+    learn: tuple[int, ObjectInfo] | None
+    on_stored: Callable[[str | None], None]
+    token: trio.lowlevel.TrioToken
+    size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.size = sum(len(b) for _, b in self.items)
+
+
 class CacheWriter:
     """One thread that stores fetched blocks after their readers were answered, in batches.
 
@@ -191,30 +208,23 @@ class CacheWriter:
         self.tiers = tiers
         self._learn = learn
         self._pending_max = pending_max
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[WriteJob | None] = queue.SimpleQueue()
         self._room = threading.Condition()
         self._pending = 0
         self._thread: threading.Thread | None = None
         self.batches = 0  # cache writes made (each one index transaction)
         self.objects = 0  # submissions stored or refused
 
-    def submit(
-        self,
-        items: Blocks,
-        fill_shared: Blocks,
-        learn: tuple[int, ObjectInfo] | None,
-        on_stored: Callable[[str | None], None],
-        token: trio.lowlevel.TrioToken,
-    ) -> None:
-        """Queue blocks for the cache (any thread). ``on_stored(error or None)`` runs on the loop."""
-        size = sum(len(b) for _, b in items)
+    def submit(self, job: WriteJob) -> None:
+        """Queue a job for the cache (any thread). Its ``on_stored(error or None)`` runs on the loop."""
+        size = job.size
         with self._room:
             self._room.wait_for(lambda: self._pending == 0 or self._pending + size <= self._pending_max, 60)
             self._pending += size
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="tierfs-cache-writer", daemon=True)
                 self._thread.start()
-        self._queue.put(_Job(items, fill_shared, learn, on_stored, token, size))
+        self._queue.put(job)
 
     def close(self, timeout: float = 30.0) -> None:
         """Store what is queued, then stop the thread (before the tiers close)."""
@@ -243,7 +253,7 @@ class CacheWriter:
             if stop:
                 return
 
-    def _store(self, jobs: list[_Job]) -> None:
+    def _store(self, jobs: list[WriteJob]) -> None:
         try:
             error = self.tiers.store_fetched(
                 [item for job in jobs for item in job.items],
@@ -274,23 +284,3 @@ class CacheWriter:
 def _call_all(callbacks: list[Callable[[str | None], None]], error: str | None) -> None:
     for callback in callbacks:
         callback(error)
-
-
-class _Job:
-    __slots__ = ("fill_shared", "items", "learn", "on_stored", "size", "token")
-
-    def __init__(
-        self,
-        items: Blocks,
-        fill_shared: Blocks,
-        learn: tuple[int, ObjectInfo] | None,
-        on_stored: Callable[[str | None], None],
-        token: trio.lowlevel.TrioToken,
-        size: int,
-    ) -> None:
-        self.items = items
-        self.fill_shared = fill_shared
-        self.learn = learn
-        self.on_stored = on_stored
-        self.token = token
-        self.size = size

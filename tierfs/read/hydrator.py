@@ -48,7 +48,7 @@ from ..cache.chunkkey import ChunkKey
 from ..cache.stack import Tiers
 from ..errors import IntegrityError, StoreError, Unavailable
 from ..store.objectstore import GetResult, ObjectInfo, ObjectStore
-from .engine import Accepted, CacheWriter, ColdGets, GetGauge
+from .engine import Accepted, CacheWriter, ColdGets, GetGauge, WriteJob
 
 log = logging.getLogger(__name__)
 
@@ -681,7 +681,7 @@ class Hydrator:
             learn = (obj.ino, result.info) if result.info.metadata else None
 
             def then() -> None:
-                writer.submit(items, [], learn, stored, token)
+                writer.submit(WriteJob(items, [], learn, stored, token))
 
             return blocks, then
 
