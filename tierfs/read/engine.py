@@ -164,11 +164,13 @@ class ColdGets:
         if cancel is None:  # not a GET for the CRT after all (see usable)
             raise Unavailable(f"GET {key}: this GET cannot be sent without a thread")
         try:
-            with trio.move_on_at(deadline):
+            # Shielded like the worker thread it replaces: a GET that other readers of its blocks
+            # wait on runs to its answer or its deadline even if the task that sent it is cancelled.
+            with trio.CancelScope(deadline=deadline, shield=True):
                 await attempt.done.wait()
         finally:
             if not attempt.done.is_set():
-                cancel()  # cancelled or out of time: the CRT drops the request
+                cancel()  # out of time (or the loop is going away): the CRT drops the request
         if not attempt.done.is_set():
             raise Unavailable(f"GET {key}: no complete answer within {self.timeout:g} s")
         value = attempt.value

@@ -28,7 +28,10 @@ Invariants:
 - Sequential readers are detected per inode; the read-ahead window starts at one
   aligned segment (``max_run`` blocks) and doubles per hit up to ``max_window_blocks``;
   it is fetched in whole segments by background tasks, bounded by the S3 limiter.
-- Nothing here blocks the trio loop: S3 and disk I/O run in worker threads.
+- Nothing here blocks the trio loop: S3 and disk I/O run in worker threads, except the GETs of
+  the cold engine (``read/engine.py``, docs/coldpath.md): a run the CRT takes is sent from the
+  loop with no thread waiting on it, answered before its cache write, and stored by the
+  engine's cache-writer thread; its blocks stay in ``_unstored`` until that write lands.
 """
 
 from __future__ import annotations
