@@ -11,8 +11,12 @@ STAMP := $(VENV)/.tierfs-installed
 # System packages: FUSE 3 for mounting, libfuse3-dev + pkg-config + a compiler and
 # Python headers to build pyfuse3 (no wheel exists), python3-venv for `python3 -m venv`.
 SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
-# Only the benchmark compares against these.
+# Only the benchmark compares against these. awscli (the copy-first baseline) comes from Debian,
+# outside the venv, so its botocore never moves the one tierfs runs on; a release without it
+# still benchmarks (copy-first then copies with boto3, and the report says so).
 BENCH_PACKAGES := s3fs rclone
+BENCH_OPTIONAL_PACKAGES := awscli
+BENCH_STAMP := $(VENV)/.tierfs-bench-installed
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
@@ -39,8 +43,14 @@ all: test
 deps:
 	$(call apt_install,$(SYSTEM_PACKAGES))
 
-bench-deps:
+# The peers from Debian, and the venv's `bench` extra (s3torchconnector beside the pinned CPU torch).
+bench-deps: deps $(BENCH_STAMP)
 	$(call apt_install,$(BENCH_PACKAGES))
+	-$(call apt_install,$(BENCH_OPTIONAL_PACKAGES))
+
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(PY) -m pip install -e '.[dev,torch,bench]'
+	touch $@
 
 venv .venv: $(STAMP)
 

@@ -30,15 +30,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote, urlsplit
-
-from awscrt import auth, io, s3
-from awscrt.http import HttpHeaders, HttpRequest
 
 from tierfs.units import parse_size
 from tools.bench import Mounted, TierfsSystem
@@ -57,59 +51,11 @@ from tools.bench_workloads import (
     read_small,
     seed,
 )
+from tools.crt_baseline import crt_small
 from tools.servers import ACCESS_KEY, REGION, SECRET_KEY, SeaweedFS, child_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "tierfs-bench-cold"
-
-
-def crt_small(endpoint_url: str, bucket: str, keys: Sequence[str], inflight: int = 16) -> Measure:
-    """GET every key with the CRT's S3 client, ``inflight`` requests at a time. Unit: files/s."""
-    url = urlsplit(endpoint_url)
-    elg = io.EventLoopGroup(2)
-    bootstrap = io.ClientBootstrap(elg, io.DefaultHostResolver(io.EventLoopGroup(1)))
-    credentials = auth.AwsCredentialsProvider.new_static(ACCESS_KEY, SECRET_KEY)
-    client = s3.S3Client(
-        bootstrap=bootstrap,
-        region=REGION,
-        tls_mode=s3.S3RequestTlsMode.DISABLED,
-        signing_config=s3.create_default_s3_signing_config(region=REGION, credential_provider=credentials),
-    )
-    slots = threading.Semaphore(inflight)
-    lock = threading.Lock()
-    received = [0]
-    errors: list[str] = []
-
-    def get(key: str) -> None:
-        def on_body(chunk: bytes, offset: int, **_: Any) -> None:
-            with lock:
-                received[0] += len(chunk)
-
-        def on_done(error: BaseException | None = None, status_code: int | None = None, **_: Any) -> None:
-            if error is not None or status_code != 200:
-                with lock:
-                    errors.append(f"{key}: {status_code} {error}")
-            slots.release()
-
-        headers = HttpHeaders([("host", url.netloc)])
-        client.make_request(
-            type=s3.S3RequestType.DEFAULT,
-            operation_name="GetObject",
-            request=HttpRequest("GET", f"/{bucket}/{quote(key, safe='/~')}", headers),
-            on_body=on_body,
-            on_done=on_done,
-        )
-
-    start = time.perf_counter()
-    for key in keys:
-        slots.acquire()
-        get(key)
-    for _ in range(inflight):  # every request has finished once all slots are back
-        slots.acquire()
-    seconds = time.perf_counter() - start
-    if errors:
-        raise RuntimeError(f"{len(errors)} CRT GETs failed, e.g. {errors[0]}")
-    return rate(len(keys), received[0], seconds, "files/s", False)
 
 
 def aws_cp(endpoint_url: str, bucket: str, prefix: str, dest: Path, files: int) -> Measure | None:

@@ -16,14 +16,14 @@ import concurrent.futures
 import contextlib
 import io
 import json
-import multiprocessing
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +32,7 @@ import boto3
 import boto3.s3.transfer
 import botocore.config
 
-from tools.servers import ACCESS_KEY, REGION, SECRET_KEY
+from tools.servers import ACCESS_KEY, REGION, SECRET_KEY, child_env
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -55,6 +55,7 @@ class Dataset:
     small_size: int
     shards: int
     shard_size: int
+    model_size: int = 0  # 0: no model file (the cold model-load row is not run)
 
     def small_keys(self) -> list[str]:
         """``small/nCCC/img_IIIIII.JPEG``, spread round-robin over the class folders."""
@@ -62,6 +63,10 @@ class Dataset:
 
     def shard_keys(self) -> list[str]:
         return [f"shards/shard-{i:03d}.tar" for i in range(self.shards)]
+
+    def model_keys(self) -> list[str]:
+        """The one large model file of the cold model-load row, if the dataset has one."""
+        return ["model/model-00001.safetensors"] if self.model_size else []
 
     @property
     def small_bytes(self) -> int:
@@ -139,9 +144,10 @@ def seed(client: S3Client, bucket: str, dataset: Dataset, threads: int = 16) -> 
         ]
         for future in futures:
             future.result()
-    for key in dataset.shard_keys():
+    large = [(key, dataset.shard_size) for key in dataset.shard_keys()]
+    for key, size in [*large, *((key, dataset.model_size) for key in dataset.model_keys())]:
         client.upload_fileobj(
-            io.BufferedReader(RandomStream(dataset.shard_size), buffer_size=MiB),
+            io.BufferedReader(RandomStream(size), buffer_size=MiB),
             bucket,
             key,
             Config=_transfer_config(threads),
@@ -166,6 +172,42 @@ def download(client: S3Client, bucket: str, dataset: Dataset, dest: Path, thread
         (dest / key).parent.mkdir(parents=True, exist_ok=True)
         client.download_file(bucket, key, str(dest / key), Config=_transfer_config(threads))
     os.sync()  # the data is only "downloaded" once it is on disk, not just in dirty pages
+    return time.perf_counter() - start
+
+
+# Debian's awscli (`make bench-deps`) first: an `aws` earlier on PATH may be any version, or a shim.
+AWS_CLI_PATHS = ("/usr/bin/aws",)
+
+
+def aws_cli() -> str | None:
+    """The ``aws`` command the copy-first baseline uses, or None when awscli is not installed."""
+    found = next((p for p in AWS_CLI_PATHS if os.access(p, os.X_OK)), None)
+    return found or shutil.which("aws")
+
+
+def aws_copy(aws: str, endpoint_url: str, bucket: str, prefixes: Sequence[str], dest: Path) -> float:
+    """``aws s3 cp --recursive`` of the objects under ``prefixes`` to ``dest``: the copy-first baseline.
+
+    One command for all prefixes (``--exclude "*"`` then an ``--include`` each), with awscli's
+    default concurrency, as a user would type it; the host's AWS config and credentials files
+    are hidden so only the loopback gateway's dummy keys apply. Returns seconds, synced to disk.
+    """
+    env = child_env()  # dummy keys, no AWS_CA_BUNDLE (some tools choke on a proxy's bundle)
+    env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = str(dest / ".no-aws-config")
+    filters = ["--exclude", "*", *(arg for p in prefixes for arg in ("--include", f"{p}/*"))]
+    command = [aws, "--endpoint-url", endpoint_url, "s3", "cp", "--recursive", "--only-show-errors"]
+    dest.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = subprocess.run(
+        [*command, *filters, f"s3://{bucket}/", str(dest)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"aws s3 cp failed ({result.returncode}): {result.stderr.strip()[-500:]}")
+    os.sync()  # the data is only "copied" once it is on disk, not just in dirty pages
     return time.perf_counter() - start
 
 
@@ -372,41 +414,6 @@ def random_pread(
         for fd in fds:
             os.close(fd)
     return rate(per_thread * threads, nbytes, elapsed, "preads/s", dropped)
-
-
-def _read_batch(paths: list[str]) -> int:
-    """A DataLoader worker's job: read each sample of one batch whole (runs in a worker process)."""
-    return sum(read_whole(path) for path in paths)
-
-
-def _noop(_: int) -> int:
-    return 0
-
-
-@contextlib.contextmanager
-def loader_pool(workers: int) -> Iterator[Any]:
-    """Worker processes started (and imported) before timing, like a DataLoader's persistent workers.
-
-    ``spawn`` rather than ``fork``: the benchmark process holds boto3 thread pools and
-    sockets that a forked child must not inherit.
-    """
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers) as pool:
-        pool.map(_noop, range(workers * 4))
-        yield pool
-
-
-def loader_pass(
-    root: Path, keys: Sequence[str], workers: int, dropped: bool, batch_size: int = 32, seed: int = 1
-) -> Measure:
-    """A PyTorch-DataLoader-style epoch: shuffled samples, batches spread over ``workers`` processes."""
-    order = [str(root / key) for key in shuffled(keys, seed)]
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    with loader_pool(workers) as pool:
-        start = time.perf_counter()
-        nbytes = sum(pool.imap_unordered(_read_batch, batches, chunksize=1))
-        elapsed = time.perf_counter() - start
-    return rate(len(order), nbytes, elapsed, "files/s", dropped)
 
 
 def epoch_one(
