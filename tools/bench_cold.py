@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from tierfs.units import parse_size
 from tools.bench import Mounted, TierfsSystem
