@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import errno
-import functools
 import hashlib
 import os
 import random
@@ -30,7 +29,7 @@ import pytest
 import trio
 from mounting import Mounter
 from test_chunkcache import Harness
-from test_read_faults import check_reads, fill, listing, put_objects, small_disk  # noqa: F401
+from test_read_faults import Workers, check_reads, fill, listing, put_objects, small_disk  # noqa: F401
 
 from tierfs.cache.chunkcache import ChunkCache
 from tierfs.cache.chunkkey import ChunkKey
@@ -68,7 +67,7 @@ class HeldDisk(ChunkCache):
         super().put_many(items, protect=protect)
 
 
-class Rig:
+class Rig(Workers):
     """A hydrator with the cold engine over a real S3 server, without FUSE."""
 
     def __init__(
@@ -96,12 +95,6 @@ class Rig:
                 self.store, limiter=trio.CapacityLimiter(inflight), timeout=timeout, retries=retries
             ),
         )
-
-    async def run_s3(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=self.limiter)
-
-    async def run_io(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await trio.to_thread.run_sync(functools.partial(fn, *args))
 
     def put(self, key: str, body: bytes) -> ObjectVersion:
         etag = self.client.put_object(Bucket=self.bucket, Key=key, Body=body)["ETag"].strip('"')
