@@ -35,7 +35,7 @@ define apt_install
 endef
 
 .PHONY: all deps bench-deps venv .venv lint test demo bench bench-cold bench-rss bench-accel bench-shared \
-	bench-write stress clean \
+	bench-write bench-door stress clean \
 	install uninstall deb install-test deb-test container-test container-deps
 
 all: test
@@ -109,6 +109,11 @@ bench-write: deps $(STAMP)
 # copy, the FUSE mount, the direct reader and s3fs/rclone where installed; cold and warm.
 bench-accel: deps $(STAMP)
 	$(PY) -m tools.bench_accel $(BENCH_ARGS)
+
+# The Python door's start-up (issue 23): fresh processes that import tierfs.reader and do one
+# direct read, median/p90 against the 30 ms target; DataLoader epochs if torch is installed.
+bench-door: deps $(STAMP)
+	$(PY) -m tools.bench_door $(BENCH_ARGS)
 
 # The concurrency stress test of issue 11 at full size: 10 minutes, 16 threads, two busy
 # loops for CPU contention. Override with e.g. STRESS_ARGS='--seconds 60 --delay-faults'.

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tierfs.control.protocol import lookup
+from tierfs.control.registry import lookup
 from tools.servers import (
     child_env,
     force_unmount,

@@ -21,19 +21,20 @@ from tools.servers import MotoS3, s3_client
 
 _ATIME = """
 import sys, lmdb
-from tierfs.cache.index import _RECORD
+from tierfs.cacheformat import CHUNK_RECORD, DB_CHUNKS
 env = lmdb.open(sys.argv[1], readonly=True, max_dbs=32, lock=True)
 with env.begin() as txn:
-    raw = txn.get(bytes.fromhex(sys.argv[2]), db=env.open_db(b"cache.chunks", txn=txn, create=False))
-print(None if raw is None else _RECORD.unpack_from(raw)[0])
+    raw = txn.get(bytes.fromhex(sys.argv[2]), db=env.open_db(DB_CHUNKS, txn=txn, create=False))
+print(None if raw is None else CHUNK_RECORD.unpack_from(raw)[0])
 """
 _SET_META = """
 import sys, lmdb
-env = lmdb.open(sys.argv[1], max_dbs=32, map_size=1 << 38)
-db = env.open_db(b"cache.meta")
+from tierfs.cacheformat import CACHE_META_FORMAT, DB_CACHE_META, MAP_SIZE
+env = lmdb.open(sys.argv[1], max_dbs=32, map_size=MAP_SIZE)
+db = env.open_db(DB_CACHE_META)
 with env.begin(write=True, db=db) as txn:
-    old = txn.get(b"format")
-    txn.put(b"format", bytes.fromhex(sys.argv[2]))
+    old = txn.get(CACHE_META_FORMAT)
+    txn.put(CACHE_META_FORMAT, bytes.fromhex(sys.argv[2]))
 print(old.hex())
 """
 

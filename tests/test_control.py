@@ -19,20 +19,18 @@ from typing import Any
 import pytest
 import trio
 
-from tierfs.control import protocol
+from tierfs.control import client as control_client
+from tierfs.control import registry
+from tierfs.control.client import ControlClient
 from tierfs.control.progress import ProgressBar, RateMeter, format_eta, format_rate, render_bar, render_line
-from tierfs.control.protocol import (
-    ControlClient,
+from tierfs.control.protocol import ControlServer, Handler, ProgressCallback, peer_allowed
+from tierfs.control.registry import (
     ControlError,
-    ControlServer,
     ControlTimeout,
     ControlUnavailable,
-    Handler,
-    ProgressCallback,
-    find_mount,
     lookup,
+    mount_holding,
     normalize_mountpoint,
-    peer_allowed,
     register,
     registry_paths,
     unregister,
@@ -46,7 +44,7 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid
 @pytest.fixture(autouse=True)
 def registry_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     directory = tmp_path / "registry"
-    monkeypatch.setenv(protocol.RUNTIME_DIR_ENV, str(directory))
+    monkeypatch.setenv(registry.RUNTIME_DIR_ENV, str(directory))
     return directory
 
 
@@ -216,7 +214,8 @@ def shared_dir() -> Iterator[Path]:
 
 CLIENT_SCRIPT = """
 import sys
-from tierfs.control.protocol import ControlClient, ControlError
+from tierfs.control.client import ControlClient
+from tierfs.control.registry import ControlError
 try:
     print("OK", ControlClient(sys.argv[1]).call("status", {}, timeout=30)["state"])
 except ControlError as exc:
@@ -314,36 +313,36 @@ def test_normalize_resolves_the_parent_but_never_the_mountpoint(tmp_path: Path) 
     assert normalize_mountpoint("/") == "/"
 
 
-def test_find_mount_walks_up_without_entering_the_mount(tmp_path: Path) -> None:
+def test_mount_holding_walks_up_without_entering_the_mount(tmp_path: Path) -> None:
     real = tmp_path / "real"
     mnt = real / "mnt"
     mnt.mkdir(parents=True)
     (tmp_path / "alias").symlink_to(real)
     register(mnt, source="s3://bkt/", cache_dir="/c", uid=0)
-    # Nothing below mnt exists on disk: find_mount must not need it to.
-    record, rel = find_mount(tmp_path / "alias" / "mnt" / "a" / "./b//c.txt")
+    # Nothing below mnt exists on disk: mount_holding must not need it to.
+    record, rel = mount_holding(tmp_path / "alias" / "mnt" / "a" / "./b//c.txt")
     assert record["mountpoint"] == str(mnt.resolve())
     assert rel == "a/b/c.txt"
-    assert find_mount(mnt)[1] == "."
-    assert find_mount(f"{mnt}/x/../y")[1] == "y"
+    assert mount_holding(mnt)[1] == "."
+    assert mount_holding(f"{mnt}/x/../y")[1] == "y"
     with pytest.raises(ControlUnavailable, match="no tierfs mount at"):
-        find_mount(f"{mnt}/../elsewhere")
+        mount_holding(f"{mnt}/../elsewhere")
     with pytest.raises(ControlUnavailable):
-        find_mount(tmp_path / "unrelated")
+        mount_holding(tmp_path / "unrelated")
 
 
-def test_find_mount_relative_to_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mount_holding_relative_to_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     register(mnt, source="s3://bkt/", cache_dir="/c", uid=0)
     monkeypatch.chdir(tmp_path)
-    assert find_mount("mnt/dir/f")[1] == "dir/f"
+    assert mount_holding("mnt/dir/f")[1] == "dir/f"
 
 
 def test_symlink_loop_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     with pytest.raises(ControlError, match="too many levels"):
-        find_mount(tmp_path / "loop" / "x")
+        mount_holding(tmp_path / "loop" / "x")
 
 
 async def test_cli_commands_reach_a_registered_daemon(tmp_path: Path, registry_dir: Path) -> None:
@@ -515,7 +514,7 @@ async def test_a_promised_deadline_bounds_the_wait_and_is_not_shown(
 ) -> None:
     """A daemon whose operation runs past the deadline it stated, while it keeps sending progress,
     cannot keep the client waiting: the client gives up DEADLINE_GRACE after the deadline."""
-    monkeypatch.setattr(protocol, "DEADLINE_GRACE", 0.5)
+    monkeypatch.setattr(control_client, "DEADLINE_GRACE", 0.5)
 
     async def stuck(args: dict[str, Any], progress: ProgressCallback) -> Any:
         await progress({"deadline": 0.5})
@@ -604,7 +603,7 @@ async def test_cli_returns_from_a_stuck_flush_naming_the_failing_files(tmp_path:
     assert flushed.returncode == 1
     assert "tierfs: error: flush failed: w/f1: Unavailable: 503 SlowDown" in flushed.stderr.splitlines()
     assert "did not finish flush by its deadline" in flushed.stderr
-    assert flush_seconds < 1 + protocol.DEADLINE_GRACE + 20  # generous: a subprocess on a busy machine
+    assert flush_seconds < 1 + control_client.DEADLINE_GRACE + 20  # generous: a subprocess on a busy machine
     assert unmounted.returncode == 1
     assert "tierfs: error: flush failed: w/f1: Unavailable: 503 SlowDown" in unmounted.stderr.splitlines()
     assert "not unmounting" in unmounted.stderr

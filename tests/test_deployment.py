@@ -41,7 +41,7 @@ import pytest
 import yaml
 from mounting import REPO_ROOT, Mount, Mounter
 
-from tierfs.control.protocol import lookup
+from tierfs.control.registry import lookup
 from tools.servers import (
     ACCESS_KEY,
     SECRET_KEY,

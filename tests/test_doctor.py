@@ -234,10 +234,12 @@ def test_filesystem_of_unescapes_mount_points(tmp_path: Path) -> None:
     mountinfo.write_text(
         "22 1 8:1 / / rw - ext4 /dev/sda1 rw\n30 22 0:40 / /mnt/my\\040data rw - xfs /dev/nvme0n1 rw\n"
     )
-    assert doctor.filesystem_of(Path("/mnt/my data/x"), mountinfo) == doctor.MountEntry(
+    spaced = doctor.filesystem_of(Path("/mnt/my data/x"), mountinfo)
+    assert spaced is not None and (spaced.mountpoint, spaced.fstype, spaced.source) == (
         "/mnt/my data", "xfs", "/dev/nvme0n1"
     )
-    assert doctor.filesystem_of(Path("/mnt/mydata"), mountinfo) == doctor.MountEntry("/", "ext4", "/dev/sda1")
+    root = doctor.filesystem_of(Path("/mnt/mydata"), mountinfo)
+    assert root is not None and (root.mountpoint, root.fstype, root.source) == ("/", "ext4", "/dev/sda1")
 
 
 # --------------------------------------------------------------------------- S3

@@ -1,4 +1,4 @@
-"""mountinfo parsing and sysfs knob writing against a fake sysfs tree."""
+"""sysfs knob writing against a fake sysfs tree (the mountinfo it reads: tests/test_mountinfo.py)."""
 
 from __future__ import annotations
 
@@ -8,96 +8,10 @@ import os
 from pathlib import Path
 
 import pytest
+from test_mountinfo import MOUNTINFO
 
 from tierfs.fuse import kerneltune
-from tierfs.fuse.kerneltune import MountInfo, abort_connection, find_mount, parse_mountinfo_line, tune
-
-# Real-looking lines: root fs, a tmpfs, an s3fs FUSE mount, a tierfs mount whose path holds
-# a space, a tab and a backslash, a fuseblk mount (block major), and a tmpfs stacked on top
-# of /mnt/stacked after a FUSE mount there.
-MOUNTINFO = "\n".join(
-    [
-        "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw,errors=remount-ro",
-        "25 22 0:23 / /mnt/data rw,nosuid shared:5 master:2 - tmpfs tmpfs rw,size=1024k",
-        "31 22 0:45 / /mnt/s3fs rw,nosuid,nodev,relatime shared:9 - fuse.s3fs s3fs rw,user_id=0,group_id=0",
-        r"40 22 0:52 / /mnt/my\040data\011x\134y rw,nosuid,nodev,relatime shared:12 - fuse.tierfs "
-        r"s3://bucket/pre\040fix rw,user_id=0,group_id=0,allow_other",
-        "41 22 8:17 / /media/usb rw,relatime - fuseblk /dev/sdb1 rw,user_id=0,group_id=0",
-        "50 22 0:60 / /mnt/stacked rw - fuse.tierfs s3://old rw,user_id=0,group_id=0",
-        "51 50 0:61 / /mnt/stacked rw - fuse.tierfs s3://new rw,user_id=0,group_id=0",
-        "52 22 0:62 / /mnt/tmp-on-top rw - fuse.tierfs s3://under rw",
-        "53 52 0:63 / /mnt/tmp-on-top rw - tmpfs tmpfs rw",
-        "this line is garbage",
-        "",
-    ]
-)
-
-
-def test_parse_line_fields() -> None:
-    info = parse_mountinfo_line(MOUNTINFO.splitlines()[1])
-    assert info == MountInfo(
-        mount_id=25,
-        parent_id=22,
-        major=0,
-        minor=23,
-        root="/",
-        mountpoint="/mnt/data",
-        options="rw,nosuid",
-        optional_fields=("shared:5", "master:2"),
-        fstype="tmpfs",
-        source="tmpfs",
-        super_options="rw,size=1024k",
-    )
-
-
-@pytest.mark.parametrize("line", ["", "garbage", "1 2 x:y / /a rw - fuse s rw", "1 2 0:5 / /a rw no-sep"])
-def test_malformed_lines_are_ignored(line: str) -> None:
-    assert parse_mountinfo_line(line) is None
-
-
-def test_find_mount_unescapes_octal_paths() -> None:
-    info = find_mount("/mnt/my data\tx\\y", MOUNTINFO)
-    assert info is not None
-    assert (info.fstype, info.source, info.bdi_name, info.connection) == (
-        "fuse.tierfs",
-        "s3://bucket/pre fix",
-        "0:52",
-        52,
-    )
-    assert "allow_other" in info.super_options
-
-
-def test_find_mount_only_matches_fuse() -> None:
-    assert find_mount("/mnt/data", MOUNTINFO) is None  # tmpfs
-    assert find_mount("/", MOUNTINFO) is None  # ext4
-    assert find_mount("/mnt/nothing", MOUNTINFO) is None
-    s3fs = find_mount("/mnt/s3fs", MOUNTINFO)
-    assert s3fs is not None and s3fs.fstype == "fuse.s3fs"
-
-
-def test_find_mount_normalises_lexically() -> None:
-    info = find_mount("/mnt/./s3fs/", MOUNTINFO)
-    assert info is not None and info.mount_id == 31
-
-
-def test_find_mount_takes_topmost_of_stacked_mounts() -> None:
-    info = find_mount("/mnt/stacked", MOUNTINFO)
-    assert info is not None and info.source == "s3://new"
-    # A non-FUSE mount on top hides nothing from us: the FUSE one below is still reported.
-    under = find_mount("/mnt/tmp-on-top", MOUNTINFO)
-    assert under is not None and under.source == "s3://under"
-
-
-def test_fuseblk_connection_folds_in_major() -> None:
-    info = find_mount("/media/usb", MOUNTINFO)
-    assert info is not None
-    assert info.bdi_name == "8:17"
-    assert info.connection == (8 << 20) | 17
-
-
-def test_find_mount_reads_real_mountinfo_without_fuse_entry(tmp_path: Path) -> None:
-    # tmp_path is certainly not a FUSE mount; this exercises the /proc/self/mountinfo path.
-    assert find_mount(str(tmp_path)) is None
+from tierfs.fuse.kerneltune import abort_connection, tune
 
 
 def _fake_sysfs(root: Path, bdi: str, connection: int, *, with_bdi: bool = True) -> None:

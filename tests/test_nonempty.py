@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mounting import Mounter, run_tierfs
 
-from tierfs.control.protocol import lookup
+from tierfs.control.registry import lookup
 from tools.servers import MotoS3, force_unmount, is_fuse_mounted, s3_client, terminate_pid
 
 pytestmark = pytest.mark.fuse

@@ -8,7 +8,7 @@ mount.fuse3 use, so the two spellings can never drift apart. Long options win ov
 Error contract: every expected failure is one line ``tierfs: error: ...`` on stderr,
 exit 2 for usage/configuration errors and 1 for runtime failures; no tracebacks.
 Commands other than ``mount`` talk to the daemon over the control socket (see
-:mod:`tierfs.control.protocol`) and never stat inside a mount, so they work on a hung mount.
+:mod:`tierfs.control.client`) and never stat inside a mount, so they work on a hung mount.
 """
 
 from __future__ import annotations
@@ -30,15 +30,9 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .config import MountConfig, Source
+from .control.client import ControlClient
 from .control.progress import ProgressBar
-from .control.protocol import (
-    ControlClient,
-    ControlError,
-    ControlTimeout,
-    ControlUnavailable,
-    find_mount,
-    pid_alive,
-)
+from .control.registry import ControlError, ControlTimeout, ControlUnavailable, mount_holding, pid_alive
 from .errors import ConfigError, FlushFailed
 from .units import format_bytes, parse_duration, parse_mode, parse_size, split_addr
 
@@ -430,7 +424,7 @@ def _run_mount(config: MountConfig) -> int:
 
 def _mountpoint_record(path: str) -> dict[str, Any]:
     """The registry record of the mount whose mountpoint is exactly ``path`` (symlinks allowed)."""
-    record, rel = find_mount(path)
+    record, rel = mount_holding(path)
     if rel != ".":
         raise ControlError(
             f"{path} is not a mountpoint (it is inside the tierfs mount at {record['mountpoint']})"
@@ -616,7 +610,7 @@ def _group_by_mount(paths: Sequence[str]) -> list[tuple[dict[str, Any], list[str
     """Group PATH arguments by the mount holding them, keeping the command-line order."""
     groups: dict[str, tuple[dict[str, Any], list[str]]] = {}
     for path in paths:
-        record, rel = find_mount(path)
+        record, rel = mount_holding(path)
         groups.setdefault(str(record["socket"]), (record, []))[1].append(rel)
     return list(groups.values())
 

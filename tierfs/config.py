@@ -19,6 +19,9 @@ MiB = 1 << 20
 MIN_PART_SIZE = 5 * MiB  # S3's smallest part (all but the last)
 MAX_PART_SIZE = 5 * 1024 * MiB  # and its largest
 DEFAULT_CACHE_ROOT = Path("/var/cache/tierfs")
+# flush/umount/SIGTERM give up on transient upload errors after this (--flush-timeout); also what
+# a flush that is given no timeout waits (writeback)
+DEFAULT_FLUSH_TIMEOUT = 600.0
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class MountConfig:
     log_level: str = "INFO"
     log_file: Path | None = None
     writeback_delay: float = 5.0
-    flush_timeout: float = 600.0  # flush/umount/SIGTERM give up on transient upload errors after this
+    flush_timeout: float = DEFAULT_FLUSH_TIMEOUT
     nonempty: bool = False  # mount over a directory that has entries (they are hidden while mounted)
     import_interval: float | None = None
     metrics_addr: str | None = None

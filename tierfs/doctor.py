@@ -41,6 +41,9 @@ from urllib.parse import urlsplit
 
 from . import __version__
 from .config import DEFAULT_CACHE_ROOT, Source
+from .mountinfo import PATH as MOUNTINFO_PATH
+from .mountinfo import MountInfo, mount_containing
+from .mountinfo import read_text as read_mountinfo
 from .units import format_bytes
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
@@ -263,29 +266,9 @@ def check_type_helper(sbin_dirs: tuple[str, ...]) -> Result:
 # --------------------------------------------------------------------------- cache directory
 
 
-@dataclass(frozen=True)
-class MountEntry:
-    target: str
-    fstype: str
-    source: str
-
-
-def _unescape(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-
-
-def filesystem_of(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> MountEntry | None:
+def filesystem_of(path: Path, mountinfo: Path = Path(MOUNTINFO_PATH)) -> MountInfo | None:
     """The mount holding ``path`` (the longest mount point that is a prefix of it)."""
-    best: MountEntry | None = None
-    resolved = str(path.resolve())
-    for line in mountinfo.read_text().splitlines():
-        fields = line.split()
-        dash = fields.index("-")
-        target = _unescape(fields[4])
-        inside = resolved == target or resolved.startswith(target.rstrip("/") + "/")
-        if inside and (best is None or len(target) >= len(best.target)):
-            best = MountEntry(target, fields[dash + 1], _unescape(fields[dash + 2]))
-    return best
+    return mount_containing(str(path.resolve()), read_mountinfo(str(mountinfo)))
 
 
 def nearest_existing(path: Path) -> Path:
@@ -295,7 +278,7 @@ def nearest_existing(path: Path) -> Path:
 
 
 def check_cache_dir(
-    cache_dir: Path, cache_size: int | None, min_free: float, mountinfo: Path = Path("/proc/self/mountinfo")
+    cache_dir: Path, cache_size: int | None, min_free: float, mountinfo: Path = Path(MOUNTINFO_PATH)
 ) -> list[Result]:
     """Where the cache will live: writable, on a local disk, and with room above the free floor."""
     results: list[Result] = []
@@ -320,8 +303,8 @@ def check_cache_dir(
 
     entry = filesystem_of(existing, mountinfo)
     fstype = entry.fstype if entry is not None else "unknown"
-    on = f"{fstype} ({entry.source} on {entry.target})" if entry is not None else "unknown"
-    if fstype == "fuse" or fstype.startswith(("fuse.", "fuseblk")):
+    on = f"{fstype} ({entry.source} on {entry.mountpoint})" if entry is not None else "unknown"
+    if entry is not None and entry.is_fuse:
         results.append(
             Result(
                 "cache filesystem",

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +32,7 @@ import boto3
 import boto3.s3.transfer
 import botocore.config
 
-from tools.servers import ACCESS_KEY, REGION, SECRET_KEY, child_env
+from tools.servers import ACCESS_KEY, REGION, SECRET_KEY, SeaweedFS, child_env
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -526,3 +526,15 @@ def log(message: str) -> None:
     """Progress lines on stderr, so stdout carries only the report."""
     with _print_lock:
         print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def seeded_seaweed(workdir: Path, bucket: str, dataset: Dataset) -> Iterator[SeaweedFS]:
+    """A SeaweedFS gateway under ``workdir`` whose ``bucket`` holds ``dataset``: the set-up of a
+    benchmark that needs no other server. Stopped (by pid) on the way out."""
+    with SeaweedFS(workdir / "seaweed") as server:
+        client = bench_client(server.endpoint_url)
+        client.create_bucket(Bucket=bucket)
+        log(f"seeding {dataset.small_files} files of {dataset.small_size} bytes")
+        seed(client, bucket, dataset)
+        yield server

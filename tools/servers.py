@@ -39,8 +39,9 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 import boto3
 import botocore.config
 
-from tierfs.control.protocol import pid_alive
-from tierfs.fuse.kerneltune import abort_connection, find_mount
+from tierfs.control.registry import pid_alive
+from tierfs.fuse.kerneltune import abort_connection
+from tierfs.mountinfo import fuse_mount_at
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -512,7 +513,7 @@ def is_fuse_mounted(path: Path | str) -> bool:
     Reads /proc/self/mountinfo (through tierfs's own parser) instead of stat()ing the path:
     a stat on a hung FUSE mount would block, which is what cleanup code has to survive.
     """
-    return find_mount(str(path)) is not None
+    return fuse_mount_at(str(path)) is not None
 
 
 def force_unmount(path: Path | str, timeout: float = 10.0) -> None:
@@ -525,7 +526,7 @@ def force_unmount(path: Path | str, timeout: float = 10.0) -> None:
     if not is_fuse_mounted(path):
         return
     _run_bounded(["fusermount3", "-u", str(path)], timeout)
-    mount = find_mount(str(path))
+    mount = fuse_mount_at(str(path))
     if mount is None:
         return
     abort_connection(mount.connection)

@@ -20,15 +20,14 @@ import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import xxhash
-import zstandard
 
+from ..cacheformat import CHUNK_FORMAT_VERSION
 from .chunkkey import ChunkKey
 
 MAGIC = b"TFSC"
-# 2: an xxh3-64 digest per PAGE of logical data replaced the CRC32 of the whole block (version 1).
-FORMAT_VERSION = 2
 PAGE = 64 * 1024  # the unit a partial read fetches and validates
 _DIGEST = struct.Struct("<Q")
 FLAG_ZSTD = 0x01
@@ -80,12 +79,34 @@ class Invalid(Exception):
         self.ident = ident
 
 
+def _zstd() -> Any:
+    """The zstandard module, imported on first use rather than with this module: the direct
+    reader (``tierfs.reader``) imports this module in every fresh DataLoader worker, and a cache
+    written without compression never needs zstd (its import is ~10 % of the reader's)."""
+    import zstandard
+
+    return zstandard
+
+
 class _Codecs(threading.local):
     """zstd (de)compressor objects are not thread-safe: one pair per thread, created on first use."""
 
     def __init__(self, level: int | None) -> None:
-        self.compressor = zstandard.ZstdCompressor(level=level) if level is not None else None
-        self.decompressor = zstandard.ZstdDecompressor()
+        self.level = level
+        self._compressor: Any = None
+        self._decompressor: Any = None
+
+    @property
+    def compressor(self) -> Any:
+        if self._compressor is None and self.level is not None:
+            self._compressor = _zstd().ZstdCompressor(level=self.level)
+        return self._compressor
+
+    @property
+    def decompressor(self) -> Any:
+        if self._decompressor is None:
+            self._decompressor = _zstd().ZstdDecompressor()
+        return self._decompressor
 
 
 
@@ -158,7 +179,7 @@ class BlockReader:
                 raise Invalid("short header", ident)
             fields = _HEADER.unpack_from(head)
             magic, version, flags, _, index, logical, stored, pages, klen, elen, blen = fields
-            if magic != MAGIC or version != FORMAT_VERSION or flags & ~FLAG_ZSTD:
+            if magic != MAGIC or version != CHUNK_FORMAT_VERSION or flags & ~FLAG_ZSTD:
                 raise Invalid("bad magic/version/flags", ident)
             if (index, blen, klen, elen) != (ck.index, len(bucket), len(key), len(etag)):
                 raise Invalid("header names another chunk", ident)
@@ -205,10 +226,10 @@ class BlockReader:
     ) -> bytes:
         try:
             # Checked before decompressing so a corrupt frame header cannot ask for a huge buffer.
-            if zstandard.frame_content_size(payload) != logical:
+            if _zstd().frame_content_size(payload) != logical:
                 raise Invalid("bad zstd content size", ident)
-            data = self._decompressors.decompressor.decompress(payload, max_output_size=logical)
-        except zstandard.ZstdError as exc:
+            data: bytes = self._decompressors.decompressor.decompress(payload, max_output_size=logical)
+        except _zstd().ZstdError as exc:
             raise Invalid(f"zstd: {exc}", ident) from exc
         if len(data) != logical:
             raise Invalid("bad lengths", ident)
@@ -236,7 +257,7 @@ class BlockWriter:
                 payload, flags = packed, FLAG_ZSTD
         header = _HEADER.pack(
             MAGIC,
-            FORMAT_VERSION,
+            CHUNK_FORMAT_VERSION,
             flags,
             0,
             ck.index,

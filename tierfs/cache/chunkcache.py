@@ -37,6 +37,7 @@ from typing import Any
 
 import lmdb
 
+from ..cacheformat import CHUNK_DIR, chunk_path
 from .blockfile import TMP_PREFIX, BlockReader, BlockWriter, Encoded, Invalid, unlink_quiet
 from .chunkkey import ChunkKey, enc, object_id
 from .eviction import HIGH_WATER, DiskSpace, Evictor, Limits, statvfs_space
@@ -92,7 +93,7 @@ class ChunkCache:
         if block_size <= 0:
             raise ValueError("block_size must be positive")
         self._root = Path(root)
-        self._chunk_dir = os.path.join(self._root, "chunks")
+        self._chunk_dir = os.path.join(self._root, CHUNK_DIR)
         self._block_size = block_size
         self._clock = clock
         self._reader = BlockReader(block_size)
@@ -181,8 +182,7 @@ class ChunkCache:
     # ------------------------------------------------------------------ paths and locks
 
     def _path(self, digest: bytes) -> str:
-        name = digest.hex()
-        return f"{self._chunk_dir}/{name[0:2]}/{name}"  # os.path.join's checks cost more, per read
+        return chunk_path(self._chunk_dir, digest)
 
     @staticmethod
     def _make_dir(path: str) -> None:

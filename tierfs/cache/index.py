@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import logging
 import math
-import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -25,21 +24,25 @@ from typing import Any
 
 import lmdb
 
-from .blockfile import FORMAT_VERSION
+from ..cacheformat import (
+    CACHE_META_BLOCK_SIZE,
+    CACHE_META_CLEAN,
+    CACHE_META_FORMAT,
+    CHUNK_RECORD,
+    DB_CACHE_META,
+    DB_CHUNKS,
+    DB_OBJECTS,
+    DB_PINS,
+    OBJECT_VALUE,
+    encode_format_version,
+)
 from .chunkkey import object_id
 
 log = logging.getLogger(__name__)
 
-# Index record (value in cache.chunks): last access time, block index, logical size, bytes on disk
-# (header included), flags, bucket/key/etag lengths; then bucket, key, etag bytes. Fixed fields first so
-# that the eviction scan can unpack them without touching the names.
-_RECORD = struct.Struct("<dQQQBHHH")
-_OBJ_VALUE = struct.Struct("<Q")  # value in cache.objects: block index, followed by the etag bytes
+# The record layouts (CHUNK_RECORD in cache.chunks, OBJECT_VALUE in cache.objects) and the
+# cache.meta keys are tierfs.cacheformat's: the direct reader reads the same records.
 _PENDING_FLUSH_AT = 65536  # bound memory of batched access times even if nobody calls maintenance
-
-_META_BLOCK_SIZE = b"block_size"
-_META_FORMAT = b"format"
-_META_CLEAN = b"clean"
 
 Victims = Sequence[tuple[bytes, float | None]]  # (digest, access time it was chosen at; None: always)
 
@@ -71,7 +74,7 @@ class Record:
 
     def encode(self) -> bytes:
         return (
-            _RECORD.pack(
+            CHUNK_RECORD.pack(
                 self.atime,
                 self.index,
                 self.logical,
@@ -88,8 +91,8 @@ class Record:
 
     @classmethod
     def decode(cls, raw: bytes) -> Record:
-        atime, index, logical, stored, flags, blen, klen, elen = _RECORD.unpack_from(raw)
-        pos = _RECORD.size
+        atime, index, logical, stored, flags, blen, klen, elen = CHUNK_RECORD.unpack_from(raw)
+        pos = CHUNK_RECORD.size
         bucket = raw[pos : pos + blen]
         key = raw[pos + blen : pos + blen + klen]
         etag = raw[pos + blen + klen : pos + blen + klen + elen]
@@ -102,7 +105,7 @@ class Record:
 
 def _raw_object_id(raw: bytes, blen: int, klen: int) -> bytes:
     """Object id straight from an encoded index record, for scans that skip full decoding."""
-    pos = _RECORD.size
+    pos = CHUNK_RECORD.size
     return object_id(raw[pos : pos + blen], raw[pos + blen : pos + blen + klen])
 
 
@@ -122,10 +125,10 @@ class ChunkIndex:
         self._env = env
         self._block_size = block_size
         self._clock = clock
-        self._chunks = env.open_db(b"cache.chunks")  # digest -> Record
-        self._objects = env.open_db(b"cache.objects")  # object_id + digest -> index + etag
-        self._pins = env.open_db(b"cache.pins")  # object_id -> bucket length + bucket + key
-        self._meta = env.open_db(b"cache.meta")  # block size; 'clean' flag while closed cleanly
+        self._chunks = env.open_db(DB_CHUNKS)  # digest -> Record
+        self._objects = env.open_db(DB_OBJECTS)  # object_id + digest -> index + etag
+        self._pins = env.open_db(DB_PINS)  # object_id -> bucket length + bucket + key
+        self._meta = env.open_db(DB_CACHE_META)  # block size; 'clean' flag while closed cleanly
         self.write_lock = threading.Lock()
         self._mem = threading.Lock()
         self._totals = Totals()
@@ -139,13 +142,13 @@ class ChunkIndex:
         format wrote this index, so every row is meaningless (block i names another byte range, or
         every file would fail validation). ``clean``: the last close was clean."""
         with self._env.begin() as txn:
-            stored_bs = txn.get(_META_BLOCK_SIZE, db=self._meta)
-            stored_format = txn.get(_META_FORMAT, db=self._meta)
-            clean = txn.get(_META_CLEAN, db=self._meta) is not None
+            stored_bs = txn.get(CACHE_META_BLOCK_SIZE, db=self._meta)
+            stored_format = txn.get(CACHE_META_FORMAT, db=self._meta)
+            clean = txn.get(CACHE_META_CLEAN, db=self._meta) is not None
             self._pinned = {oid for oid, _ in txn.cursor(db=self._pins)}
         void = stored_bs is not None and (
             int.from_bytes(stored_bs, "little") != self._block_size
-            or stored_format != FORMAT_VERSION.to_bytes(4, "little")
+            or stored_format != encode_format_version()
         )
         return void, clean
 
@@ -163,16 +166,16 @@ class ChunkIndex:
         missing or stray file as a miss, which is all the walk protects."""
         try:
             with self.write_lock, self._env.begin(write=True) as txn:
-                txn.put(_META_BLOCK_SIZE, self._block_size.to_bytes(8, "little"), db=self._meta)
-                txn.put(_META_FORMAT, FORMAT_VERSION.to_bytes(4, "little"), db=self._meta)
-                txn.delete(_META_CLEAN, db=self._meta)
+                txn.put(CACHE_META_BLOCK_SIZE, self._block_size.to_bytes(8, "little"), db=self._meta)
+                txn.put(CACHE_META_FORMAT, encode_format_version(), db=self._meta)
+                txn.delete(CACHE_META_CLEAN, db=self._meta)
         except lmdb.Error as exc:
             log.warning("chunk cache opened read-mostly: cannot update its index (%s)", exc)
 
     def mark_clean(self) -> None:
         try:
             with self.write_lock, self._env.begin(write=True) as txn:
-                txn.put(_META_CLEAN, b"1", db=self._meta)
+                txn.put(CACHE_META_CLEAN, b"1", db=self._meta)
         except lmdb.Error as exc:  # a full disk: the next open treats this close as unclean, which is safe
             log.warning("chunk cache not marked clean: %s", exc)
 
@@ -180,7 +183,7 @@ class ChunkIndex:
         totals = Totals()
         with self._env.begin() as txn:
             for _, raw in txn.cursor(db=self._chunks):
-                _, _, logical, stored, _, blen, klen, _ = _RECORD.unpack_from(raw)
+                _, _, logical, stored, _, blen, klen, _ = CHUNK_RECORD.unpack_from(raw)
                 totals.chunks += 1
                 totals.logical_bytes += logical
                 totals.disk_bytes += stored
@@ -220,7 +223,7 @@ class ChunkIndex:
         for k, v in cursor.iternext():
             if not k.startswith(oid):
                 return
-            yield k[len(oid) :], v[_OBJ_VALUE.size :]
+            yield k[len(oid) :], v[OBJECT_VALUE.size :]
 
     # ------------------------------------------------------------------ rows
 
@@ -241,7 +244,7 @@ class ChunkIndex:
                         delta.disk_bytes -= was.stored
                         delta.pinned_bytes -= was.stored if pinned else 0
                     txn.put(digest, rec.encode(), db=self._chunks)
-                    txn.put(rec.object_id + digest, _OBJ_VALUE.pack(rec.index) + rec.etag, db=self._objects)
+                    txn.put(rec.object_id + digest, OBJECT_VALUE.pack(rec.index) + rec.etag, db=self._objects)
                     delta.chunks += 1
                     delta.logical_bytes += rec.logical
                     delta.disk_bytes += rec.stored
@@ -333,9 +336,9 @@ class ChunkIndex:
                         raw = txn.get(digest)
                         if raw is None:
                             continue  # evicted meanwhile
-                        values = _RECORD.unpack_from(raw)
+                        values = CHUNK_RECORD.unpack_from(raw)
                         if atime > values[0]:
-                            txn.put(digest, _RECORD.pack(atime, *values[1:]) + raw[_RECORD.size :])
+                            txn.put(digest, CHUNK_RECORD.pack(atime, *values[1:]) + raw[CHUNK_RECORD.size :])
             except lmdb.Error as exc:
                 log.warning("dropped %d access times: cannot write the chunk index (%s)", len(pending), exc)
 
@@ -352,7 +355,7 @@ class ChunkIndex:
             for digest, raw in txn.cursor():
                 if digest in protect:
                     continue
-                atime, _, _, stored, _, blen, klen, _ = _RECORD.unpack_from(raw)
+                atime, _, _, stored, _, blen, klen, _ = CHUNK_RECORD.unpack_from(raw)
                 if pinned and _raw_object_id(raw, blen, klen) in pinned:
                     continue
                 out.append((max(atime, pending.get(digest, atime)), digest, stored))

@@ -3,7 +3,7 @@
 Paths arrive relative to the mountpoint and are resolved through the namespace (never
 through the kernel mount, which could be the thing that is hung). Long operations
 report progress at most every 0.25 s. A flush also states its deadline in a progress
-line every few seconds (see :mod:`tierfs.control.protocol`), so the CLI waiting for it knows how
+line every few seconds (see :mod:`tierfs.control.client`), so the CLI waiting for it knows how
 long to wait, and notices a daemon that stopped answering within seconds.
 """
 
@@ -24,7 +24,7 @@ from ..errors import NotFound, StoreError
 from ..meta.namespace import Namespace
 from ..meta.records import ROOT_INO, Inode
 from ..read.hydrator import Hydrator, ObjectVersion
-from . import protocol
+from . import protocol, registry
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,9 @@ class ControlOps:
             "unpin": self.unpin,
             "refresh": self.refresh,
         }
-        _, sock_path = protocol.registry_paths(str(cfg.mountpoint))
+        _, sock_path = registry.registry_paths(str(cfg.mountpoint))
         server = protocol.ControlServer(str(sock_path), handlers, owner_uid=os.getuid())
-        protocol.register(
+        registry.register(
             str(cfg.mountpoint),
             pid=os.getpid(),
             source=str(cfg.source),
@@ -82,7 +82,7 @@ class ControlOps:
         try:
             await server.serve(task_status=task_status)
         finally:
-            protocol.unregister(str(cfg.mountpoint))
+            registry.unregister(str(cfg.mountpoint))
 
     # -- path resolution -------------------------------------------------------------------------------
 

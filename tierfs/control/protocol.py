@@ -1,299 +1,44 @@
-"""The control channel between ``tierfs`` CLI commands and a running mount daemon.
+"""The server side of the control socket: it runs inside the daemon's trio loop.
 
-Why a socket and not ioctls/xattrs on the mount: a mount that is hung (S3 down, a
-stuck request) must still answer ``status`` and ``umount``, and a CLI that touched a
-path inside it would hang with it. So the CLI never stats inside a mount: it finds the
-daemon through a registry of small JSON files keyed by the mountpoint's path, and
-talks JSON lines over an AF_UNIX socket next to it.
+The framing, the errors and the blocking client are :mod:`tierfs.control.client`; where a
+mount's socket is, :mod:`tierfs.control.registry`. Both are trio-free, so that a process
+that only talks to a mount (the CLI, the direct reader) never imports this module or trio.
 
-Registry: ``<dir>/<sha256(mountpoint)[:24]>.json`` holding ``pid``, ``mountpoint``,
-``socket``, ``source``, ``cache_dir`` and ``uid``; the socket is ``<dir>/<hash>.sock``.
-``<dir>`` is ``/run/tierfs/mounts`` for root, else ``$XDG_RUNTIME_DIR/tierfs`` or
-``/tmp/tierfs-<uid>``; ``$TIERFS_RUNTIME_DIR`` overrides all of them (tests, containers).
-The directory is 0700 and owned by its user; the socket is 0600 and owned by the
-mount's owner, and the server also checks SO_PEERCRED (uid 0 or the owner only).
-
-Mountpoint naming: the key is ``abspath`` of the mountpoint with symlinks resolved in
-its *parent* only, because resolving the last component would stat the mount root.
-The mount and the CLI therefore agree as long as they name the same path once the
-parent is resolved; :func:`find_mount` additionally follows symlinks component by
-component from ``/`` and stops at the first registered mountpoint, so paths given
-through a symlinked directory still find their mount.
-
-Protocol, one request per connection: the client sends ``{"op": ..., "args": {...}}``
-and a newline; the server answers any number of ``{"progress": {...}}`` lines, then
-exactly one ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "one line"}``.
-A client that disconnects cancels its operation.
-
-Bounded waits: a progress update may carry ``"deadline": SECONDS``, the server's promise
-that the final reply comes within that many seconds from now (a flush states its
-``--flush-timeout`` plus slack). The client strips it from what it shows and gives up
-:data:`DEADLINE_GRACE` seconds after it, so even a daemon whose operation is stuck while
-its loop still sends progress cannot keep a CLI command waiting for ever. A failed flush
-answers ``{"ok": false, "error": ..., "reason": ..., "failures": {path: last error}}``,
-which the client raises as :class:`tierfs.errors.FlushFailed`, so the CLI can name each
-file that was not uploaded.
+One request per connection (see ``client``). The server admits only root and the mount's
+owner (SO_PEERCRED), drops a client that sends no request within ``REQUEST_TIMEOUT``, runs
+the operation's handler as a trio task, forwards its progress lines, and cancels it when the
+client disconnects. A handler's ``TierfsError`` becomes a one-line error reply; anything
+else is logged and answered as one line too, so the server survives every handler.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import socket
 import stat
 import struct
-import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import trio
 
 from ..errors import FlushFailed, TierfsError
+from .client import encode_message, one_line
+from .registry import ControlError
+
+__all__ = ["ControlError", "ControlServer", "Handler", "ProgressCallback", "peer_allowed", "peer_uid"]
 
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[dict[str, Any]], Awaitable[None]]
 Handler = Callable[[dict[str, Any], ProgressCallback], Awaitable[Any]]
 
-RUNTIME_DIR_ENV = "TIERFS_RUNTIME_DIR"
-SYSTEM_REGISTRY = Path("/run/tierfs/mounts")
 MAX_REQUEST_BYTES = 1 << 20
 REQUEST_TIMEOUT = 30.0  # a connected client that never sends a request is dropped after this
-DEADLINE_GRACE = 5.0  # the client waits this long past a deadline the server promised
-_MAX_SYMLINKS = 40  # Linux's MAXSYMLINKS
 _PEERCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
-
-
-class ControlError(TierfsError):
-    """An error reply from the daemon, or no daemon to talk to. The message is one line for the user."""
-
-
-class ControlUnavailable(ControlError):
-    """No daemon answers (not mounted, daemon dead, socket gone): callers such as umount may go on."""
-
-
-class ControlTimeout(ControlError):
-    """The daemon took the request but did not answer in time (hung, or stuck past its own deadline).
-
-    Unlike ControlUnavailable, the daemon is there and may still hold work (umount must not
-    treat it as gone).
-    """
-
-
-# --------------------------------------------------------------------------- registry
-
-
-def normalize_mountpoint(path: str | os.PathLike[str]) -> str:
-    """``abspath`` with symlinks resolved in the parent directory only (never stats the mount root)."""
-    absolute = os.path.abspath(os.fspath(path))
-    parent, name = os.path.split(absolute)
-    if not name:
-        return absolute
-    return os.path.join(os.path.realpath(parent), name)
-
-
-def _digest(normalized: str) -> str:
-    return hashlib.sha256(normalized.encode("utf-8", "surrogateescape")).hexdigest()[:24]
-
-
-def _candidate_dirs() -> list[Path]:
-    """Registry directories in search order; the first usable one is where a mount registers."""
-    override = os.environ.get(RUNTIME_DIR_ENV)
-    if override:
-        return [Path(override)]
-    dirs = [SYSTEM_REGISTRY]
-    if os.geteuid() != 0:
-        xdg = os.environ.get("XDG_RUNTIME_DIR")
-        if xdg and os.path.isabs(xdg):
-            dirs.append(Path(xdg) / "tierfs")
-        dirs.append(Path(f"/tmp/tierfs-{os.geteuid()}"))
-    return dirs
-
-
-def _ensure_private_dir(path: Path) -> None:
-    """Create ``path`` 0700, and refuse one someone else owns: /tmp is shared, so a pre-created
-    directory could otherwise let another user swap our socket or registry files."""
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o700)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-        raise ControlError(f"refusing to use {path}: not a directory owned by uid {os.geteuid()}")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(path, 0o700)
-
-
-def _writable_registry_dir() -> Path:
-    errors: list[str] = []
-    for candidate in _candidate_dirs():
-        try:
-            _ensure_private_dir(candidate)
-            return candidate
-        except (OSError, ControlError) as exc:
-            errors.append(f"{candidate}: {exc}")
-    raise ControlError("no usable registry directory (" + "; ".join(errors) + ")")
-
-
-def registry_paths(mountpoint: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """``(json_path, sock_path)`` where a mount at ``mountpoint`` registers; creates the directory."""
-    directory = _writable_registry_dir()
-    digest = _digest(normalize_mountpoint(mountpoint))
-    return directory / f"{digest}.json", directory / f"{digest}.sock"
-
-
-def register(
-    mountpoint: str | os.PathLike[str],
-    *,
-    source: str,
-    cache_dir: str | os.PathLike[str],
-    uid: int,
-    pid: int | None = None,
-) -> Path:
-    """Write the registry record of this mount atomically; returns the JSON path."""
-    json_path, sock_path = registry_paths(mountpoint)
-    record = {
-        "pid": os.getpid() if pid is None else pid,
-        "mountpoint": normalize_mountpoint(mountpoint),
-        "socket": str(sock_path),
-        "source": source,
-        "cache_dir": os.fspath(cache_dir),
-        "uid": uid,
-    }
-    tmp = json_path.with_name(f"{json_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
-    os.replace(tmp, json_path)
-    return json_path
-
-
-def unregister(mountpoint: str | os.PathLike[str], pid: int | None = None) -> None:
-    """Remove this mount's record and socket, unless they already belong to another process."""
-    pid = os.getpid() if pid is None else pid
-    digest = _digest(normalize_mountpoint(mountpoint))
-    for directory in _candidate_dirs():
-        json_path = directory / f"{digest}.json"
-        record = _read_record(json_path)
-        if record is None or record.get("pid") != pid:
-            continue
-        for path in (Path(str(record.get("socket", directory / f"{digest}.sock"))), json_path):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-
-
-class _Denied(Exception):
-    """A registry directory exists but this user may not read it (it belongs to root)."""
-
-
-def _read_record(json_path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(json_path.read_text(encoding="utf-8"))
-    except PermissionError:
-        raise _Denied(str(json_path.parent)) from None
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-DENIED_MESSAGE = "permission denied: only root or the mount's owner may control a tierfs mount"
-
-
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs. A zombie (exited, not yet reaped by its parent) is not alive."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _lookup_normalized(normalized: str, denied: list[str] | None = None) -> dict[str, Any] | None:
-    """The live record for ``normalized``; registry dirs we may not read are noted in ``denied``."""
-    digest = _digest(normalized)
-    for directory in _candidate_dirs():
-        try:
-            record = _read_record(directory / f"{digest}.json")
-        except _Denied as exc:
-            if denied is not None:
-                denied.append(str(exc))
-            continue
-        if record is None or record.get("mountpoint") != normalized:
-            continue
-        pid = record.get("pid")
-        if isinstance(pid, int) and pid_alive(pid):
-            return record
-    return None
-
-
-def lookup(mountpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The live registry record of the mount at ``mountpoint``, or None. Never stats inside the mount.
-
-    Raises ControlError (permission denied) when the record may exist in a registry
-    directory this user cannot read, rather than claiming there is no mount.
-    """
-    denied: list[str] = []
-    record = _lookup_normalized(normalize_mountpoint(mountpoint), denied)
-    if record is None and denied:
-        raise ControlError(DENIED_MESSAGE)
-    return record
-
-
-def find_mount(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
-    """Find the mount holding ``path``: ``(record, path relative to the mountpoint)``.
-
-    Resolves symlinks one component at a time from ``/`` and stops at the first
-    registered mountpoint, so nothing inside a mount is ever looked at. The relative
-    part is normalised lexically ('.' for the mount root): symlinks inside the mount
-    are the daemon's business. Raises ControlUnavailable if no mount holds the path.
-    """
-    text = os.fspath(path)
-    if not os.path.isabs(text):
-        text = os.path.join(os.getcwd(), text)
-    pending = deque(text.split("/"))
-    current = "/"
-    links = 0
-    denied: list[str] = []
-    while pending:
-        part = pending.popleft()
-        if part in ("", "."):
-            continue
-        if part == "..":
-            current = os.path.dirname(current)
-            continue
-        candidate = os.path.join(current, part)
-        record = _lookup_normalized(candidate, denied)
-        if record is not None:
-            rest = os.path.normpath("/".join(p for p in pending if p))
-            if rest != ".." and not rest.startswith("../"):
-                return record, rest
-            current = candidate  # the path leaves the mount again: keep walking outside it
-            continue
-        try:
-            target = os.readlink(candidate)
-        except OSError:
-            current = candidate  # not a symlink (or missing): take it literally
-            continue
-        links += 1
-        if links > _MAX_SYMLINKS:
-            raise ControlError(f"too many levels of symbolic links in {os.fspath(path)}")
-        pending.extendleft(reversed(target.split("/")))
-        if target.startswith("/"):
-            current = "/"
-    if denied:
-        raise ControlError(DENIED_MESSAGE)
-    raise ControlUnavailable(f"no tierfs mount at {os.fspath(path)}")
-
-
-# --------------------------------------------------------------------------- server
 
 
 def peer_uid(sock: socket.socket | trio.socket.SocketType) -> int:
@@ -306,14 +51,6 @@ def peer_uid(sock: socket.socket | trio.socket.SocketType) -> int:
 def peer_allowed(uid: int, owner_uid: int) -> bool:
     """Only root and the mount's owner may steer it: flush/evict/prefetch cost money and I/O."""
     return uid in (0, owner_uid)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split()) or "unknown error"
-
-
-def _encode(message: Mapping[str, Any]) -> bytes:
-    return json.dumps(message, default=str, separators=(",", ":")).encode() + b"\n"
 
 
 class _LineReader:
@@ -424,7 +161,7 @@ class ControlServer:
         uid = peer_uid(stream.socket)
         if not peer_allowed(uid, self.owner_uid):
             log.warning("refused control connection from uid %d", uid)
-            await stream.send_all(_encode({"ok": False, "error": "permission denied"}))
+            await stream.send_all(encode_message({"ok": False, "error": "permission denied"}))
             return
         reader = _LineReader(stream)
         try:
@@ -435,15 +172,15 @@ class ControlServer:
             op, args = _parse_request(line)
         except (ControlError, trio.TooSlowError) as exc:
             message = "timed out waiting for the request" if isinstance(exc, trio.TooSlowError) else str(exc)
-            await stream.send_all(_encode({"ok": False, "error": message}))
+            await stream.send_all(encode_message({"ok": False, "error": message}))
             return
         handler = self.handlers.get(op)
         if handler is None:
-            await stream.send_all(_encode({"ok": False, "error": f"unknown operation {op!r}"}))
+            await stream.send_all(encode_message({"ok": False, "error": f"unknown operation {op!r}"}))
             return
         reply = await self._run(op, handler, args, reader)
         if reply is not None:
-            await stream.send_all(_encode(reply))
+            await stream.send_all(encode_message(reply))
 
     async def _run(
         self, op: str, handler: Handler, args: dict[str, Any], reader: _LineReader
@@ -457,7 +194,7 @@ class ControlServer:
             # A failed send means the client left: the watcher sees that and cancels us.
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 async with sending:
-                    await stream.send_all(_encode({"progress": update}))
+                    await stream.send_all(encode_message({"progress": update}))
 
         async def watch_disconnect(scope: trio.CancelScope) -> None:
             try:
@@ -474,119 +211,11 @@ class ControlServer:
                 reply = {"ok": True, "result": await handler(args, progress)}
             except TierfsError as exc:
                 log.warning("control %s failed: %s", op, exc)
-                reply = {"ok": False, "error": _one_line(str(exc))}
+                reply = {"ok": False, "error": one_line(str(exc))}
                 if isinstance(exc, FlushFailed):
                     reply.update(reason=exc.reason, failures=exc.failures)
             except Exception as exc:
                 log.exception("control %s crashed", op)
-                reply = {"ok": False, "error": _one_line(f"{type(exc).__name__}: {exc}")}
+                reply = {"ok": False, "error": one_line(f"{type(exc).__name__}: {exc}")}
             nursery.cancel_scope.cancel()
         return reply
-
-
-# --------------------------------------------------------------------------- client
-
-
-class ControlClient:
-    """Blocking client for CLI commands (plain sockets: the CLI has no event loop)."""
-
-    def __init__(self, sock_path: str | os.PathLike[str], *, mountpoint: str | None = None) -> None:
-        self.sock_path = os.fspath(sock_path)
-        self.where = mountpoint or self.sock_path
-
-    @classmethod
-    def for_mountpoint(cls, mountpoint: str | os.PathLike[str]) -> ControlClient:
-        record = lookup(mountpoint)
-        if record is None:
-            raise ControlUnavailable(f"no tierfs mount at {os.fspath(mountpoint)}")
-        return cls(str(record["socket"]), mountpoint=str(record["mountpoint"]))
-
-    def call(
-        self,
-        op: str,
-        args: Mapping[str, Any] | None = None,
-        on_progress: Callable[[dict[str, Any]], None] | None = None,
-        timeout: float | None = 30.0,
-    ) -> Any:
-        """Send one request and return its result.
-
-        ``timeout`` bounds the connect and each wait for the next line (progress keeps a
-        long operation alive); None waits forever, for operations that report progress.
-        A deadline the server states in a progress line bounds the whole wait as well
-        (ControlTimeout); a failed flush is raised as FlushFailed.
-        """
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        with sock:
-            try:
-                sock.connect(self.sock_path)
-            except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
-                raise ControlUnavailable(f"no tierfs mount at {self.where}") from None
-            except PermissionError:
-                raise ControlError(f"permission denied talking to the tierfs mount at {self.where}") from None
-            except TimeoutError:
-                raise ControlUnavailable(f"the tierfs daemon of {self.where} does not answer") from None
-            # The server may refuse us before reading the request; its reply is still queued.
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                sock.sendall(_encode({"op": op, "args": dict(args or {})}))
-            return self._read_reply(sock, op, on_progress)
-
-    def _read_reply(
-        self, sock: socket.socket, op: str, on_progress: Callable[[dict[str, Any]], None] | None
-    ) -> Any:
-        silence = sock.gettimeout()
-        deadline: float | None = None  # monotonic, once the server has promised one
-        past_deadline = False  # whether the wait that may time out next ends at the deadline
-        try:
-            with sock.makefile("rb") as lines:
-                while True:
-                    if deadline is not None:
-                        left = deadline - time.monotonic()
-                        past_deadline = silence is None or left <= silence
-                        if left <= 0:
-                            raise TimeoutError
-                        sock.settimeout(left if silence is None else min(silence, left))
-                    raw = lines.readline()
-                    if not raw:
-                        break
-                    message = self._decode(raw)
-                    progress = message.get("progress")
-                    if isinstance(progress, dict):
-                        promised = progress.pop("deadline", None)
-                        if isinstance(promised, int | float) and not isinstance(promised, bool):
-                            deadline = time.monotonic() + float(promised) + DEADLINE_GRACE
-                        if on_progress is not None and progress:
-                            on_progress(progress)
-                        continue
-                    if "progress" in message:
-                        continue
-                    if message.get("ok") is True:
-                        return message.get("result")
-                    raise self._error(message)
-        except TimeoutError:
-            if past_deadline:
-                raise ControlTimeout(
-                    f"the tierfs daemon of {self.where} did not finish {op} by its deadline"
-                ) from None
-            raise ControlTimeout(f"timed out waiting for the tierfs daemon of {self.where}") from None
-        except ConnectionResetError:
-            pass
-        raise ControlError(f"the tierfs daemon of {self.where} closed the connection without answering")
-
-    def _decode(self, raw: bytes) -> dict[str, Any]:
-        try:
-            message = json.loads(raw)
-        except ValueError:
-            raise ControlError(f"garbled reply from the tierfs daemon of {self.where}") from None
-        if not isinstance(message, dict):
-            raise ControlError(f"garbled reply from the tierfs daemon of {self.where}")
-        return message
-
-    @staticmethod
-    def _error(message: Mapping[str, Any]) -> TierfsError:
-        """The exception an error reply stands for: FlushFailed when it names failed files."""
-        failures = message.get("failures")
-        if isinstance(failures, dict):
-            named = {str(path): _one_line(str(error)) for path, error in failures.items()}
-            return FlushFailed(named, _one_line(str(message.get("reason") or "flush failed")))
-        return ControlError(_one_line(str(message.get("error") or "unknown error")))

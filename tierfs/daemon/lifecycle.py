@@ -22,9 +22,9 @@ import os
 import sys
 from pathlib import Path
 
+from .. import mountinfo
 from ..config import MountConfig
 from ..errors import ConfigError, TierfsError
-from ..fuse.kerneltune import parse_mountinfo_line, read_mountinfo
 from . import memory
 from .mount import Mount
 
@@ -33,8 +33,7 @@ log = logging.getLogger("tierfs")
 
 def _mounted_at(mountpoint: str) -> bool:
     """True if something is mounted at ``mountpoint`` (from /proc/self/mountinfo; never stats it)."""
-    infos = (parse_mountinfo_line(line) for line in read_mountinfo().splitlines())
-    return any(info is not None and info.mountpoint == mountpoint for info in infos)
+    return any(info.mountpoint == mountpoint for info in mountinfo.entries())
 
 
 def check_mountpoint(path: Path, *, nonempty: bool = False) -> str:

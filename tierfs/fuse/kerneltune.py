@@ -27,9 +27,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
+
+from .. import mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -43,98 +43,6 @@ DEFAULT_READ_AHEAD_KB = 16384
 DEFAULT_MAX_BACKGROUND = 64
 # 75 % of max_background, the same ratio as the kernel's own defaults (9 of 12).
 DEFAULT_CONGESTION_THRESHOLD = 48
-
-_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
-# The kernel's dev_t keeps the minor number in the low 20 bits (MINORBITS).
-_MINOR_BITS = 20
-
-
-@dataclass(frozen=True)
-class MountInfo:
-    """One line of ``/proc/self/mountinfo`` (see proc(5)), paths already unescaped."""
-
-    mount_id: int
-    parent_id: int
-    major: int
-    minor: int
-    root: str
-    mountpoint: str
-    options: str
-    optional_fields: tuple[str, ...]
-    fstype: str
-    source: str
-    super_options: str
-
-    @property
-    def bdi_name(self) -> str:
-        """Name of the backing-device-info directory under /sys/class/bdi."""
-        return f"{self.major}:{self.minor}"
-
-    @property
-    def connection(self) -> int:
-        """Directory name under /sys/fs/fuse/connections: the kernel's internal dev_t.
-
-        For ``fuse.*`` mounts the major is 0, so this equals the minor; for ``fuseblk``
-        it folds the block device's major in.
-        """
-        return (self.major << _MINOR_BITS) | self.minor
-
-
-def _unescape(field: str) -> str:
-    r"""Undo the kernel's octal escaping (``\040`` space, ``\011`` tab, ``\012`` newline, ``\134``).
-
-    Done on bytes so that escaped bytes and raw non-ASCII bytes recombine into the same
-    filesystem-encoded name ``os.fsdecode`` would give for the real path.
-    """
-    raw = _OCTAL_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), os.fsencode(field))
-    return os.fsdecode(raw)
-
-
-def parse_mountinfo_line(line: str) -> MountInfo | None:
-    """Parse one mountinfo line; None if it is malformed (never raise on odd kernel output)."""
-    fields = line.split(" ")
-    try:
-        sep = fields.index("-", 6)
-        mount_id, parent_id = int(fields[0]), int(fields[1])
-        major_text, minor_text = fields[2].split(":")
-        fstype, source, super_options = fields[sep + 1 : sep + 4]
-        return MountInfo(
-            mount_id=mount_id,
-            parent_id=parent_id,
-            major=int(major_text),
-            minor=int(minor_text),
-            root=_unescape(fields[3]),
-            mountpoint=_unescape(fields[4]),
-            options=fields[5],
-            optional_fields=tuple(fields[6:sep]),
-            fstype=_unescape(fstype),
-            source=_unescape(source),
-            super_options=super_options,
-        )
-    except ValueError:
-        return None
-
-
-def read_mountinfo() -> str:
-    with open("/proc/self/mountinfo", "rb") as f:
-        return os.fsdecode(f.read())
-
-
-def find_mount(mountpoint: str, mountinfo_text: str | None = None) -> MountInfo | None:
-    """The FUSE mount at ``mountpoint`` (the topmost if several are stacked), or None.
-
-    ``mountpoint`` is normalised lexically only (``abspath``, no ``realpath``): resolving
-    symlinks would stat path components, including the mountpoint itself.
-    """
-    wanted = os.path.abspath(mountpoint)
-    text = read_mountinfo() if mountinfo_text is None else mountinfo_text
-    found: MountInfo | None = None
-    for line in text.splitlines():
-        info = parse_mountinfo_line(line)
-        if info is not None and info.mountpoint == wanted and info.fstype.startswith("fuse"):
-            found = info  # later lines are mounted on top of earlier ones
-    return found
-
 
 def _write_existing(path: Path, text: str) -> None:
     """Write to a file that must already exist: sysfs attributes are never created (no O_CREAT)."""
@@ -167,7 +75,7 @@ def ensure_fusectl(sysfs_root: str = "/sys") -> bool:
     target = Path(sysfs_root) / "fs" / "fuse" / "connections"
     if not target.is_dir() or any(target.iterdir()):
         return target.is_dir()
-    if any(m.fstype == "fusectl" for m in map(parse_mountinfo_line, read_mountinfo().splitlines()) if m):
+    if any(m.fstype == "fusectl" for m in mountinfo.entries()):
         return True
     import subprocess
 
@@ -195,7 +103,7 @@ def tune(
     """
     if sysfs_root == "/sys" and mountinfo_text is None and os.geteuid() == 0:
         ensure_fusectl()
-    info = find_mount(mountpoint, mountinfo_text)
+    info = mountinfo.fuse_mount_at(mountpoint, mountinfo_text)
     if info is None:
         log.warning("no FUSE mount at %s in mountinfo; kernel knobs left at defaults", mountpoint)
         return {}
@@ -216,7 +124,7 @@ def tune(
 def abort_connection(connection: int, *, sysfs_root: str = "/sys") -> bool:
     """Abort a hung FUSE connection so callers get ENOTCONN instead of hanging in D state.
 
-    ``connection`` is :attr:`MountInfo.connection` (the minor number for ``fuse.*`` mounts).
+    ``connection`` is :attr:`tierfs.mountinfo.MountInfo.connection` (the minor number for ``fuse.*`` mounts).
     Returns False if no such connection exists (already gone); any other failure, notably
     PermissionError when not root, propagates because the caller asked for this explicitly.
     """

@@ -26,12 +26,10 @@ from typing import Any
 
 import lmdb
 
+from .. import cacheformat as fmt
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-MAP_SIZE = 1 << 38  # 256 GiB of address space; the file only grows as records are written
-SCHEMA_VERSION = b"1"
 
 
 class CacheDir:
@@ -44,8 +42,8 @@ class CacheDir:
             os.chmod(path, 0o700)
         except OSError as exc:
             raise ConfigError(f"cannot create cache dir {path}: {exc.strerror}") from None
-        self._lock_fd = self._take_lock(path / "lock")
-        self.env: Any = _open_env(path / "meta", sync=True)
+        self._lock_fd = self._take_lock(path / fmt.LOCK_FILE)
+        self.env: Any = _open_env(path / fmt.META_ENV, sync=True)
         self._check_owner(owner_tag)
         self.index_env: Any = self._open_index_env()
 
@@ -59,7 +57,7 @@ class CacheDir:
         rather than trust it; the namespace and the journal live in ``meta``, which
         is fully synced, and are unaffected.
         """
-        state = self.path / "index.state"
+        state = self.path / fmt.INDEX_STATE_FILE
         boot = _boot_id()
         try:
             previous_boot, previous_state = state.read_text().split()
@@ -69,10 +67,10 @@ class CacheDir:
             import shutil
 
             log.warning("the machine went down while the cache was open; dropping the chunk cache")
-            shutil.rmtree(self.path / "index", ignore_errors=True)
-            shutil.rmtree(self.path / "chunks", ignore_errors=True)
+            shutil.rmtree(self.path / fmt.INDEX_ENV, ignore_errors=True)
+            shutil.rmtree(self.path / fmt.CHUNK_DIR, ignore_errors=True)
         state.write_text(f"{boot} open\n")
-        return _open_env(self.path / "index", sync=False)
+        return _open_env(self.path / fmt.INDEX_ENV, sync=False)
 
     @staticmethod
     def _take_lock(lock_path: Path) -> int:
@@ -93,24 +91,24 @@ class CacheDir:
         return fd
 
     def _check_owner(self, owner_tag: str) -> None:
-        meta = self.env.open_db(b"meta")
+        meta = self.env.open_db(fmt.DB_META)
         with self.env.begin(write=True, db=meta) as txn:
-            stored = txn.get(b"owner")
+            stored = txn.get(fmt.META_OWNER)
             if stored is None:
-                txn.put(b"owner", owner_tag.encode())
-                txn.put(b"schema", SCHEMA_VERSION)
+                txn.put(fmt.META_OWNER, owner_tag.encode())
+                txn.put(fmt.META_SCHEMA, fmt.SCHEMA_VERSION)
             elif stored.decode() != owner_tag:
                 raise ConfigError(
                     f"cache dir {self.path} belongs to {stored.decode()}, not {owner_tag}; "
                     "use another --cache-dir"
                 )
-            elif txn.get(b"schema") != SCHEMA_VERSION:
+            elif txn.get(fmt.META_SCHEMA) != fmt.SCHEMA_VERSION:
                 raise ConfigError(f"cache dir {self.path} has an unknown format; remove it or use another")
 
     def close(self) -> None:
         self.index_env.sync(True)
         self.index_env.close()
-        (self.path / "index.state").write_text(f"{_boot_id()} clean\n")
+        (self.path / fmt.INDEX_STATE_FILE).write_text(f"{_boot_id()} clean\n")
         self.env.close()
         os.close(self._lock_fd)
 
@@ -119,12 +117,12 @@ def _open_env(path: Path, *, sync: bool) -> Any:
     """An LMDB environment as tierfs uses them; only whether commits fsync differs."""
     return lmdb.open(
         str(path),
-        map_size=MAP_SIZE,
-        max_dbs=32,
+        map_size=fmt.MAP_SIZE,
+        max_dbs=fmt.MAX_DBS,
         sync=sync,
         metasync=False,
         readahead=False,
-        max_readers=256,
+        max_readers=fmt.MAX_READERS,
         mode=0o600,
     )
 

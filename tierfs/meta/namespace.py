@@ -29,6 +29,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import trio
 
+from .. import cacheformat as fmt
 from ..errors import NotFound, StoreError
 from ..store.objectstore import ObjectInfo, ObjectStore
 from . import keys, posixmeta
@@ -135,10 +136,10 @@ class Namespace:
         self.policy = policy
         self._run = run_blocking
         self._clock = clock
-        self.inodes = env.open_db(b"ns.inodes")
-        self.dentries = env.open_db(b"ns.dentries")
-        self.meta = env.open_db(b"meta")
-        self.links = env.open_db(b"ns.links")  # extra names of hard-linked inodes (records.link_key)
+        self.inodes = env.open_db(fmt.DB_INODES)
+        self.dentries = env.open_db(fmt.DB_DENTRIES)
+        self.meta = env.open_db(fmt.DB_META)
+        self.links = env.open_db(fmt.DB_LINKS)
         self.counters = NamespaceCounters()
         self.change_hooks: list[ChangeHook] = []
         self.entry_hooks: list[EntryHook] = []

@@ -3,7 +3,13 @@
 ``tierfs.reader.open(path)`` returns a binary file whose cached, clean blocks are read
 straight from the cache directory (every block checked against its digests) and whose
 other bytes come through the mount. The fsspec filesystem ``tierfs://`` and the PyTorch
-datasets in :mod:`tierfs.reader.torch` are built on it. See docs/reader.md.
+datasets in :mod:`tierfs.reader.datasets` are built on it. See docs/reader.md.
+
+Every fresh DataLoader worker imports this package, so it stays light: it may import the base
+modules (``cacheformat``, ``mountinfo``, ``errors``), ``control.registry``, ``meta.records``,
+``cache.chunkkey`` and ``cache.blockfile``, never trio, the FUSE adapter, the control server or
+an S3 client (``tests/test_reader_door.py``). Nothing here runs on a trio loop: it is blocking
+caller-side code, thread-safe, in the reading process.
 """
 
 from __future__ import annotations

@@ -15,18 +15,17 @@ from __future__ import annotations
 import atexit
 import errno
 import io
-import multiprocessing.util
 import os
 import stat
+import sys
 import threading
 import time
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..control import protocol as control
-from ..fuse.kerneltune import parse_mountinfo_line, read_mountinfo
+from ..control.registry import ControlError, lookup
+from ..mountinfo import by_device
 from . import protocol
 from .view import CacheView, Fallback, Version
 
@@ -91,8 +90,12 @@ class Reader:
         self._seq = 0
         self._dropped = 0
         # DataLoader workers end with os._exit, which skips atexit; multiprocessing still runs
-        # its finalizers first, so the last batch of access records is not lost.
-        multiprocessing.util.Finalize(self, Reader.flush, args=(self,), exitpriority=10)
+        # its finalizers first, so the last batch of access records is not lost. A process that
+        # multiprocessing started has imported it already; any other ends through atexit, so
+        # the reader never imports multiprocessing itself (it costs a fresh process ~10 ms).
+        mp_util = sys.modules.get("multiprocessing.util")
+        if mp_util is not None:
+            mp_util.Finalize(self, Reader.flush, args=(self,), exitpriority=10)
 
     def _check_fork(self) -> None:
         if os.getpid() != self._pid:  # inherited through fork(): nothing of the parent is ours
@@ -108,11 +111,9 @@ class Reader:
         now = time.monotonic()
         if now - self._mountinfo_read > 1.0 or not self._mounts:
             self._mountinfo_read = now
-            found: dict[int, tuple[str, str] | None] = {}
-            for line in read_mountinfo().splitlines():
-                info = parse_mountinfo_line(line)
-                if info is not None:
-                    found[os.makedev(info.major, info.minor)] = (info.mountpoint, info.fstype)
+            found: dict[int, tuple[str, str] | None] = {
+                dev: (info.mountpoint, info.fstype) for dev, info in by_device().items()
+            }
             self._mounts = found
         result = self._mounts.get(dev)
         self._mounts.setdefault(dev, result)
@@ -127,8 +128,8 @@ class Reader:
         if env and mountpoint in env:
             return env[mountpoint]
         try:
-            record = control.lookup(mountpoint)
-        except (OSError, control.ControlError) as exc:
+            record = lookup(mountpoint)
+        except (OSError, ControlError) as exc:
             raise Fallback("unreadable", f"cannot find the cache of {mountpoint}: {exc}") from None
         if record is None or not record.get("cache_dir"):
             raise Fallback("unreadable", f"no cache dir known for {mountpoint} (set ${CACHE_DIR_ENV})")
@@ -156,11 +157,16 @@ class Reader:
                 raise Fallback(root[1])
             mount = self._mount_of(dev)
             if mount is None or mount[1] != "fuse.tierfs":
+                if mount is None:
+                    self._mounts.pop(dev, None)  # not mounted when last looked: look again next time
                 raise Fallback("not_tierfs")
             try:
                 root = self._cache_dir_of(mount[0])
             except Fallback as fb:
                 self._roots[dev] = (time.monotonic() + RETRY_VIEW_SECONDS, fb.reason)
+                # Device numbers are reused as mounts come and go: the mountpoint remembered for
+                # this one may be another (gone) mount's. Read mountinfo again on the retry.
+                self._mounts.pop(dev, None)
                 raise
             self._roots[dev] = root
         key = (dev, str(root))
@@ -240,7 +246,7 @@ class Reader:
         try:
             with open(tmp, "wb") as f:
                 f.write(protocol.encode_access_batch(delta, times))
-            os.rename(tmp, directory / f"{os.getpid()}-{seq}-{uuid.uuid4().hex[:8]}{protocol.ACCESS_SUFFIX}")
+            os.rename(tmp, directory / f"{os.getpid()}-{seq}-{os.urandom(4).hex()}{protocol.ACCESS_SUFFIX}")
         except OSError:
             # No writable access dir (a read-only bind mount): the reads were served, but LRU
             # and `tierfs status` will not see them.

@@ -15,9 +15,9 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from ..cache.blockfile import FORMAT_VERSION
+from .. import cacheformat as fmt
 from ..cache.chunkcache import ChunkCache
-from ..fuse.kerneltune import find_mount
+from ..mountinfo import fuse_mount_at
 from . import protocol
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,12 @@ class DirectReaders:
                 log.warning("cannot open the cache to group %d: %s", self.group, exc)
         try:
             if self._dev is None:
-                info = find_mount(self.mountpoint)
+                info = fuse_mount_at(self.mountpoint)
                 if info is None:
                     return  # not mounted yet: readers fall back meanwhile
                 self._dev = (info.major, info.minor)
             protocol.publish(
-                self.cache_dir, block_size=self.block_size, cache_format=FORMAT_VERSION,
+                self.cache_dir, block_size=self.block_size, cache_format=fmt.CHUNK_FORMAT_VERSION,
                 bucket=self.bucket, source=self.source, dev=self._dev,
             )  # fmt: skip
         except Exception as exc:  # OSError mostly; nothing here may stop maintenance
@@ -88,18 +88,18 @@ class DirectReaders:
                 os.chmod(path, mode)
 
         fix(root, 0o2750)
-        chunks = root / "chunks"
+        chunks = root / fmt.CHUNK_DIR
         fix(chunks, 0o2750)
         with os.scandir(chunks) as fanouts:
             dirs = [e.path for e in fanouts if e.is_dir(follow_symlinks=False)]
         for d in dirs:
             fix(d, 0o2750)
-        for env in ("meta", "index"):
+        for env in (fmt.META_ENV, fmt.INDEX_ENV):
             fix(root / env, 0o2750)
             fix(root / env / "data.mdb", 0o640)
             fix(root / env / "lock.mdb", 0o660)
-        if (root / "staging").exists():
-            fix(root / "staging", 0o2710)
+        if (root / fmt.STAGING_DIR).exists():
+            fix(root / fmt.STAGING_DIR, 0o2710)
         access = root / protocol.ACCESS_DIR
         access.mkdir(exist_ok=True)
         fix(access, 0o2770)

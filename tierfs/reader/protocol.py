@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import cacheformat as fmt
+
 PROTOCOL = 1
 READER_FILE = "reader.json"
 ACCESS_DIR = "access"
@@ -105,7 +107,7 @@ def publish(
         "dev": list(dev),
         "pid": os.getpid(),
         "heartbeat": time.time(),
-        "locks": {"meta": lock_ident(cache_dir / "meta"), "index": lock_ident(cache_dir / "index")},
+        "locks": {env: lock_ident(cache_dir / env) for env in (fmt.META_ENV, fmt.INDEX_ENV)},
     }
     tmp = cache_dir / f".{READER_FILE}.tmp"
     tmp.write_text(json.dumps(record))

@@ -36,10 +36,9 @@ from typing import Any
 
 import lmdb
 
-from ..cache.blockfile import FORMAT_VERSION, BlockReader, Invalid
+from .. import cacheformat as fmt
+from ..cache.blockfile import BlockReader, Invalid
 from ..cache.chunkkey import ChunkKey
-from ..cache.index import _META_BLOCK_SIZE, _META_FORMAT, _RECORD
-from ..meta.cachedir import MAP_SIZE, SCHEMA_VERSION
 from ..meta.records import Flag, Inode, Kind, ino_key
 from . import protocol
 
@@ -77,8 +76,8 @@ def _open_env(path: Path) -> Any:
         raise Fallback("unreadable", f"{path}: the LMDB files are not readable and lockable")
     try:
         return lmdb.open(
-            str(path), readonly=True, lock=True, create=False, max_dbs=32, map_size=MAP_SIZE,
-            readahead=False, max_readers=256, subdir=True,
+            str(path), readonly=True, lock=True, create=False, max_dbs=fmt.MAX_DBS, map_size=fmt.MAP_SIZE,
+            readahead=False, max_readers=fmt.MAX_READERS, subdir=True,
         )  # fmt: skip
     except lmdb.Error as exc:
         raise Fallback("unreadable", f"{path}: {exc}") from None
@@ -95,12 +94,12 @@ class CacheView:
         self.published = self._read_published()
         self.bucket = str(self.published["bucket"])
         self.block_size = int(self.published["block_size"])
-        self._chunk_dir = str(root / "chunks")
-        self._staging = str(root / "staging")
+        self._chunk_dir = str(root / fmt.CHUNK_DIR)
+        self._staging = str(root / fmt.STAGING_DIR)
         self._blocks = BlockReader(self.block_size)
-        self._meta_env = _open_env(root / "meta")
+        self._meta_env = _open_env(root / fmt.META_ENV)
         try:
-            self._index_env = _open_env(root / "index")
+            self._index_env = _open_env(root / fmt.INDEX_ENV)
         except Fallback:
             self._meta_env.close()
             raise
@@ -117,20 +116,20 @@ class CacheView:
         try:
             # Named databases of a read-only environment: opened outside any caller's transaction
             # (py-lmdb then keeps the handle; one opened inside a read txn dies with it).
-            self._inodes = self._meta_env.open_db(b"ns.inodes", create=False)
-            meta = self._meta_env.open_db(b"meta", create=False)
-            self._chunks = self._index_env.open_db(b"cache.chunks", create=False)
-            cmeta = self._index_env.open_db(b"cache.meta", create=False)
+            self._inodes = self._meta_env.open_db(fmt.DB_INODES, create=False)
+            meta = self._meta_env.open_db(fmt.DB_META, create=False)
+            self._chunks = self._index_env.open_db(fmt.DB_CHUNKS, create=False)
+            cmeta = self._index_env.open_db(fmt.DB_CACHE_META, create=False)
             with self._meta_env.begin(db=meta) as txn:
-                schema = txn.get(b"schema")
+                schema = txn.get(fmt.META_SCHEMA)
             with self._index_env.begin(db=cmeta) as txn:
-                fmt, bs = txn.get(_META_FORMAT), txn.get(_META_BLOCK_SIZE)
+                version, bs = txn.get(fmt.CACHE_META_FORMAT), txn.get(fmt.CACHE_META_BLOCK_SIZE)
         except lmdb.Error as exc:
             raise Fallback("format", f"{self.root}: {exc}") from None
-        if schema != SCHEMA_VERSION:
+        if schema != fmt.SCHEMA_VERSION:
             raise Fallback("format", f"namespace schema {schema!r}")
-        if fmt != FORMAT_VERSION.to_bytes(4, "little") or bs is None:
-            raise Fallback("format", f"cache format {fmt!r}")
+        if version != fmt.encode_format_version() or bs is None:
+            raise Fallback("format", f"cache format {version!r}")
         if int.from_bytes(bs, "little") != self.block_size:
             raise Fallback("format", "block size differs from the published one")
 
@@ -143,7 +142,7 @@ class CacheView:
             raise Fallback("unreadable", f"{self.root}: {exc}") from None
         if not isinstance(record, dict) or record.get("protocol") != protocol.PROTOCOL:
             raise Fallback("format", "reader protocol")
-        if record.get("format") != FORMAT_VERSION:
+        if record.get("format") != fmt.CHUNK_FORMAT_VERSION:
             raise Fallback("format", f"cache format {record.get('format')!r}")
         try:
             major, minor = record.get("dev", (0, 0))
@@ -160,7 +159,7 @@ class CacheView:
 
     def _check_locks(self) -> None:
         locks = self.published.get("locks", {})
-        for name in ("meta", "index"):
+        for name in (fmt.META_ENV, fmt.INDEX_ENV):
             try:
                 ident = protocol.lock_ident(self.root / name)
             except OSError as exc:
@@ -258,8 +257,7 @@ class CacheView:
     # -- blocks -----------------------------------------------------------------------------------------
 
     def chunk_path(self, digest: bytes) -> str:
-        name = digest.hex()
-        return f"{self._chunk_dir}/{name[0:2]}/{name}"
+        return fmt.chunk_path(self._chunk_dir, digest)
 
     def _indexed(self, digest: bytes) -> bytes | None:
         try:
@@ -281,7 +279,7 @@ class CacheView:
         if before is None:
             raise Fallback("miss")
         expected = min(self.block_size, version.size - index * self.block_size)
-        if _RECORD.unpack_from(before)[2] != expected:
+        if fmt.CHUNK_RECORD.unpack_from(before)[fmt.CHUNK_RECORD_LOGICAL] != expected:
             raise Fallback("corrupt", "indexed length does not fit the object size")
         path = self.chunk_path(digest)
         try:
@@ -290,7 +288,8 @@ class CacheView:
             reason = "evicted" if bad.ident is None and self._indexed(digest) is None else "corrupt"
             raise Fallback(reason, str(bad)) from None
         after = self._indexed(digest)
-        if after is None or after[8:] != before[8:]:
+        end = fmt.CHUNK_RECORD_ACCESS_END
+        if after is None or after[end:] != before[end:]:
             raise Fallback("evicted", "index entry changed during the read")
         try:
             st = os.stat(path)

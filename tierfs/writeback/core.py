@@ -28,6 +28,7 @@ from typing import Any
 
 import trio
 
+from ..config import DEFAULT_FLUSH_TIMEOUT
 from ..errors import FlushFailed, Permanent, StoreError
 from ..meta.namespace import Namespace
 from ..meta.records import Flag, Inode, Kind
@@ -47,7 +48,6 @@ RunBlocking = Callable[..., Awaitable[Any]]
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
 RETRY_BACKOFF = (1.0, 2.0, 5.0)  # seconds before the 1st, 2nd and later retries of a transient failure
 PERMANENT_BACKOFF = 60.0  # a permanent failure is retried in the background this rarely (creds may be fixed)
-DEFAULT_FLUSH_TIMEOUT = 600.0
 JournalOp = tuple[str, dict[str, Any]]  # (kind, fields) of an op to journal
 COALESCE = 0.01  # seconds the executor lets wake-ups gather before it looks at the journal again
 

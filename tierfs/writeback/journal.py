@@ -37,6 +37,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .. import cacheformat as fmt
 from ..meta.groupcommit import GroupCommit
 
 _NEXT_SEQ = b"next-seq"
@@ -79,9 +80,9 @@ class Journal:
 
     def __init__(self, env: Any, commit: GroupCommit | None = None) -> None:
         self.env = env
-        self.db = env.open_db(b"wb.journal")
-        self.state = env.open_db(b"wb.state")
-        self.uploads = env.open_db(b"wb.uploads")
+        self.db = env.open_db(fmt.DB_JOURNAL)
+        self.state = env.open_db(fmt.DB_WB_STATE)
+        self.uploads = env.open_db(fmt.DB_UPLOADS)
         with env.begin(write=True) as txn:
             cur = txn.cursor(db=self.db)
             last = int.from_bytes(cur.key(), "big") + 1 if cur.last() else 1
