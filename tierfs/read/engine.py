@@ -22,7 +22,6 @@ cancelled.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import queue
 import threading
@@ -46,6 +45,9 @@ MetadataSink = Callable[[int, ObjectInfo], None]  # (ino, info) -> None, blockin
 #: what to do once it is on its way there (queue the cache write: after, so the loop learns of the
 #: bytes before it can learn that they were stored).
 Accepted = tuple[T, Callable[[], None] | None]
+
+#: Starts one GET attempt: ``send(on_done=...)`` returns its cancel function (None: not a CRT GET).
+Send = Callable[..., Callable[[], None] | None]
 
 #: Bytes queued for the cache writer at most; a CRT thread that would go past it waits (as a full
 #: socket buffer would make the sender wait), so memory stays bounded whatever the disk does.
@@ -104,23 +106,19 @@ class ColdGets:
     async def get(
         self,
         key: str,
-        start: int,
-        length: int,
-        if_match: str | None,
-        object_size: int | None,
+        send: Send,
         accept: Callable[[GetResult], Accepted[T]],
         gauge: GetGauge | None = None,
     ) -> T:
-        """The value ``accept`` made of the checked answer, within ``timeout`` (retries included).
+        """The value ``accept`` made of the checked answer of the GET of ``key`` that ``send`` starts
+        (``ObjectStore.start_get`` with the request's arguments bound), within ``timeout``, retries
+        included.
 
         ``accept`` may raise a StoreError (IntegrityError for a short body): the attempt then
         failed like any other and is retried if the budget allows. ``gauge`` counts the GET as
         in flight once it holds a slot."""
         async with self.limiter:
             with gauge if gauge is not None else contextlib.nullcontext():
-                send = functools.partial(
-                    self.store.start_get, key, start, length, if_match, object_size=object_size
-                )
                 deadline = trio.current_time() + self.timeout
                 tries = 0
                 while True:
@@ -135,7 +133,7 @@ class ColdGets:
     async def _attempt(
         self,
         key: str,
-        send: Callable[..., Callable[[], None] | None],
+        send: Send,
         accept: Callable[[GetResult], Accepted[T]],
         deadline: float,
     ) -> T:

@@ -688,7 +688,11 @@ class Hydrator:
 
             return blocks, then
 
-        blocks = await self._cold.get(obj.key, start, length, obj.etag or None, obj.size, accept, self.gets)
+        store = self._cold.store  # one that has start_get (ColdGets.usable said so)
+        send = functools.partial(
+            store.start_get, obj.key, start, length, obj.etag or None, object_size=obj.size
+        )
+        blocks = await self._cold.get(obj.key, send, accept, self.gets)
         if not landed:  # the usual order: the answer is here, its cache write still to come
             pending = _Unstored({keys[i].digest(): blocks[i] for i in run})
             holder.append(pending)
