@@ -648,6 +648,56 @@ def _path_command(op: str, with_progress: bool) -> Callable[[argparse.Namespace]
     return run
 
 
+def _read_path_list(source: str, base: str) -> list[str]:
+    """The paths listed in ``source`` ('-': stdin), one per line, made absolute against ``base``;
+    blank lines and lines starting with '#' are skipped."""
+    try:
+        if source == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            with open(source, encoding="utf-8", errors="surrogateescape") as fh:
+                lines = fh.read().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the path list {source}: {exc.strerror or exc}") from None
+    listed = (raw.strip() for raw in lines)
+    return [os.path.join(base, line) for line in listed if line and not line.startswith("#")]
+
+
+def _prefetch_command(plain: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``tierfs prefetch``: PATH arguments as before; with ``--from FILE`` the listed files too, in
+    their order, in requests of a few thousand paths. Every listed path is checked to lie
+    on a tierfs mount before anything is sent (one line names the first that does not)."""
+    from .reader.hints import MountPaths, batches
+
+    def run(ns: argparse.Namespace) -> int:
+        if ns.from_file is None:
+            if not ns.paths:
+                raise ConfigError("tierfs prefetch needs a PATH or --from FILE")
+            return plain(ns)
+        if len(ns.paths) > 1:
+            raise ConfigError("with --from, give at most one PATH: the directory relative paths start from")
+        base = os.path.abspath(ns.paths[0]) if ns.paths else os.getcwd()
+        mounts = MountPaths()
+        groups: dict[str, tuple[dict[str, Any], list[str]]] = {}
+        for path in _read_path_list(ns.from_file, base):
+            found = mounts.locate(path)
+            if found is None:
+                raise ConfigError(f"{path} (listed in {ns.from_file}) is not on a tierfs mount")
+            groups.setdefault(str(found[0]["socket"]), (found[0], []))[1].append(found[1])
+        failed = False
+        for record, rels in groups.values():
+            client = _client(record)
+            for batch in batches(rels):
+                args: dict[str, Any] = {"paths": batch, "recursive": ns.recursive}
+                if ns.jobs is not None:
+                    args["jobs"] = ns.jobs
+                result = _call_with_progress(client, "prefetch", args, "prefetch")
+                failed = _report_failed("prefetch", result) or failed
+        return 1 if failed else 0
+
+    return run
+
+
 def _positive_int(text: str) -> int:
     try:
         return _parse_count(text, 1)
@@ -723,7 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, text, progress in path_commands:
         cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("paths", nargs="+", metavar="PATH")
+        cmd.add_argument("paths", nargs="*" if name == "prefetch" else "+", metavar="PATH")
         cmd.add_argument(
             "--recursive", "-r", action="store_true", help="include everything below directories"
         )
@@ -736,6 +786,15 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="N",
                 help="files downloaded in parallel",
             )
+            cmd.add_argument(
+                "--from",
+                dest="from_file",
+                metavar="FILE",
+                help="also the paths listed in FILE, one per line ('-': stdin); relative ones are "
+                "relative to PATH (then the only PATH) or the current directory",
+            )
+            cmd.set_defaults(func=_prefetch_command(_path_command(name, progress)))
+            continue
         cmd.set_defaults(func=_path_command(name, progress))
 
     refresh = sub.add_parser("refresh", help="forget cached metadata and re-list from S3")

@@ -9,6 +9,7 @@ long to wait, and notices a daemon that stopped answering within seconds.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -25,11 +26,15 @@ from ..meta.namespace import Namespace
 from ..meta.records import ROOT_INO, Inode
 from ..read.hydrator import Hydrator, ObjectVersion
 from . import protocol, registry
+from .lookahead import HintError, LookAhead, cache_budget
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
 FLUSH_HEARTBEAT = 5.0  # seconds between a flush's deadline lines; the CLI's silence bound is larger
+HINT_WINDOW_FILES = 4096  # hinted files fetched ahead of a reader at most (docs/reader.md, "Hints")
+HINT_WINDOW_BYTES = 4 << 30  # and bytes, further bounded by the cache (lookahead.cache_budget)
+SMALL_BLOCKS = 64  # a hinted file of at most this many blocks is checked in the index before a fetch
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,21 @@ class ControlOps:
         self.parts = parts
         self.ns = parts.namespace
         self.active: dict[str, dict[str, Any]] = {}
+        cfg = parts.cfg
+        self.lookahead = LookAhead(
+            resolve=self._hinted_version,
+            hydrate=self._hydrate_hinted,
+            budget=lambda: cache_budget(
+                status=parts.tiers.status,
+                limit_bytes=cfg.cache_size,
+                min_free=cfg.cache_min_free,
+                cache_dir=str(cfg.resolved_cache_dir),
+            ),
+            workers=cfg.s3_concurrency,
+            max_files=HINT_WINDOW_FILES,
+            max_bytes=HINT_WINDOW_BYTES,
+            is_cached=self._cached_whole,
+        )
 
     async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.parts.cfg
@@ -69,6 +89,7 @@ class ControlOps:
             "pin": self.pin,
             "unpin": self.unpin,
             "refresh": self.refresh,
+            "hint": self.hint,
         }
         _, sock_path = registry.registry_paths(str(cfg.mountpoint))
         server = protocol.ControlServer(str(sock_path), handlers, owner_uid=os.getuid())
@@ -80,7 +101,10 @@ class ControlOps:
             uid=os.getuid(),
         )
         try:
-            await server.serve(task_status=task_status)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.lookahead.run)
+                await nursery.start(server.serve)
+                task_status.started()
         finally:
             registry.unregister(str(cfg.mountpoint))
 
@@ -105,6 +129,75 @@ class ControlOps:
                     yield f"{top}/{rel}".strip("/"), node
 
     # -- operations --------------------------------------------------------------------------------------
+
+    async def _hinted_version(self, path: str) -> ObjectVersion | None:
+        """What a hinted path names now: the version to fetch, or None (a directory, or a file
+        with no uploaded version yet: the reader reads those through the mount)."""
+        node = await self.resolve(path)
+        if node.is_dir or not node.etag:
+            return None
+        return self.parts.version_of(node)
+
+    async def _hydrate_hinted(self, version: ObjectVersion) -> None:
+        """Make a hinted (or missed) file whole in the disk cache. A file of one GET's run goes through
+        the read path, which waits for a fetch of the same blocks already in flight (a reader's READ
+        through the mount) instead of sending a second GET; a bigger one through the prefetch entry
+        point, run by run, so its bytes are never all in memory. OSError(ENOSPC) if the cache could
+        not keep it, as ``tierfs prefetch`` reports it."""
+        hydrator = self.parts.hydrator
+        count = hydrator.block_count(version)
+        if count > hydrator.max_run:
+            await hydrator.hydrate(version)
+            return
+        await hydrator.blocks(version, range(count), remember=False)
+        if not self._cached_whole(version):
+            raise OSError(errno.ENOSPC, f"the chunk cache could not store {version.key}")
+
+    def _cached_whole(self, version: ObjectVersion) -> bool:
+        """Whether every block of a small file is in a local tier (index lookups only, on the loop)."""
+        hydrator = self.parts.hydrator
+        count = hydrator.block_count(version)
+        if count > SMALL_BLOCKS:
+            return False
+        return all(self.parts.tiers.held_locally(hydrator.chunk_key(version, i)) for i in range(count))
+
+    async def hint(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        """Hints of what a loader reads next (docs/reader.md, "Hints"): ``stream`` (the client's id),
+        ``paths`` (relative to the mountpoint, numbered from ``start``), ``position`` (the reader's),
+        ``end`` (forget the stream). With ``wait``, ``ino`` and ``etag``, that file is fetched now
+        instead (a direct reader's miss) and the reply comes once it is in the cache."""
+        if args.get("wait"):
+            return await self._fetch_inode(args)
+        paths = args.get("paths") or []
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise protocol.ControlError("hint: paths must be a list of strings")
+        stream = args.get("stream")
+        start, position = args.get("start"), args.get("position")
+        for name, value in (("start", start), ("position", position)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise protocol.ControlError(f"hint: {name} must be a count, not {value!r}")
+        if not isinstance(stream, str) or not stream or len(stream) > 128:
+            raise protocol.ControlError("hint: stream must be a short non-empty string")
+        try:
+            end = bool(args.get("end"))
+            return self.lookahead.hint(stream, paths=paths, start=start, position=position, end=end)
+        except HintError as exc:
+            raise protocol.ControlError(str(exc)) from None
+
+    async def _fetch_inode(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A direct reader's miss, named by inode and ETag (what it resolved at open): no path walk.
+        Fetched only while the namespace still has that version; else the reader goes to the mount."""
+        ino, etag = args.get("ino"), args.get("etag")
+        if isinstance(ino, bool) or not isinstance(ino, int) or not isinstance(etag, str):
+            raise protocol.ControlError("hint: ino must be an inode number and etag a string")
+        node = self.ns.get(ino)
+        if node is None or node.is_dir or not node.etag or node.etag != etag:
+            return {"fetched": 0, "failed": [{"path": f"inode {ino}", "error": "not that version now"}]}
+        try:
+            await self.lookahead.fetch_now(self.parts.version_of(node))
+        except (StoreError, OSError) as exc:
+            return {"fetched": 0, "failed": [{"path": f"inode {ino}", "error": str(exc)}]}
+        return {"fetched": 1, "failed": []}
 
     async def status(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         result = self.parts.status()

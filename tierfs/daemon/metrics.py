@@ -101,6 +101,14 @@ _SCALARS: tuple[_Spec, ...] = (
     _Spec("shared_put_dropped", "tierfs_shared_put_dropped", "Shared-tier fills dropped (queue full)", True),
     _Spec("shared_errors", "tierfs_shared_errors", "Shared-tier requests failed or entries invalid", True),
     _Spec("shared_get_ms", "tierfs_shared_get_ms", "Mean latency of a shared-tier GET (ms)", False),
+    _Spec("hints_received", "tierfs_hints_received", "Paths hinted by loaders (read next)", True),
+    _Spec("hints_fetched", "tierfs_hints_fetched", "Hinted files fetched ahead of their reader", True),
+    _Spec("hints_dropped_behind", "tierfs_hints_dropped_behind", "Hints dropped: reader past them", True),
+    _Spec("hints_skipped_full", "tierfs_hints_skipped_full", "Hints skipped: no room in the cache", True),
+    _Spec("hints_missing", "tierfs_hints_missing", "Hinted paths that named no file", True),
+    _Spec("hints_demand_fetches", "tierfs_hints_demand_fetches", "Files fetched whole for a miss", True),
+    _Spec("hints_queued", "tierfs_hints_queued", "Hints queued, not yet fetched", False),
+    _Spec("hints_ahead_bytes", "tierfs_hints_ahead_bytes", "Hinted bytes ahead of readers", False),
 )
 
 

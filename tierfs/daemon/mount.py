@@ -372,6 +372,11 @@ class Mount:
         )
         await nursery.start(self.control.serve)
 
+    def _hint_status(self) -> dict[str, Any]:
+        """The look-ahead's counters (control.lookahead); empty until the control server runs."""
+        control: ControlOps | None = getattr(self, "control", None)
+        return control.lookahead.status() if control is not None else {}
+
     def _status_from_any_thread(self) -> dict[str, Any]:
         """The status dict, read on the loop (scrapes arrive on prometheus_client's thread)."""
         if self._trio_token is None:
@@ -416,6 +421,7 @@ class Mount:
             "shadowed_keys": self.namespace.counters.shadowed_keys,
             "errors": self.ops.errors.count + hyd.errors,
             **self._direct_status(),
+            **self._hint_status(),
             **(self.writeback.status() if self.writeback is not None else {
                 "dirty_files": 0, "dirty_bytes": 0, "uploads_pending": 0, "uploads_failed": 0, "conflicts": 0,
                 "failing": {},

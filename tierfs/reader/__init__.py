@@ -19,6 +19,7 @@ import os
 from typing import Any
 
 from .core import CACHE_DIR_ENV, Reader, TierFile, default_reader
+from .hints import prefetch as prefetch  # public (docs/reader.md, "Hints"); HintStream is in .hints
 from .protocol import REASONS
 from .view import Fallback
 

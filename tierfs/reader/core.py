@@ -26,13 +26,19 @@ from typing import Any
 
 from ..control.registry import ControlError, lookup
 from ..mountinfo import by_device
-from . import protocol
+from . import hints, protocol
 from .view import CacheView, Fallback, Version
 
 CACHE_DIR_ENV = "TIERFS_CACHE_DIR"  # DIR, or MOUNTPOINT=DIR[:MOUNTPOINT=DIR...] (containers)
 ACCESS_FLUSH_SECONDS = 1.0
 ACCESS_FLUSH_RECORDS = 8192
 RETRY_VIEW_SECONDS = 2.0  # a mount whose cache could not be opened is tried again after this
+# A miss in a file of more than one block and up to this size has the daemon fetch the whole file
+# (docs/reader.md, "Hints"); a one-block file is read through the mount (measured cheaper: one FUSE
+# read against a control round trip plus a read of the cache), and so are bigger files, whose
+# read-ahead the mount streams. TIERFS_MISS_FETCH=0 turns it off.
+MISS_FETCH_MAX = 8 << 20
+MISS_FETCH_ENV = "TIERFS_MISS_FETCH"
 _EFFECTIVE = os.access in os.supports_effective_ids
 
 # Views are per process, not per Reader: LMDB (and py-lmdb) allow one open environment per
@@ -73,6 +79,7 @@ class Reader:
         """``cache_dirs`` maps a mountpoint to its cache directory where discovery cannot find it
         (another user's registry, a container); ``$TIERFS_CACHE_DIR`` does the same."""
         self._explicit = {os.path.abspath(m): Path(d) for m, d in (cache_dirs or {}).items()}
+        self.miss_fetch = os.environ.get(MISS_FETCH_ENV, "1") != "0"
         self._lock = threading.Lock()
         self._reset()
         atexit.register(self.flush)
@@ -89,6 +96,7 @@ class Reader:
         self._last_flush = time.monotonic()
         self._seq = 0
         self._dropped = 0
+        self._miss_fetches = 0
         # DataLoader workers end with os._exit, which skips atexit; multiprocessing still runs
         # its finalizers first, so the last batch of access records is not lost. A process that
         # multiprocessing started has imported it already; any other ends through atexit, so
@@ -207,6 +215,17 @@ class Reader:
         if due:
             self.flush()
 
+    def fetch_missing(self, path: str, version: Version, block_size: int) -> bool:
+        """A direct read missed: have the daemon fetch the whole (small) file into the cache now, at
+        its full concurrency, so the read is then served from the cache. True once it is there."""
+        if not self.miss_fetch or not block_size < version.size <= MISS_FETCH_MAX:
+            return False
+        if not hints.fetch_now(path, ino=version.ino, etag=version.etag):
+            return False
+        with self._lock:
+            self._miss_fetches += 1
+        return True
+
     def count_direct(self, view: CacheView, digest: bytes, nbytes: int) -> None:
         with self._lock:
             for target in (self._totals, self._delta):
@@ -269,6 +288,7 @@ class Reader:
                 "direct_bytes": self._totals["direct_bytes"],
                 "fallbacks": dict(self._totals["fallbacks"]),
                 "access_records_dropped": self._dropped,
+                "miss_fetches": self._miss_fetches,
             }
 
     def open(self, path: str | os.PathLike[str], buffering: int = -1) -> io.BufferedReader | TierFile:
@@ -310,6 +330,7 @@ class TierFile(io.RawIOBase):
         self._pos = 0
         self._served_direct = False
         self._stale = False
+        self._asked_daemon = False  # a miss asks the daemon to fetch the file once per file object
         self._view: CacheView | None = None
         self._version: Version | None = None
         st = os.stat(path)
@@ -379,6 +400,22 @@ class TierFile(io.RawIOBase):
                 self._fd = None
             self._open_mount()
 
+    def _read_block(
+        self, view: CacheView, version: Version, index: int, start: int, take: int
+    ) -> tuple[bytes, bytes]:
+        """``view.read_block``; on the first miss the daemon fetches the file and the read is tried again."""
+        try:
+            return view.read_block(version, index, start, take)
+        except Fallback as fb:
+            if fb.reason != "miss" or self._asked_daemon:
+                raise
+            self._asked_daemon = True
+            if not self._reader.fetch_missing(self.name, version, view.block_size):
+                raise  # counted by the caller, which reads through the mount
+        found = view.read_block(version, index, start, take)  # a Fallback now is the caller's to count
+        self._reader.count_fallback("miss")  # still a miss: the daemon fetched it, not a hit
+        return found
+
     def preadinto(self, buffer: Any, offset: int) -> int:
         """Read into ``buffer`` at ``offset`` without moving the position (pread(2)); returns the count."""
         self._checkClosed()
@@ -396,7 +433,7 @@ class TierFile(io.RawIOBase):
             index, start = divmod(pos, view.block_size)
             take = min(total - done, view.block_size - start)
             try:
-                data, digest = view.read_block(version, index, start, take)
+                data, digest = self._read_block(view, version, index, start, take)
             except Fallback as fb:
                 self._reader.count_fallback(fb.reason)
                 self._open_mount()
@@ -423,7 +460,7 @@ class TierFile(io.RawIOBase):
             index, start = divmod(offset, view.block_size)
             if start + size <= view.block_size:  # one block: hand over the validated bytes as they are
                 try:
-                    data, digest = view.read_block(version, index, start, size)
+                    data, digest = self._read_block(view, version, index, start, size)
                 except Fallback as fb:  # this block through the mount (one block: all of the range)
                     self._reader.count_fallback(fb.reason)
                     buf = bytearray(size)
