@@ -303,7 +303,7 @@ class Hydrator:
             todo = self._not_indexed(obj, range(start, min(start + step, total)))
             if todo:
                 await self._fetch_blocks(obj, todo, remember=False)  # residency on disk is the point
-                await self._settled(obj, todo)
+                await self.settled(obj, todo)
                 if self._not_indexed(obj, todo):
                     raise OSError(errno.ENOSPC, f"the chunk cache could not store {obj.key}")
             if on_bytes is not None:
@@ -352,8 +352,11 @@ class Hydrator:
         pending = self._unstored.get(digest)
         return None if pending is None else pending.blocks.get(digest)
 
-    async def _settled(self, obj: ObjectVersion, indices: list[int]) -> None:
-        """Wait (within one fetch deadline) until the cache writes of these blocks landed or failed."""
+    async def settled(self, obj: ObjectVersion, indices: range | list[int]) -> None:
+        """Wait (within one fetch deadline) until the cache writes of these blocks landed or failed.
+
+        The cold engine answers reads before it stores their blocks: a caller that promises
+        residency (``hydrate``, a hinted fetch) waits here before it checks the index."""
         with trio.move_on_after(2 * self.timeout if math.isfinite(self.timeout) else 60.0):
             for i in indices:
                 pending = self._unstored.get(self.chunk_key(obj, i).digest())
