@@ -93,6 +93,10 @@ class MountConfig:
     shared_cache_endpoint_url: str | None = None  # None: the origin's endpoint
     shared_cache_profile: str | None = None  # None: the origin's credentials
     shared_cache_timeout: float = 0.5  # a read waits this long for the tier, then goes to the origin
+    # Dataset versions (docs/snapshots.md): a read-only mount pinned to a snapshot (a name of the
+    # source's, or a manifest URL), or to the bucket's versions at a time (a versioned bucket).
+    snapshot: str | None = None
+    as_of: str | None = None
 
     @property
     def resolved_cache_dir(self) -> Path:
@@ -125,5 +129,9 @@ class MountConfig:
             raise ConfigError("zstd level must be within 1..22")
         if self.shared_cache_timeout <= 0:
             raise ConfigError("--shared-cache-timeout must be positive")
+        if self.snapshot is not None and self.as_of is not None:
+            raise ConfigError("--snapshot and --as-of pin the mount twice: give one of them")
+        if self.snapshot is not None or self.as_of is not None:
+            self.read_only = True  # a pinned version is never written through the mount
         if self.shared_cache is not None and self.shared_cache == self.source:
             raise ConfigError("--shared-cache must not be the mounted bucket and prefix itself")

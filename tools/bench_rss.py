@@ -51,7 +51,9 @@ def object_keys(count: int) -> list[str]:
 class Seeder:
     """Many threads, one keep-alive HTTP connection each, unsigned zero-byte PUTs."""
 
-    def __init__(self, endpoint_url: str, bucket: str, threads: int) -> None:
+    def __init__(self, endpoint_url: str, bucket: str, threads: int, body: bytes = b"") -> None:
+        """``body``: every object's bytes (tools/bench_snapshot.py seeds non-empty objects)."""
+        self.body = body
         url = urllib.parse.urlsplit(endpoint_url)
         self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
         self.bucket = bucket
@@ -66,12 +68,12 @@ class Seeder:
         return conn
 
     def put(self, key: str) -> int:
-        """PUT an empty object; returns the HTTP status (reconnecting if the server closed the socket)."""
+        """PUT one object; returns the HTTP status (reconnecting if the server closed the socket)."""
         path = f"/{self.bucket}/{urllib.parse.quote(key)}"
         for attempt in range(3):
             conn = self._connection()
             try:
-                conn.request("PUT", path, body=b"", headers={"Content-Length": "0"})
+                conn.request("PUT", path, body=self.body, headers={"Content-Length": str(len(self.body))})
                 response = conn.getresponse()
                 response.read()
                 if response.status < 500 or attempt == 2:

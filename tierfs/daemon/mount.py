@@ -15,7 +15,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import pyfuse3
 import trio
@@ -35,13 +35,16 @@ from ..meta.groupcommit import GroupCommit
 from ..meta.importer import sweep_loop
 from ..meta.namespace import Namespace, NamespacePolicy
 from ..meta.records import Inode
+from ..meta.view import NamespaceView
 from ..read.engine import ColdGets
 from ..read.hydrator import Hydrator
 from ..reader.daemon import DirectReaders
+from ..store.objectstore import ObjectStore
 from ..writeback import WriteBack
 from ..writeback.journal import Journal
 from ..writeback.staging import Staging
 from . import memory, metrics, sdnotify
+from .pinned import PinnedReads, PinnedSnapshot, pinned
 from .places import WriteBackPlaces
 from .startup import preflight_store, setup_logging, shared_store
 
@@ -105,15 +108,19 @@ class Mount:
         self.namespace.change_hooks.append(self._on_object_changed)
         self.namespace.entry_hooks.append(lambda parent, name: self.queue_invalidation((parent, name)))
         self.namespace.attr_hooks.append(lambda ino: self.queue_invalidation(("attr", ino)))
+        # A mount pinned to a snapshot (docs/snapshots.md) serves its namespace from the manifest,
+        # opened here so that a bad one fails before anything is mounted; the LMDB one stays unused.
+        self.pinned = PinnedSnapshot(cfg, self.store, cache_root, self.run_s3) if pinned(cfg) else None
+        self.view: NamespaceView = self.pinned.namespace if self.pinned else self.namespace
         self.hydrator = Hydrator(
             bucket=cfg.source.bucket,
-            store=self.store,
+            store=cast(ObjectStore, PinnedReads(self.store)) if self.pinned else self.store,
             tiers=self.tiers,
             run_s3=self.run_s3,
             run_io=self.run_io,
             block_size=cfg.block_size,
             spawn=self.spawn,
-            learn_metadata=self.namespace.learn_metadata,
+            learn_metadata=None if self.pinned else self.namespace.learn_metadata,
             timeout=cfg.timeout,
             max_parallel_runs=cfg.s3_concurrency,
             cold_gets=ColdGets(
@@ -145,7 +152,7 @@ class Mount:
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"cannot serve metrics on {cfg.metrics_addr}: {exc}") from None
         self.ops = TierOperations(
-            self.namespace,
+            cast(Namespace, self.view),  # read-only when pinned: only NamespaceView's calls are made
             self.hydrator,
             kernel_timeout=cfg.kernel_timeout,
             block_size=cfg.block_size,
@@ -154,6 +161,7 @@ class Mount:
             writeback=self.writeback,
             run_io=self.run_io,
             places=WriteBackPlaces(self.writeback) if self.writeback is not None else None,
+            version_ids=self.pinned.namespace.version_id if self.pinned else None,
         )
         return self
 
@@ -174,6 +182,8 @@ class Mount:
             self.hydrator.close()  # the cache writer stores what it holds before the tiers close
             self.tiers.close()
         finally:
+            if self.pinned is not None:
+                self.pinned.close()
             self.cachedir.close()
 
     # -- thread helpers -------------------------------------------------------------------------------
@@ -262,7 +272,9 @@ class Mount:
             nursery.start_soon(self._signals)
             if self.writeback is not None:
                 await nursery.start(self.writeback.run)
-            if self.cfg.import_interval:
+            if self.pinned is not None:
+                nursery.start_soon(self.pinned.fill, self.run_s3)
+            if self.cfg.import_interval and self.pinned is None:
                 nursery.start_soon(sweep_loop, self.namespace, self.cfg.import_interval)
             await self._start_control(nursery)
             nursery.start_soon(self._announce_live, on_live)
@@ -343,6 +355,7 @@ class Mount:
                 cache_dir=self.cfg.resolved_cache_dir, mountpoint=str(self.cfg.mountpoint),
                 bucket=self.cfg.source.bucket, source=str(self.cfg.source), block_size=self.cfg.block_size,
                 group=self.cfg.cache_group,
+                snapshot=str(self.pinned.local_path) if self.pinned and self.pinned.local_path else None,
             )  # fmt: skip
         self.direct_readers.maintain(self.disk, (self.cachedir.env, self.cachedir.index_env))
 
@@ -352,6 +365,9 @@ class Mount:
     def _maintain_blocking(self) -> None:
         self._direct_readers()
         self.tiers.maintain()  # access times persisted, age-out, eviction
+        if self.pinned is not None:
+            self.pinned.note_reads(self.hydrator.stats)
+            self.pinned.count_usage(self.disk)
         self.cachedir.index_env.sync(True)  # bounds what an OS crash can tear; not needed for safety
         memory.trim()
 
@@ -359,7 +375,7 @@ class Mount:
         self.control = ControlOps(
             MountParts(
                 cfg=self.cfg,
-                namespace=self.namespace,
+                namespace=cast(Namespace, self.view),
                 hydrator=self.hydrator,
                 tiers=self.tiers,
                 status=self.status,
@@ -400,6 +416,8 @@ class Mount:
             "cache_dir": str(self.cfg.resolved_cache_dir),
             "uptime_seconds": round(time.time() - self.started, 1),
             "read_only": self.cfg.read_only,
+            "endpoint_url": self.cfg.endpoint_url,
+            "snapshot": self.pinned.status(hyd) if self.pinned is not None else None,
             "metadata_ttl": None if math.isinf(self.cfg.metadata_ttl) else self.cfg.metadata_ttl,
             **self.tiers.status(),
             "cache_hits": hyd.cache_hits,
@@ -417,6 +435,8 @@ class Mount:
             "s3_head_requests": requests.get("head_object", 0),
             "s3_requests": requests,
             "s3_bytes_fetched": self.store.bytes_fetched,
+            "s3_in_flight": self.store.in_flight,
+            **metrics.latency_status(),
             "hidden_keys": self.namespace.counters.hidden_keys,
             "shadowed_keys": self.namespace.counters.shadowed_keys,
             "errors": self.ops.errors.count + hyd.errors,

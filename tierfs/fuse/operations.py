@@ -76,9 +76,12 @@ class TierOperations(pyfuse3.Operations):
         writeback: WriteBack | None = None,
         run_io: Callable[..., Any] | None = None,
         places: BytePlaces | None = None,
+        version_ids: Callable[[int], str] | None = None,
     ) -> None:
         """``places`` answers where a file's bytes are now (read/places.py); without write-back
-        they are always in the bucket under the file's own key."""
+        they are always in the bucket under the file's own key. ``version_ids(ino)``: the version
+        id that pins an inode's bytes (a snapshot mount on a versioned bucket, docs/snapshots.md);
+        reads then GET that version."""
         super().__init__()
         self.ns = namespace
         self.hydrator = hydrator
@@ -89,6 +92,7 @@ class TierOperations(pyfuse3.Operations):
         self.wb = writeback
         self.places: BytePlaces = places if places is not None else InTheBucket()
         self._run_io = run_io
+        self._version_ids = version_ids
         self.errors = _errors
         self._files: dict[int, FileHandle] = {}
         self._dirs: dict[int, list[tuple[str, int]]] = {}
@@ -220,6 +224,8 @@ class TierOperations(pyfuse3.Operations):
         """The bytes of ``node`` as the bucket holds them *now*: after a rename, the data stays
         under the old key until the journaled copy has run (WriteBack.data_key)."""
         key = self.wb.data_key(node.ino, node.key) if self.wb is not None else node.key
+        if self._version_ids is not None:
+            return ObjectVersion(node.ino, key, node.etag, node.size, self._version_ids(node.ino))
         return ObjectVersion(node.ino, key, node.etag, node.size)
 
     @handler
@@ -287,7 +293,7 @@ class TierOperations(pyfuse3.Operations):
             # Written through this handle and uploaded since: read the version the bucket now has.
             node = self._inode(version.ino)
             where = self.places.where(node.ino, node.key)
-            return where, ObjectVersion(node.ino, where.key, node.etag, node.size)
+            return where, dataclasses.replace(self.version_of(node), key=where.key)  # keeps a pinned version id
         current = self.ns.get(version.ino) if self.wb is not None else None
         if current is None:
             return self.places.where(version.ino, version.key), version

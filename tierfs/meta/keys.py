@@ -21,6 +21,14 @@ from enum import StrEnum
 NAME_MAX = 255
 #: S3 refuses keys longer than this many UTF-8 bytes, so names that would exceed it can't be created.
 MAX_KEY_BYTES = 1024
+#: tierfs's own objects at the top of a bucket (snapshot manifests, docs/snapshots.md): never
+#: shown by a mount of the whole bucket, never part of a snapshot.
+OWN_PREFIX = ".tierfs/"
+
+
+def is_own_key(dir_prefix: str, key: str) -> bool:
+    """True for a key below the bucket's top-level ``.tierfs/`` listed at the bucket's root."""
+    return dir_prefix == "" and key.startswith(OWN_PREFIX)
 
 
 class HiddenReason(StrEnum):

@@ -424,6 +424,8 @@ class Namespace:
             if hidden_name is not None:
                 hidden.add(hidden_name)
             return None
+        if keys.is_own_key(dir_key, key):
+            return None  # tierfs's own objects (snapshot manifests): not data, not counted
         name = keys.child_name(dir_key, key)
         if name is None:
             self.counters.hidden_keys += 1

@@ -66,6 +66,9 @@ class ObjectVersion:
     key: str
     etag: str
     size: int
+    # A snapshot's pinned version on a versioned bucket (docs/snapshots.md): GETs ask for it by id,
+    # so it stays readable after an overwrite or delete. Cache blocks stay keyed by the ETag.
+    version_id: str = ""
 
 
 @dataclass
@@ -693,8 +696,9 @@ class Hydrator:
 
         store = self._cold.store  # one that has start_get (ColdGets.usable said so)
         send = functools.partial(
-            store.start_get, obj.key, start, length, obj.etag or None, object_size=obj.size
-        )
+            store.start_get, obj.key, start, length, obj.etag or None, object_size=obj.size,
+            version_id=obj.version_id or None,
+        )  # fmt: skip
         blocks = await self._cold.get(obj.key, send, accept, self.gets)
         if not landed:  # the usual order: the answer is here, its cache write still to come
             pending = _Unstored({keys[i].digest(): blocks[i] for i in run})
@@ -718,8 +722,9 @@ class Hydrator:
         # server's stored checksum comes back and the body is checked against it.
         with self.gets:
             result: GetResult = self.store.get_range(
-                obj.key, start, length, if_match=obj.etag or None, object_size=obj.size
-            )
+                obj.key, start, length, if_match=obj.etag or None, object_size=obj.size,
+                **({"version_id": obj.version_id} if obj.version_id else {}),
+            )  # fmt: skip
         data = result.data
         if len(data) != length:
             raise IntegrityError(f"GET {obj.key}: wanted {length} bytes at {start}, got {len(data)}")

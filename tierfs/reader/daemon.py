@@ -26,10 +26,12 @@ log = logging.getLogger(__name__)
 class DirectReaders:
     def __init__(
         self, *, cache_dir: Path, mountpoint: str, bucket: str, source: str, block_size: int,
-        group: int | None = None,
+        group: int | None = None, snapshot: str | None = None,
     ) -> None:  # fmt: skip
-        """``group``: the --cache-group gid, whose members may read the cache (docs/reader.md)."""
+        """``group``: the --cache-group gid, whose members may read the cache (docs/reader.md);
+        ``snapshot``: the local manifest copy of a snapshot mount, whose records readers use."""
         self.group = group
+        self.snapshot = snapshot
         self._opened_files = False
         self.cache_dir = cache_dir
         self.mountpoint = mountpoint
@@ -55,7 +57,7 @@ class DirectReaders:
                 self._dev = (info.major, info.minor)
             protocol.publish(
                 self.cache_dir, block_size=self.block_size, cache_format=fmt.CHUNK_FORMAT_VERSION,
-                bucket=self.bucket, source=self.source, dev=self._dev,
+                bucket=self.bucket, source=self.source, dev=self._dev, snapshot=self.snapshot,
             )  # fmt: skip
         except Exception as exc:  # OSError mostly; nothing here may stop maintenance
             log.warning("cannot publish %s for direct readers: %s", protocol.READER_FILE, exc)

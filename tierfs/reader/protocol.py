@@ -95,7 +95,14 @@ def lock_ident(env_dir: Path) -> list[int]:
 
 
 def publish(
-    cache_dir: Path, *, block_size: int, cache_format: int, bucket: str, source: str, dev: tuple[int, int]
+    cache_dir: Path,
+    *,
+    block_size: int,
+    cache_format: int,
+    bucket: str,
+    source: str,
+    dev: tuple[int, int],
+    snapshot: str | None = None,
 ) -> None:
     """Write reader.json atomically (temp file + rename): readers see the old one or the new one."""
     record = {
@@ -109,6 +116,8 @@ def publish(
         "heartbeat": time.time(),
         "locks": {env: lock_ident(cache_dir / env) for env in (fmt.META_ENV, fmt.INDEX_ENV)},
     }
+    if snapshot is not None:  # a snapshot mount: inode records come from this manifest copy
+        record["snapshot"] = snapshot
     tmp = cache_dir / f".{READER_FILE}.tmp"
     tmp.write_text(json.dumps(record))
     os.chmod(tmp, 0o600 | (os.stat(cache_dir).st_mode & 0o040))  # readable by the group only if the dir is

@@ -40,7 +40,15 @@ from .. import cacheformat as fmt
 from ..cache.blockfile import BlockReader, Invalid
 from ..cache.chunkkey import ChunkKey
 from ..meta.records import Flag, Inode, Kind, ino_key
+from ..snapshot.format import ManifestError
+from ..snapshot.manifest import Manifest, PageMissing
+from ..snapshot.namespace import Defaults, SnapshotNamespace
 from . import protocol
+
+
+async def _no_fetch(*_: Any) -> None:
+    raise Fallback("miss", "snapshot manifest page not local")
+
 
 HEARTBEAT_CHECK = 1.0  # seconds between re-reads of reader.json
 # LMDB environments inherited through fork() must never be closed in the child: closing
@@ -104,7 +112,9 @@ class CacheView:
             self._meta_env.close()
             raise
         self._checked = time.monotonic()
+        self._snapshot: SnapshotNamespace | None = None
         try:
+            self._open_snapshot()
             self._open_dbs()
             self._check_locks()
             self._check_mount()
@@ -132,6 +142,19 @@ class CacheView:
             raise Fallback("format", f"cache format {version!r}")
         if int.from_bytes(bs, "little") != self.block_size:
             raise Fallback("format", "block size differs from the published one")
+
+    def _open_snapshot(self) -> None:
+        """A snapshot mount's records are its manifest's (docs/snapshots.md): the local copy the
+        daemon keeps, read-only. A page the daemon has not fetched is a miss, never a fetch."""
+        path = self.published.get("snapshot")
+        if not path:
+            return
+        try:
+            manifest = Manifest(os.stat(path).st_size, None, Path(path))
+        except (OSError, ManifestError) as exc:
+            raise Fallback("unreadable", f"snapshot manifest {path}: {exc}") from None
+        defaults = Defaults(0, 0, 0o644, 0o755)  # attributes are the kernel's; only versions are read here
+        self._snapshot = SnapshotNamespace(manifest, manifest.footer.prefix, defaults, _no_fetch)
 
     def _read_published(self) -> dict[str, Any]:
         try:
@@ -197,6 +220,9 @@ class CacheView:
         self._checked = now
 
     def close(self) -> None:
+        if getattr(self, "_snapshot", None) is not None:
+            assert self._snapshot is not None
+            self._snapshot.manifest.close()
         for env in (getattr(self, "_meta_env", None), getattr(self, "_index_env", None)):
             if env is None:
                 continue
@@ -208,6 +234,11 @@ class CacheView:
     # -- versions ---------------------------------------------------------------------------------------
 
     def _record(self, ino: int) -> Inode | None:
+        if self._snapshot is not None:
+            try:
+                return self._snapshot.record(ino)
+            except (PageMissing, ManifestError, IndexError):
+                raise Fallback("miss", "snapshot manifest page not local") from None
         try:
             with self._meta_env.begin(db=self._inodes, buffers=True) as txn:
                 raw = txn.get(ino_key(ino))

@@ -86,7 +86,15 @@ class CrtRangeReader:
         self._lock = threading.Lock()
 
     def get(
-        self, key: str, start: int, length: int, if_match: str | None, *, whole: bool = False, timeout: float
+        self,
+        key: str,
+        start: int,
+        length: int,
+        if_match: str | None,
+        *,
+        whole: bool = False,
+        timeout: float,
+        version_id: str | None = None,
     ) -> tuple[bytes, int, Mapping[str, str]]:
         """Return (data, status, lowercase response headers) within ``timeout`` seconds.
 
@@ -95,7 +103,9 @@ class CrtRangeReader:
         error vocabulary, classified like boto3's answers.
         """
         answer: concurrent.futures.Future[CrtAnswer] = concurrent.futures.Future()
-        request = self.start(key, start, length, if_match, whole=whole, on_done=answer.set_result)
+        request = self.start(
+            key, start, length, if_match, whole=whole, version_id=version_id, on_done=answer.set_result
+        )
         try:
             data, status, headers, error = answer.result(max(timeout, 0.0))
         except TimeoutError:
@@ -113,6 +123,7 @@ class CrtRangeReader:
         if_match: str | None,
         *,
         whole: bool = False,
+        version_id: str | None = None,
         on_done: Callable[[CrtAnswer], None],
     ) -> s3.S3Request:
         """Send one GET and return at once; ``on_done((data, status, headers, error))`` is called
@@ -127,6 +138,8 @@ class CrtRangeReader:
         if start == 0:  # the answer may be the whole object: ask for its checksum (AWS needs this)
             headers.add("x-amz-checksum-mode", "ENABLED")
         path = f"{self.base}/{self.bucket}/{quote(key, safe='/~')}"
+        if version_id:
+            path += f"?versionId={quote(version_id, safe='')}"
         body = bytearray(length)
         view = memoryview(body)
         received = 0

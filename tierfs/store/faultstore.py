@@ -255,6 +255,10 @@ class FaultStore:
     def bytes_fetched(self) -> int:
         return getattr(self.inner, "bytes_fetched", 0)  # type: ignore[no-any-return]
 
+    @property
+    def in_flight(self) -> int:
+        return getattr(self.inner, "in_flight", 0)  # type: ignore[no-any-return]
+
     def check_bucket(self) -> None:
         self._invoke("check_bucket", None, self.inner.check_bucket)
 
@@ -264,8 +268,8 @@ class FaultStore:
     def list_tree(self, prefix: str) -> Iterator[ObjectInfo]:
         return self._lazy("list_tree", prefix, lambda: list(self.inner.list_tree(prefix)))
 
-    def head(self, key: str) -> ObjectInfo:
-        return self._invoke("head", key, lambda: self.inner.head(key))
+    def head(self, key: str, *, version_id: str | None = None) -> ObjectInfo:
+        return self._invoke("head", key, lambda: self.inner.head(key, version_id=version_id))
 
     def get_range(
         self,
@@ -275,11 +279,14 @@ class FaultStore:
         if_match: str | None = None,
         *,
         object_size: int | None = None,
+        version_id: str | None = None,
     ) -> GetResult:
         return self._invoke(
             "get_range",
             key,
-            lambda: self.inner.get_range(key, start, length, if_match, object_size=object_size),
+            lambda: self.inner.get_range(
+                key, start, length, if_match, object_size=object_size, version_id=version_id
+            ),
         )
 
     def put_bytes(

@@ -67,6 +67,20 @@ class ObjectInfo:
     etag: str
     mtime_ns: int
     metadata: Mapping[str, str] | None = None
+    version_id: str = ""  # known after HEAD/GET on a versioned bucket
+
+
+@dataclass(frozen=True)
+class ObjectVersionInfo:
+    """One entry of ListObjectVersions: a version of a key, or a delete marker (``deleted``)."""
+
+    key: str
+    version_id: str
+    is_latest: bool
+    deleted: bool
+    size: int
+    etag: str
+    mtime_ns: int
 
 
 @dataclass
@@ -116,7 +130,7 @@ class ObjectStore(Protocol):
         """Every object below ``prefix``, recursively (used by directory renames)."""
         ...
 
-    def head(self, key: str) -> ObjectInfo: ...
+    def head(self, key: str, *, version_id: str | None = None) -> ObjectInfo: ...
 
     def get_range(
         self,
@@ -126,8 +140,10 @@ class ObjectStore(Protocol):
         if_match: str | None = None,
         *,
         object_size: int | None = None,
+        version_id: str | None = None,
     ) -> GetResult:
-        """Read ``length`` bytes from ``start`` (fewer at end of object). ``if_match`` pins the version.
+        """Read ``length`` bytes from ``start`` (fewer at end of object). ``if_match`` pins the version;
+        ``version_id`` (a versioned bucket) reads that version even after it was overwritten or deleted.
 
         When the answer holds the whole object, its bytes are verified (stored checksum,
         else a plain-MD5 ETag) and a mismatch raises IntegrityError. Servers send their
@@ -423,6 +439,7 @@ class S3ObjectStore:
         )
         self.requests: dict[str, int] = {}
         self.bytes_fetched = 0
+        self.in_flight = 0  # requests started and not yet answered, retries included (`tierfs stats`)
         self._lock = threading.Lock()
         self._crt: Any = None
         if fast_gets:
@@ -449,6 +466,8 @@ class S3ObjectStore:
         started = time.monotonic()
         deadline = started + self.timeout
         tries = 0
+        with self._lock:
+            self.in_flight += 1
         try:
             while True:
                 self._count(op)
@@ -458,6 +477,8 @@ class S3ObjectStore:
                 except Unavailable as exc:
                     time.sleep(retry_pause(exc, tries, self.retries, deadline - time.monotonic()))
         finally:
+            with self._lock:
+                self.in_flight -= 1
             if self._observe is not None:
                 self._observe(op, time.monotonic() - started)
 
@@ -524,9 +545,40 @@ class S3ObjectStore:
             if not resp.get("IsTruncated") or not token:
                 return
 
-    def head(self, key: str) -> ObjectInfo:
-        resp = self._call("head_object", Key=key)
+    def head(self, key: str, *, version_id: str | None = None) -> ObjectInfo:
+        extra: dict[str, Any] = {"VersionId": version_id} if version_id else {}
+        resp = self._call("head_object", Key=key, **extra)
         return _info_from_response(key, resp)
+
+    def versioning(self) -> str:
+        """The bucket's versioning state: "Enabled", "Suspended" or "" (never enabled)."""
+        resp = self._call("get_bucket_versioning")
+        return str(resp.get("Status") or "")
+
+    def list_versions(self, prefix: str) -> Iterator[ObjectVersionInfo]:
+        """Every version and delete marker below ``prefix`` (ListObjectVersions), in key order,
+        each key's versions newest first as S3 lists them."""
+        marker: dict[str, Any] = {}
+        while True:
+            resp = self._call("list_object_versions", Prefix=prefix, MaxKeys=1000, **marker)
+            found = [(v, False) for v in resp.get("Versions", ())] + [
+                (d, True) for d in resp.get("DeleteMarkers", ())
+            ]
+            # The answer splits versions from delete markers; S3's order is key, then newest first.
+            # LastModified may have whole seconds: on a tie the latest one is the newest, and a
+            # delete marker is taken to follow the version it hides.
+            found.sort(key=_version_order)
+            for v, deleted in found:
+                yield ObjectVersionInfo(
+                    key=v["Key"], version_id=str(v.get("VersionId") or ""), is_latest=bool(v.get("IsLatest")),
+                    deleted=deleted, size=int(v.get("Size", 0)), etag=normalize_etag(v.get("ETag")),
+                    mtime_ns=_to_ns(v.get("LastModified")),
+                )  # fmt: skip
+            if not resp.get("IsTruncated"):
+                return
+            marker = {"KeyMarker": resp.get("NextKeyMarker", "")}
+            if resp.get("NextVersionIdMarker"):
+                marker["VersionIdMarker"] = resp["NextVersionIdMarker"]
 
     def get_range(
         self,
@@ -536,23 +588,27 @@ class S3ObjectStore:
         if_match: str | None = None,
         *,
         object_size: int | None = None,
+        version_id: str | None = None,
     ) -> GetResult:
         # Without a Range header the server returns its stored checksum; only safe when the
         # version (hence the size) is pinned, or a grown object could be fetched whole.
         whole = start == 0 and if_match is not None and object_size is not None and length >= object_size
         try:
             if self._crt is not None and 0 < length <= CRT_MAX_GET:
-                return self._crt_get_range(key, start, length, if_match, whole)
-            return self._boto_get_range(key, start, length, if_match, whole)
+                return self._crt_get_range(key, start, length, if_match, whole, version_id)
+            return self._boto_get_range(key, start, length, if_match, whole, version_id)
         except RangeNotSatisfiable:
             if start != 0:
                 raise
-            return GetResult(b"", self.head(key))  # a zero-byte object has no byte 0; S3 answers 416
+            # A zero-byte object has no byte 0; S3 answers 416.
+            return GetResult(b"", self.head(key, version_id=version_id))
 
     def _boto_get_range(
-        self, key: str, start: int, length: int, if_match: str | None, whole: bool
+        self, key: str, start: int, length: int, if_match: str | None, whole: bool, version_id: str | None
     ) -> GetResult:
         kwargs: dict[str, Any] = {"Key": key}
+        if version_id:
+            kwargs["VersionId"] = version_id
         if not whole:
             kwargs["Range"] = f"bytes={start}-{start + length - 1}"
         if if_match:
@@ -585,10 +641,12 @@ class S3ObjectStore:
         return result
 
     def _crt_get_range(
-        self, key: str, start: int, length: int, if_match: str | None, whole: bool
+        self, key: str, start: int, length: int, if_match: str | None, whole: bool, version_id: str | None
     ) -> GetResult:
         def attempt(budget: float) -> GetResult:
-            data, _, headers = self._crt.get(key, start, length, if_match, whole=whole, timeout=budget)
+            data, _, headers = self._crt.get(
+                key, start, length, if_match, whole=whole, timeout=budget, version_id=version_id
+            )
             return self._crt_result(key, start, data, headers)
 
         result = self._retrying("get_object", f"get_object {key}", attempt)
@@ -618,6 +676,7 @@ class S3ObjectStore:
         *,
         object_size: int | None,
         on_done: Callable[[GetResult | StoreError], None],
+        version_id: str | None = None,
     ) -> Callable[[], None] | None:
         """One attempt of :meth:`get_range`, sent without a waiting thread: returns a cancel function
         at once, or None when this GET is not one for the CRT (then call :meth:`get_range`).
@@ -646,7 +705,9 @@ class S3ObjectStore:
             else:
                 on_done(result)
 
-        request = self._crt.start(key, start, length, if_match, whole=whole, on_done=finished)
+        request = self._crt.start(
+            key, start, length, if_match, whole=whole, version_id=version_id, on_done=finished
+        )
         return request.cancel  # type: ignore[no-any-return]
 
     @staticmethod
@@ -827,6 +888,13 @@ class S3ObjectStore:
         self._call("delete_object", Key=key)
 
 
+def _version_order(item: tuple[Mapping[str, Any], bool]) -> tuple[str, int, bool, bool]:
+    """ListObjectVersions order: key, newest first; on a LastModified tie the latest first, then
+    a delete marker before the version it hides."""
+    version, deleted = item
+    return version["Key"], -_to_ns(version.get("LastModified")), not version.get("IsLatest"), not deleted
+
+
 def _info_from_response(key: str, resp: Mapping[str, Any]) -> ObjectInfo:
     return ObjectInfo(
         key=key,
@@ -834,4 +902,5 @@ def _info_from_response(key: str, resp: Mapping[str, Any]) -> ObjectInfo:
         etag=normalize_etag(resp.get("ETag")),
         mtime_ns=_to_ns(resp.get("LastModified")),
         metadata=resp.get("Metadata") or {},
+        version_id=str(resp.get("VersionId") or ""),
     )
