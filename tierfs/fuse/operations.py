@@ -293,7 +293,7 @@ class TierOperations(pyfuse3.Operations):
             # Written through this handle and uploaded since: read the version the bucket now has.
             node = self._inode(version.ino)
             where = self.places.where(node.ino, node.key)
-            return where, dataclasses.replace(self.version_of(node), key=where.key)  # keeps a pinned version id
+            return where, dataclasses.replace(self.version_of(node), key=where.key)  # its version id too
         current = self.ns.get(version.ino) if self.wb is not None else None
         if current is None:
             return self.places.where(version.ino, version.key), version
