@@ -123,7 +123,11 @@ class Mount:
             learn_metadata=None if self.pinned else self.namespace.learn_metadata,
             timeout=cfg.timeout,
             max_parallel_runs=cfg.s3_concurrency,
-            cold_gets=ColdGets(
+            # Pinned mounts keep the thread path for now: PinnedReads' rule (a deleted object is
+            # EIO, not ENOENT) wraps get_range, and the cold engine's start_get does not pass it.
+            cold_gets=None
+            if self.pinned
+            else ColdGets(
                 self.store,
                 limiter=trio.CapacityLimiter(COLD_GETS_PER_SLOT * cfg.s3_concurrency),
                 timeout=cfg.timeout,
