@@ -188,7 +188,7 @@ class Stack:
         node = self.node(name)
         if self.wb.is_staged(node.ino):
             size = self.wb.size_of(node.ino)
-            staged = await self.wb.read(node.ino, 0, max(size or 0, node.size) + 1)
+            staged = await self.wb.read_staged(node.ino, 0, max(size or 0, node.size) + 1)
             if staged is not None:
                 return staged
             node = self.node(name)  # retired meanwhile: its bytes are now the node's version

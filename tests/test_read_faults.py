@@ -132,7 +132,20 @@ class ShortBodies(FaultStore):
         return GetResult(result.data[: len(result.data) // 2], result.info)
 
 
-class Rig:
+class Workers:
+    """``run_s3`` and ``run_io`` as the mount hands them to a Hydrator: worker threads, the S3
+    calls bounded by ``limiter``."""
+
+    limiter: trio.CapacityLimiter
+
+    async def run_s3(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=self.limiter)
+
+    async def run_io(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(functools.partial(fn, *args))
+
+
+class Rig(Workers):
     """A Hydrator as the mount builds it, over a fault-injecting store on moto and a real ChunkCache.
 
     ``slots`` bounds concurrent store calls like ``--s3-concurrency``. Read-ahead tasks are not
@@ -170,12 +183,6 @@ class Rig:
             max_parallel_runs=parallel_runs,
             timeout=self.TIMEOUT,
         )
-
-    async def run_s3(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=self.limiter)
-
-    async def run_io(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await trio.to_thread.run_sync(functools.partial(fn, *args))
 
     def put(self, key: str, body: bytes) -> ObjectVersion:
         etag = self.client.put_object(Bucket=self.bucket, Key=key, Body=body)["ETag"].strip('"')

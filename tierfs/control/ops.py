@@ -159,6 +159,7 @@ class ControlOps:
             await hydrator.hydrate(version)
             return
         await hydrator.blocks(version, range(count), remember=False)
+        await hydrator.settled(version, range(count))  # the cold engine stores after it answers
         if not self._cached_whole(version):
             raise OSError(errno.ENOSPC, f"the chunk cache could not store {version.key}")
 

@@ -360,6 +360,7 @@ class Mount:
             "prefetched_blocks": hyd.prefetched_blocks,
             "partial_reads": hyd.partial_reads,
             "s3_get_requests": requests.get("get_object", 0),
+            **self.hydrator.engine_status(),
             "s3_list_requests": requests.get("list_objects_v2", 0),
             "s3_head_requests": requests.get("head_object", 0),
             "s3_requests": requests,

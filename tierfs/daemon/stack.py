@@ -30,6 +30,7 @@ from ..meta.cachedir import CacheDir
 from ..meta.groupcommit import GroupCommit
 from ..meta.namespace import Namespace, NamespacePolicy
 from ..meta.view import NamespaceView
+from ..read.engine import ColdGets
 from ..read.hydrator import Hydrator
 from ..store.objectstore import ObjectStore
 from ..writeback import WriteBack
@@ -38,6 +39,10 @@ from ..writeback.staging import Staging
 
 IO_THREADS = 8
 HOT_BYTES = 64 << 20  # the memory tier
+# GETs the cold engine keeps in flight per --s3-concurrency slot: they hold no thread, and each
+# is at most CRT_MAX_GET (2 MiB), so 4 x 16 = 64 in flight cost at most 128 MiB, and about
+# 7 MiB for 110 KiB files (docs/coldpath.md).
+COLD_GETS_PER_SLOT = 4
 Spawn = Callable[[Callable[[], Awaitable[None]]], None]
 
 
@@ -62,6 +67,7 @@ class StackSettings:
     upload_concurrency: int = 8
     s3_concurrency: int = 16
     timeout: float | None = None  # the store's bound on one call; None: the store's own
+    retries: int = 2  # the store's extra attempts, which the cold engine's GETs follow too
 
     @classmethod
     def from_config(cls, cfg: MountConfig) -> StackSettings:
@@ -72,6 +78,7 @@ class StackSettings:
             cache_max_age=cfg.cache_max_age, cache_compression=cfg.cache_compression,
             read_only=cfg.read_only, writeback_delay=cfg.writeback_delay,
             upload_concurrency=cfg.upload_concurrency, s3_concurrency=cfg.s3_concurrency, timeout=cfg.timeout,
+            retries=cfg.retries,
         )  # fmt: skip
 
 
@@ -125,6 +132,8 @@ class Stack:
 
     def close(self) -> None:
         try:
+            if hasattr(self, "hydrator"):
+                self.hydrator.close()  # the cache writer stores what it holds before the tiers close
             if hasattr(self, "tiers"):
                 self.tiers.close()
         finally:
@@ -194,6 +203,9 @@ def _wire(
         learn_metadata=None if pinning else stack.namespace.learn_metadata,
         timeout=s.timeout,
         max_parallel_runs=s.s3_concurrency,
+        # Pinned mounts keep the thread path for now: PinnedReads' rule (a deleted object is
+        # EIO, not ENOENT) wraps get_range, and the cold engine's start_get does not pass it.
+        cold_gets=None if pinning else _cold_gets(stack),
     )
     stack.journal = None
     stack.writeback = None
@@ -220,3 +232,12 @@ def _wire(
         run_io=stack.run_io,
         version_ids=pinning.version_ids if pinning else None,
     )
+
+
+def _cold_gets(stack: Stack) -> ColdGets:
+    """The cold engine's GETs (read/engine.py): many in flight, none holding a thread, under the
+    store's own time rule."""
+    s = stack.settings
+    timeout = s.timeout if s.timeout is not None else getattr(stack.store, "timeout", 30.0)
+    limiter = trio.CapacityLimiter(COLD_GETS_PER_SLOT * s.s3_concurrency)
+    return ColdGets(stack.store, limiter=limiter, timeout=timeout, retries=s.retries)

@@ -10,7 +10,8 @@ them directly (tests/test_fs_model.py).
 
 It owns the transactions that cross the namespace, write-back and the read path: a rename
 or unlink changes the namespace and journals the bucket's side in one bracket, and a read asks
-write-back where a file's bytes are now (``WriteBack.bytes_at``) before the hydrator fetches.
+the read path's one question, where a file's bytes are now (``read.places.BytePlaces``, which
+write-back answers), once per READ before the hydrator fetches.
 
 Rules (see also tierfs/fs/__init__.py):
 - every method is a coroutine or a plain call on the trio loop; what it does there is short
@@ -42,6 +43,7 @@ from ..meta.namespace import Namespace, Unlinked, child_key
 from ..meta.records import Flag, Inode, Kind, kind_of_mode
 from ..read.follow import read_following
 from ..read.hydrator import Hydrator, ObjectVersion
+from ..read.places import BytePlaces, InTheBucket, Where
 from ..writeback import WriteBack
 from .handles import FileHandle, Handles
 from .posix import RENAME_EXCHANGE, RENAME_NOREPLACE, AttrChanges, Caller, FsStats, PosixError, check_name
@@ -69,6 +71,9 @@ class FileSystem:
         self.hydrator = hydrator
         self.block_size = block_size
         self.wb = writeback
+        # The read path's one question (read/places.py): write-back answers it; without it (read-only)
+        # every file's bytes are under its own key.
+        self.places: BytePlaces = writeback if writeback is not None else InTheBucket()
         self._run_io = run_io
         self._version_ids = version_ids
         self.handles = Handles()
@@ -168,21 +173,14 @@ class FileSystem:
 
     def version_of(self, node: Inode) -> ObjectVersion:
         """The bytes of ``node`` as the bucket holds them *now*: after a rename, the data stays
-        under the old key until the journaled copy has run (WriteBack.bytes_at)."""
-        key = self.wb.bytes_at(node.ino, node.key).key if self.wb is not None else node.key
+        under the old key until the journaled copy has run (``BytePlaces.where``)."""
+        key = self.places.where(node.ino, node.key).key
         if self._version_ids is not None:
             return ObjectVersion(node.ino, key, node.etag, node.size, self._version_ids(node.ino))
         return ObjectVersion(node.ino, key, node.etag, node.size)
 
     def _staged(self, ino: int) -> bool:
-        return self.wb is not None and self.wb.bytes_at(ino, "").staged
-
-    async def _read_staged(self, ino: int, offset: int, size: int) -> bytes | None:
-        """The bytes from ``ino``'s staging file; None if it has none (or it retired meanwhile:
-        then its bytes are the node's new version in the bucket)."""
-        if self.wb is None or not self.wb.bytes_at(ino, "").staged:
-            return None
-        return await self.wb.read(ino, offset, size)
+        return self.places.where(ino, "").staged
 
     async def open(self, ino: int, flags: int) -> tuple[int, bool]:
         """open(2) of a file: (handle, whether the kernel may keep its page cache of it)."""
@@ -197,29 +195,39 @@ class FileSystem:
             if flags & os.O_TRUNC:  # a change of the data like a write: its time is kept the same way
                 self.handles.written_at[ino] = time.time_ns()
         follow = writable or self._staged(ino)
-        fh = self.handles.register(FileHandle(self.version_of(node), writable, follow))
+        handle = FileHandle(self.version_of(node), writable, follow)
+        fh = self.handles.register(handle)
+        if not follow:
+            self.hydrator.start_fetch(handle.version)  # a small object: its READ finds the GET going
         return fh, self.handles.keep_cache(node)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self._handle(fh)
-        ino = handle.version.ino
-        staged = await self._read_staged(ino, offset, size)
-        if staged is not None:
-            return staged
+        where, version = self._locate(handle)  # the one question per READ: where are the bytes now
+        if where.staged:
+            staged = await self.places.read_staged(version.ino, offset, size)
+            if staged is not None:
+                return staged
+            where, version = self._locate(handle)  # retired meanwhile: the bucket has them now
         return await read_following(
-            lambda: self._read_version(handle), lambda version: self.hydrator.read(version, offset, size)
+            lambda: self._locate(handle)[1], lambda v: self.hydrator.read(v, offset, size), first=version
         )
 
-    def _read_version(self, handle: FileHandle) -> ObjectVersion:
-        """What a read through ``handle`` reads now (asked again if the bytes move meanwhile)."""
+    def _locate(self, handle: FileHandle) -> tuple[Where, ObjectVersion]:
+        """Where the bytes read through ``handle`` are now, and the version to read from the bucket
+        (asked again if the bytes move meanwhile)."""
         version = handle.version
         if handle.follow or not version.etag:
             # Written through this handle and uploaded since: read the version the bucket now has.
-            return self.version_of(self._inode(version.ino))
-        if self.wb is not None and (current := self.ns.get(version.ino)) is not None:
-            # Renamed since the open: follow the data to wherever the bucket has it now.
-            return dataclasses.replace(version, key=self.version_of(current).key)
-        return version
+            node = self._inode(version.ino)
+            where = self.places.where(node.ino, node.key)
+            return where, dataclasses.replace(self.version_of(node), key=where.key)  # its version id too
+        current = self.ns.get(version.ino) if self.wb is not None else None
+        if current is None:
+            return self.places.where(version.ino, version.key), version
+        # Renamed since the open: follow the data to wherever the bucket has it now.
+        where = self.places.where(current.ino, current.key)
+        return where, dataclasses.replace(version, key=where.key)
 
     async def release(self, fh: int) -> None:
         closed = self.handles.close(fh)  # before any await: follow_local walks the open handles
@@ -300,9 +308,10 @@ class FileSystem:
         node = self._inode(ino)
         if node.kind is not Kind.SYMLINK:
             raise PosixError(errno.EINVAL)
-        staged = await self._read_staged(ino, 0, SYMLINK_MAX)
-        if staged is not None:
-            return staged
+        if self._staged(ino):
+            staged = await self.places.read_staged(ino, 0, SYMLINK_MAX)
+            if staged is not None:
+                return staged
         return await self.hydrator.read(self.version_of(self._inode(ino)), 0, node.size)
 
     async def mknod(self, parent: int, name: str, mode: int, rdev: int, caller: Caller) -> Inode:

@@ -28,10 +28,14 @@ MAX_MOVES = 8
 
 
 async def read_following(
-    locate: Callable[[], ObjectVersion], read: Callable[[ObjectVersion], Awaitable[T]]
+    locate: Callable[[], ObjectVersion],
+    read: Callable[[ObjectVersion], Awaitable[T]],
+    *,
+    first: ObjectVersion | None = None,
 ) -> T:
-    """``read(locate())``, again from the new place while the failure is explained by a move."""
-    version = locate()
+    """``read(locate())``, again from the new place while the failure is explained by a move.
+    ``first``: where the caller already found the bytes for this read (it is not asked twice)."""
+    version = first if first is not None else locate()
     for _ in range(MAX_MOVES):
         try:
             return await read(version)

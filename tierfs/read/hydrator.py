@@ -28,7 +28,10 @@ Invariants:
 - Sequential readers are detected per inode; the read-ahead window starts at one
   aligned segment (``max_run`` blocks) and doubles per hit up to ``max_window_blocks``;
   it is fetched in whole segments by background tasks, bounded by the S3 limiter.
-- Nothing here blocks the trio loop: S3 and disk I/O run in worker threads.
+- Nothing here blocks the trio loop: S3 and disk I/O run in worker threads, except the GETs of
+  the cold engine (``read/engine.py``, docs/coldpath.md): a run the CRT takes is sent from the
+  loop with no thread waiting on it, answered before its cache write, and stored by the
+  engine's cache-writer thread; its blocks stay in ``_unstored`` until that write lands.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from ..cache.chunkkey import ChunkKey
 from ..cache.stack import Tiers
 from ..errors import IntegrityError, StoreError, Unavailable
 from ..store.objectstore import GetResult, ObjectInfo, ObjectStore
+from .engine import Accepted, CacheWriter, ColdGets, GetGauge, WriteJob
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +105,15 @@ class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
     blocks: dict[int, bytes] = field(default_factory=dict)
     error: StoreError | None = None
+
+
+@dataclass(eq=False)
+class _Unstored:
+    """Blocks answered to their readers whose cache write has not landed yet: reads take them from
+    here meanwhile, and a prefetch waits on ``stored`` before it checks that they are resident."""
+
+    blocks: dict[bytes, bytes]
+    stored: trio.Event = field(default_factory=trio.Event)
 
 
 @dataclass(frozen=True)
@@ -170,6 +183,7 @@ class Hydrator:
         max_window_blocks: int = 32,
         max_parallel_runs: int = 16,
         timeout: float | None = None,
+        cold_gets: ColdGets | None = None,
     ) -> None:
         """``timeout`` is the store's bound on one call (``--timeout``); a fetch then gets
         ``2 x timeout`` in total, slot wait and integrity retry included. None: the store's
@@ -186,11 +200,33 @@ class Hydrator:
         self.max_window = max_window_blocks
         self.max_parallel_runs = max_parallel_runs
         self.stats = HydratorStats()
+        self.gets = GetGauge()
         bound = timeout if timeout is not None else getattr(store, "timeout", None)
         self.timeout = float(bound) if isinstance(bound, int | float) and bound > 0 else math.inf
         self._inflight: dict[bytes, _Flight] = {}
         self._failed: OrderedDict[bytes, tuple[float, StoreError]] = OrderedDict()  # digest -> (until, error)
         self._seq: dict[int, _SeqState] = {}
+        # The cold engine (read/engine.py): GETs the CRT takes are sent from the loop, answered
+        # before their cache write, and stored by one writer thread in batches. Not with a shared
+        # tier, whose lookups are blocking and belong in a worker thread (_fetch_run_blocking).
+        self._cold = cold_gets if cold_gets is not None and not tiers.shared else None
+        self._writer = CacheWriter(tiers, learn_metadata) if self._cold is not None else None
+        self._unstored: dict[bytes, _Unstored] = {}
+
+    def engine_status(self) -> dict[str, int]:
+        """The cold engine's counters: GETs in flight (now, peak) and the cache writes it batched."""
+        writer = self._writer
+        return {
+            "s3_gets_in_flight": self.gets.now,
+            "s3_gets_in_flight_peak": self.gets.peak,
+            "cold_cache_writes": writer.batches if writer else 0,
+            "cold_objects_written": writer.objects if writer else 0,
+        }
+
+    def close(self) -> None:
+        """Store what the cache writer still holds (before the tiers close)."""
+        if self._writer is not None:
+            self._writer.close()
 
     # -- public ---------------------------------------------------------------------------------------
 
@@ -238,6 +274,8 @@ class Hydrator:
         missing: list[int] = []
         for i, ck in cks.items():
             data = self.tiers.from_memory(ck)
+            if data is None and self._unstored:
+                data = self._from_unstored(ck)
             if data is not None:
                 out[i] = data
             else:
@@ -268,6 +306,7 @@ class Hydrator:
             todo = self._not_indexed(obj, range(start, min(start + step, total)))
             if todo:
                 await self._fetch_blocks(obj, todo, remember=False)  # residency on disk is the point
+                await self.settled(obj, todo)
                 if self._not_indexed(obj, todo):
                     raise OSError(errno.ENOSPC, f"the chunk cache could not store {obj.key}")
             if on_bytes is not None:
@@ -275,6 +314,26 @@ class Hydrator:
 
     def forget(self, ino: int) -> None:
         self._seq.pop(ino, None)
+
+    def start_fetch(self, obj: ObjectVersion) -> None:
+        """OPEN of a small object: fetch it whole now, so its first READ finds the GET in flight
+        (or done) instead of starting it one kernel round trip later."""
+        if self._cold is None or not 0 < obj.size <= LOOP_READ_MAX or not obj.etag:
+            return
+        ck = self.chunk_key(obj, 0)
+        digest = ck.digest()
+        if digest in self._inflight or digest in self._unstored or self.tiers.in_memory(ck):
+            return
+        if self.tiers.held_locally(ck) or self._failed.get(digest, (0.0,))[0] > trio.current_time():
+            return
+
+        async def fetch() -> None:
+            try:
+                await self._fetch_blocks(obj, [0], remember=False)
+            except StoreError as exc:  # the READ gets it from the remembered failure
+                log.debug("fetch at open of %s failed: %s", obj.key, exc)
+
+        self._spawn(fetch)
 
     # -- internals ------------------------------------------------------------------------------------
 
@@ -284,7 +343,28 @@ class Hydrator:
         An index lookup is a few microseconds of LMDB read, so it runs here on the loop;
         a thread hop is paid only where there is a block file to read.
         """
-        return [i for i in indices if not self.tiers.held_locally(self.chunk_key(obj, i))]
+        return [
+            i
+            for i in indices
+            if (ck := self.chunk_key(obj, i)).digest() not in self._unstored
+            and not self.tiers.held_locally(ck)
+        ]
+
+    def _from_unstored(self, ck: ChunkKey) -> bytes | None:
+        digest = ck.digest()
+        pending = self._unstored.get(digest)
+        return None if pending is None else pending.blocks.get(digest)
+
+    async def settled(self, obj: ObjectVersion, indices: range | list[int]) -> None:
+        """Wait (within one fetch deadline) until the cache writes of these blocks landed or failed.
+
+        The cold engine answers reads before it stores their blocks: a caller that promises
+        residency (``hydrate``, a hinted fetch) waits here before it checks the index."""
+        with trio.move_on_after(2 * self.timeout if math.isfinite(self.timeout) else 60.0):
+            for i in indices:
+                pending = self._unstored.get(self.chunk_key(obj, i).digest())
+                if pending is not None:
+                    await pending.stored.wait()
 
     async def _part_from_disk(self, obj: ObjectVersion, index: int, offset: int, end: int) -> bytes | None:
         """A random read of part of a block that only the disk cache holds: read and check just
@@ -426,7 +506,9 @@ class Hydrator:
                 if j in wanted:
                     continue
                 ck = self.chunk_key(obj, j)
-                if ck.digest() in self._inflight or self.tiers.in_memory(ck) or self.tiers.held_locally(ck):
+                if ck.digest() in self._inflight or ck.digest() in self._unstored or self.tiers.in_memory(ck):
+                    continue
+                if self.tiers.held_locally(ck):
                     continue
                 wanted.add(j)
         return sorted(wanted)
@@ -513,6 +595,8 @@ class Hydrator:
         while True:
             with trio.move_on_at(start_by):
                 try:
+                    if self._cold is not None and self._cold.usable(self.store, self._run_length(obj, run)):
+                        return await self._fetch_run_cold(obj, run)
                     fetched: _Fetched = await self._run_s3(self._fetch_run_blocking, obj, run)
                     return fetched
                 except IntegrityError as exc:
@@ -563,6 +647,65 @@ class Hydrator:
         )
         return _Fetched(out, error, len(gaps), sum(len(b) for b in from_origin.values()))
 
+    def _run_length(self, obj: ObjectVersion, run: list[int]) -> int:
+        return min(obj.size, (run[-1] + 1) * self.block_size) - run[0] * self.block_size
+
+    async def _fetch_run_cold(self, obj: ObjectVersion, run: list[int]) -> _Fetched:
+        """One run through the cold engine: sent from the loop, no thread waiting on it.
+
+        On the CRT thread that received the body: the length check and the cut into blocks
+        (``accept``); then the blocks go to the loop (one hand-off) and to the cache writer,
+        which stores them after the reader was answered and learns the metadata off this path.
+        Until the write lands the blocks are kept in ``_unstored``; if it fails (a full disk) they
+        are dropped from there and a later read fetches them again.
+        """
+        assert self._cold is not None and self._writer is not None
+        start = run[0] * self.block_size
+        length = self._run_length(obj, run)
+        keys = {i: self.chunk_key(obj, i) for i in run}
+        token = trio.lowlevel.current_trio_token()
+        writer = self._writer
+        holder: list[_Unstored] = []
+        landed: list[str | None] = []  # the write's outcome, when it came before the task resumed
+
+        def stored(error: str | None) -> None:  # on the loop, once the cache write is done
+            landed.append(error)
+            if holder:
+                pending = holder[0]
+                for digest in pending.blocks:
+                    if self._unstored.get(digest) is pending:
+                        del self._unstored[digest]
+                pending.stored.set()
+            if error is not None:
+                self._note_store_failure(obj, len(run), error)
+
+        def accept(result: GetResult) -> Accepted[dict[int, bytes]]:  # on the CRT thread
+            data = result.data
+            if len(data) != length:
+                raise IntegrityError(f"GET {obj.key}: wanted {length} bytes at {start}, got {len(data)}")
+            view = memoryview(data)
+            size = self.block_size
+            blocks = {i: bytes(view[n * size : (n + 1) * size]) for n, i in enumerate(run)}
+            items = [(keys[i], blocks[i]) for i in run]
+            learn = (obj.ino, result.info) if result.info.metadata else None
+
+            def then() -> None:
+                writer.submit(WriteJob(items, [], learn, stored, token))
+
+            return blocks, then
+
+        store = self._cold.store  # one that has start_get (ColdGets.usable said so)
+        send = functools.partial(
+            store.start_get, obj.key, start, length, obj.etag or None, object_size=obj.size,
+            version_id=obj.version_id or None,
+        )  # fmt: skip
+        blocks = await self._cold.get(obj.key, send, accept, self.gets)
+        if not landed:  # the usual order: the answer is here, its cache write still to come
+            pending = _Unstored({keys[i].digest(): blocks[i] for i in run})
+            holder.append(pending)
+            self._unstored.update(dict.fromkeys(pending.blocks, pending))
+        return _Fetched(blocks, None, 1, length)
+
     def _block_length(self, obj: ObjectVersion, index: int) -> int:
         return min(self.block_size, obj.size - index * self.block_size)
 
@@ -577,10 +720,11 @@ class Hydrator:
         length = min(obj.size, (run[-1] + 1) * self.block_size) - start
         # object_size lets the store ask for a whole object without a Range header, so the
         # server's stored checksum comes back and the body is checked against it.
-        result: GetResult = self.store.get_range(
-            obj.key, start, length, if_match=obj.etag or None, object_size=obj.size,
-            **({"version_id": obj.version_id} if obj.version_id else {}),
-        )  # fmt: skip
+        with self.gets:
+            result: GetResult = self.store.get_range(
+                obj.key, start, length, if_match=obj.etag or None, object_size=obj.size,
+                **({"version_id": obj.version_id} if obj.version_id else {}),
+            )  # fmt: skip
         data = result.data
         if len(data) != length:
             raise IntegrityError(f"GET {obj.key}: wanted {length} bytes at {start}, got {len(data)}")

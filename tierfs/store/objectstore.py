@@ -228,6 +228,7 @@ class ObjectStore(Protocol):
 
 # --------------------------------------------------------------------------- error classification
 
+
 def map_error(exc: BaseException, what: str) -> StoreError:
     """Classify any boto3/botocore failure. Unknown failures are transient, never 'not found'."""
     if isinstance(exc, StoreError):
@@ -355,6 +356,19 @@ def backoff(attempt: int) -> float:
     return random.uniform(0.0, min(2.0, 0.1 * 2 ** (attempt - 1)))
 
 
+def retry_pause(error: Unavailable, tries: int, retries: int, left: float) -> float:
+    """The time rule's answer after attempt ``tries`` failed with ``error`` and ``left`` seconds of
+    the call's budget remain: the back-off before the next attempt, or raise the error (naming
+    the attempts) when no retry is allowed or none could start with MIN_ATTEMPT left. One policy
+    for the blocking store and the loop-side cold engine (tierfs/read/engine.py)."""
+    pause = backoff(tries)
+    if tries > retries or pause > left - MIN_ATTEMPT:
+        if tries > 1:
+            raise type(error)(f"{error} (after {tries} attempts)") from error
+        raise error
+    return pause
+
+
 class S3ObjectStore:
     """:class:`ObjectStore` over boto3 (and awscrt for small GETs).
 
@@ -420,7 +434,8 @@ class S3ObjectStore:
         )
         self._pool = concurrent.futures.ThreadPoolExecutor(
             # Part uploads hold one of their own slots while they wait here, on top of the callers.
-            max_workers=max_pool + part_concurrency, thread_name_prefix="tierfs-s3"
+            max_workers=max_pool + part_concurrency,
+            thread_name_prefix="tierfs-s3",
         )
         self.requests: dict[str, int] = {}
         self.bytes_fetched = 0
@@ -460,12 +475,7 @@ class S3ObjectStore:
                 try:
                     return attempt(deadline - time.monotonic())
                 except Unavailable as exc:
-                    pause = backoff(tries)
-                    if tries > self.retries or time.monotonic() + pause > deadline - MIN_ATTEMPT:
-                        if tries > 1:
-                            raise type(exc)(f"{exc} (after {tries} attempts)") from exc
-                        raise
-                    time.sleep(pause)
+                    time.sleep(retry_pause(exc, tries, self.retries, deadline - time.monotonic()))
         finally:
             with self._lock:
                 self.in_flight -= 1
@@ -637,23 +647,68 @@ class S3ObjectStore:
             data, _, headers = self._crt.get(
                 key, start, length, if_match, whole=whole, timeout=budget, version_id=version_id
             )
-            total = headers.get("content-range", "").rsplit("/", 1)[-1]
-            modified = headers.get("last-modified")
-            info = ObjectInfo(
-                key=key,
-                size=int(total) if total.isdigit() else int(headers.get("content-length", len(data))),
-                etag=normalize_etag(headers.get("etag")),
-                mtime_ns=_to_ns(parsedate_to_datetime(modified)) if modified else 0,
-                metadata={
-                    k[len("x-amz-meta-") :]: v for k, v in headers.items() if k.startswith("x-amz-meta-")
-                },
-            )
-            return self._checked(data, info, start, headers)
+            return self._crt_result(key, start, data, headers)
 
         result = self._retrying("get_object", f"get_object {key}", attempt)
         with self._lock:
             self.bytes_fetched += len(result.data)
         return result
+
+    def _crt_result(self, key: str, start: int, data: bytes, headers: Mapping[str, str]) -> GetResult:
+        """A CRT answer as a checked GetResult (raises IntegrityError when the bytes fail their check)."""
+        total = headers.get("content-range", "").rsplit("/", 1)[-1]
+        modified = headers.get("last-modified")
+        info = ObjectInfo(
+            key=key,
+            size=int(total) if total.isdigit() else int(headers.get("content-length", len(data))),
+            etag=normalize_etag(headers.get("etag")),
+            mtime_ns=_to_ns(parsedate_to_datetime(modified)) if modified else 0,
+            metadata={k[len("x-amz-meta-") :]: v for k, v in headers.items() if k.startswith("x-amz-meta-")},
+        )
+        return self._checked(data, info, start, headers)
+
+    def start_get(
+        self,
+        key: str,
+        start: int,
+        length: int,
+        if_match: str | None,
+        *,
+        object_size: int | None,
+        on_done: Callable[[GetResult | StoreError], None],
+        version_id: str | None = None,
+    ) -> Callable[[], None] | None:
+        """One attempt of :meth:`get_range`, sent without a waiting thread: returns a cancel function
+        at once, or None when this GET is not one for the CRT (then call :meth:`get_range`).
+
+        ``on_done`` is called exactly once, on a CRT thread, with the checked result or the error;
+        it must not block long. The caller owns the time rule (bound the wait, cancel, retry
+        Unavailable within ``timeout`` and ``retries``): the cold fetch engine does, on the loop.
+        """
+        if self._crt is None or not 0 < length <= CRT_MAX_GET:
+            return None
+        whole = start == 0 and if_match is not None and object_size is not None and length >= object_size
+        self._count("get_object")
+
+        def finished(answer: tuple[bytes, int, Mapping[str, str], StoreError | None]) -> None:
+            data, _, headers, error = answer
+            try:
+                if error is not None:
+                    raise error
+                result = self._crt_result(key, start, data, headers)
+                with self._lock:
+                    self.bytes_fetched += len(data)
+            except StoreError as exc:
+                on_done(exc)
+            except Exception as exc:  # a malformed answer; never let it escape into the CRT
+                on_done(Unavailable(f"get_object {key}: {type(exc).__name__}: {exc}"))
+            else:
+                on_done(result)
+
+        request = self._crt.start(
+            key, start, length, if_match, whole=whole, version_id=version_id, on_done=finished
+        )
+        return request.cancel  # type: ignore[no-any-return]
 
     @staticmethod
     def _checked(data: bytes, info: ObjectInfo, start: int, headers: Mapping[str, str]) -> GetResult:

@@ -10,6 +10,6 @@ follow. It may import read, cache, meta, store and the bottom modules. Trio loop
 on the loop; file I/O, LMDB writes and S3 calls go through ``run_io``/``run_s3`` (worker threads).
 """
 
-from .core import BytesAt, WriteBack, WriteBackStats
+from .core import WriteBack, WriteBackStats
 
-__all__ = ["BytesAt", "WriteBack", "WriteBackStats"]
+__all__ = ["WriteBack", "WriteBackStats"]

@@ -34,6 +34,7 @@ from ..meta.namespace import Namespace
 from ..meta.records import Flag, Inode, Kind
 from ..read.follow import read_following
 from ..read.hydrator import Hydrator, ObjectVersion
+from ..read.places import Where
 from ..store.objectstore import ObjectStore
 from .attempts import Attempts
 from .files import BlockSink, StagedFiles
@@ -50,16 +51,6 @@ log = logging.getLogger("tierfs.writeback")
 RunBlocking = Callable[..., Awaitable[Any]]
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
 COALESCE = 0.01  # seconds the executor lets wake-ups gather before it looks at the journal again
-
-@dataclass(frozen=True)
-class BytesAt:
-    """Where a file's bytes are now: in its staging file (``staged``; read it through
-    ``WriteBack.read``), else in the bucket under ``key`` (a renamed file's data stays under its
-    old key until the journaled copy has run)."""
-
-    staged: bool
-    key: str
-
 
 @dataclass
 class WriteBackStats:
@@ -129,10 +120,13 @@ class WriteBack:
 
     # -- queries ----------------------------------------------------------------------------------------
 
-    def bytes_at(self, ino: int, key: str) -> BytesAt:
+    def where(self, ino: int, key: str) -> Where:
         """Where the bytes of ``ino`` (now named ``key``) are right now: the one question the read
-        path asks of write-back. Short and on the loop (two dict lookups)."""
-        return BytesAt(staged=self.is_staged(ino), key=self.data_key(ino, key))
+        path asks (``read.places.BytePlaces``, which write-back satisfies). Short and on the loop
+        (two dict lookups)."""
+        if self.is_staged(ino):
+            return Where(True, key)
+        return Where(False, self.data_key(ino, key))
 
     def data_key(self, ino: int, key: str) -> str:
         """Where the bytes of ``ino`` (now named ``key``) are in the bucket right now (Ledger.data_key)."""
@@ -268,7 +262,7 @@ class WriteBack:
             headers=lambda: headers_of(node, self.journal.token(put.seq)),
         )  # fmt: skip
 
-    async def read(self, ino: int, offset: int, size: int) -> bytes | None:
+    async def read_staged(self, ino: int, offset: int, size: int) -> bytes | None:
         """Read the staging file; None if it retired meanwhile (the bucket version has its bytes)."""
         return await self.files.read(ino, offset, size)
 
