@@ -42,24 +42,55 @@ MISS_FETCH_ENV = "TIERFS_MISS_FETCH"
 _EFFECTIVE = os.access in os.supports_effective_ids
 
 # Views are per process, not per Reader: LMDB (and py-lmdb) allow one open environment per
-# path in a process, and every Reader of the process may share them.
-# (dev, cache dir) -> its view, or (retry at, reason) after a failure to open it.
-_VIEWS: dict[tuple[int, str], CacheView | tuple[float, str]] = {}
+# path in a process, and every Reader of the process may share them. So they are keyed by the
+# cache directory alone (its real path): a cache dir that a new mount (another device number)
+# took over gets its old view closed before a new one is opened.
+_VIEWS: dict[str, CacheView] = {}
+# (dev, cache dir) -> (retry at, reason, reader.json as it was) after a failure to open a view. A
+# new reader.json (a daemon (re)publishing) makes the retry due at once.
+_FAILED: dict[tuple[int, str], tuple[float, str, tuple[int, int] | None]] = {}
 _VIEWS_LOCK = threading.Lock()
 _VIEWS_PID = os.getpid()
 
 
-def _views() -> dict[tuple[int, str], CacheView | tuple[float, str]]:
+def _views() -> dict[str, CacheView]:
     global _VIEWS_PID
     if os.getpid() != _VIEWS_PID:  # inherited through fork(): nothing of the parent is ours
         with _VIEWS_LOCK:
             if os.getpid() != _VIEWS_PID:
                 for view in _VIEWS.values():
-                    if isinstance(view, CacheView):
-                        view.close()  # parks the environments, never closes them in a child
+                    view.close()  # parks the environments, never closes them in a child
                 _VIEWS.clear()
+                _FAILED.clear()
                 _VIEWS_PID = os.getpid()
     return _VIEWS
+
+
+def _drop_view(view: CacheView) -> None:
+    """Forget a view whose mount is gone or changed (never a failure: a new mount of the same cache
+    dir may open it again at once) and close its environments."""
+    with _VIEWS_LOCK:
+        key = _view_key(view.root)
+        if _VIEWS.get(key) is view:
+            del _VIEWS[key]
+        view.close()
+
+
+def _view_key(root: Path) -> str:
+    return os.path.realpath(root)
+
+
+def _published_ident(root: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(root / protocol.READER_FILE)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns)
+
+
+class _StillFailing(Fallback):
+    """A Fallback remembered from a recent failure (or a mount that is not tierfs): looking the
+    mount up again at once would only cost time."""
 
 
 def _env_cache_dirs() -> dict[str, Path] | Path | None:
@@ -89,10 +120,10 @@ class Reader:
         self._mounts: dict[int, tuple[str, str] | None] = {}  # dev -> (mountpoint, fstype) or None
         self._roots: dict[int, Path | tuple[float, str]] = {}  # dev -> cache dir, or (retry at, reason)
         self._mountinfo_read = 0.0
-        self._totals: dict[str, Any] = {"direct_reads": 0, "direct_bytes": 0, "fallbacks": {}}
-        self._delta: dict[str, Any] = {"direct_reads": 0, "direct_bytes": 0, "fallbacks": {}}
-        self._times: dict[bytes, float] = {}
-        self._times_root: Path | None = None
+        self._totals: dict[str, Any] = _no_counts()
+        # Pending access records and counter deltas, one batch per view: each mount's daemon gets
+        # the reads of its own cache, never another's (a view's mount gone: the batch is dropped).
+        self._batches: dict[int, _Batch] = {}
         self._last_flush = time.monotonic()
         self._seq = 0
         self._dropped = 0
@@ -113,19 +144,24 @@ class Reader:
 
     # -- discovery --------------------------------------------------------------------------------------
 
-    def _mount_of(self, dev: int) -> tuple[str, str] | None:
-        if dev in self._mounts:
-            return self._mounts[dev]
+    def _mount_of(self, dev: int, fresh: bool = False) -> tuple[str, str] | None:
+        """The (mountpoint, fstype) of device ``dev``, from /proc/self/mountinfo. A tierfs mount
+        is remembered (its view checks it is still the same mount); a number not in the snapshot
+        is read afresh at once (the kernel just reported a file on it, so it is mounted now); any
+        other answer is kept for a second (anonymous device numbers are reused by every virtual
+        file system). ``fresh``: a remembered mount just failed, read again."""
+        known = self._mounts.get(dev)
         now = time.monotonic()
-        if now - self._mountinfo_read > 1.0 or not self._mounts:
+        stale = dev not in self._mounts or (
+            (known is None or known[1] != "fuse.tierfs") and now - self._mountinfo_read > 1.0
+        )
+        if fresh or stale:
             self._mountinfo_read = now
-            found: dict[int, tuple[str, str] | None] = {
-                dev: (info.mountpoint, info.fstype) for dev, info in by_device().items()
-            }
-            self._mounts = found
-        result = self._mounts.get(dev)
-        self._mounts.setdefault(dev, result)
-        return result
+            self._mounts = {d: (info.mountpoint, info.fstype) for d, info in by_device().items()}
+            self._roots = {d: r for d, r in self._roots.items() if d in self._mounts}
+            _prune_views(self._mounts)
+            known = self._mounts.setdefault(dev, None)
+        return known
 
     def _cache_dir_of(self, mountpoint: str) -> Path:
         if mountpoint in self._explicit:
@@ -144,76 +180,92 @@ class Reader:
         return Path(str(record["cache_dir"]))
 
     def view(self, dev: int) -> CacheView:
-        """The open view of the cache of the mount with device ``dev``, or Fallback."""
-        self._check_fork()
-        known = isinstance(self._roots.get(dev), Path)
-        try:
-            return self._view(dev)
-        except Fallback:
-            if not known:
-                raise
-            # The cache dir found earlier failed: a remount may have given its device number to
-            # another mount with another cache. Find the cache again before giving up.
-            self._roots.pop(dev, None)
-            self._mounts.pop(dev, None)
-            return self._view(dev)
+        """The open view of the cache of the mount with device ``dev``, or Fallback.
 
-    def _view(self, dev: int) -> CacheView:
+        Everything remembered about ``dev`` (its mountpoint, cache dir and view) is checked
+        against the mount the kernel shows now (CacheView.check_current) on every call. When
+        what was remembered fails, the mount is looked up afresh once before giving up: device
+        numbers, mountpoints and cache dirs are all reused as mounts come and go."""
+        self._check_fork()
+        remembered = isinstance(self._roots.get(dev), Path) or self._mounts.get(dev) is not None
+        try:
+            return self._view(dev, fresh=False)
+        except _StillFailing:
+            raise  # a recent failure, not yet due to be tried again: no lookup for it
+        except Fallback:
+            if not remembered:
+                raise
+        self._roots.pop(dev, None)
+        return self._view(dev, fresh=True)
+
+    def _root_of(self, dev: int, fresh: bool) -> tuple[Path, str]:
+        """(cache dir, mountpoint) of the mount with device ``dev``, or Fallback."""
         root = self._roots.get(dev)
-        if not isinstance(root, Path):
-            if root is not None and time.monotonic() < root[0]:
-                raise Fallback(root[1])
-            mount = self._mount_of(dev)
-            if mount is None or mount[1] != "fuse.tierfs":
-                if mount is None:
-                    self._mounts.pop(dev, None)  # not mounted when last looked: look again next time
-                raise Fallback("not_tierfs")
-            try:
-                root = self._cache_dir_of(mount[0])
-            except Fallback as fb:
-                self._roots[dev] = (time.monotonic() + RETRY_VIEW_SECONDS, fb.reason)
-                # Device numbers are reused as mounts come and go: the mountpoint remembered for
-                # this one may be another (gone) mount's. Read mountinfo again on the retry.
-                self._mounts.pop(dev, None)
-                raise
-            self._roots[dev] = root
-        key = (dev, str(root))
+        if isinstance(root, tuple) and time.monotonic() < root[0] and not fresh:
+            raise _StillFailing(root[1])
+        mount = self._mount_of(dev, fresh)
+        if mount is None or mount[1] != "fuse.tierfs":
+            raise _StillFailing("not_tierfs")
+        if isinstance(root, Path) and not fresh:
+            return root, mount[0]
+        try:
+            found = self._cache_dir_of(mount[0])
+        except Fallback as fb:
+            self._roots[dev] = (time.monotonic() + RETRY_VIEW_SECONDS, fb.reason)
+            raise
+        self._roots[dev] = found
+        return found, mount[0]
+
+    def _view(self, dev: int, fresh: bool) -> CacheView:
+        root, mountpoint = self._root_of(dev, fresh)
         views = _views()
+        key = _view_key(root)
         known = views.get(key)
-        if isinstance(known, CacheView):
+        if known is not None and known.dev == dev and known.mountpoint == mountpoint:
             try:
-                known.check_alive()
+                known.check_current()
                 return known
-            except Fallback as fb:
-                with _VIEWS_LOCK:
-                    if views.get(key) is known:
-                        known.close()
-                        views[key] = (time.monotonic() + RETRY_VIEW_SECONDS, fb.reason)
+            except Fallback:
+                _drop_view(known)  # its mount is gone or changed: the next view is opened at once
                 raise
-        if known is not None and time.monotonic() < known[0]:
-            raise Fallback(known[1])
+        failed = _FAILED.get((dev, key))
+        if failed is not None and time.monotonic() < failed[0] and _published_ident(root) == failed[2]:
+            raise _StillFailing(failed[1])
         with _VIEWS_LOCK:
             current = views.get(key)
-            if isinstance(current, CacheView):
+            if current is not None and current.dev == dev and current.mountpoint == mountpoint:
                 return current
+            if current is not None:  # the cache dir's old mount is gone: one environment per path
+                del views[key]
+                current.close()
+            ident = _published_ident(root)
             try:
-                mount = self._mount_of(dev)
-                view = CacheView(root, dev, mount[0] if mount is not None else None)
+                view = CacheView(root, dev, mountpoint)
             except Fallback as fb:
-                views[key] = (time.monotonic() + RETRY_VIEW_SECONDS, fb.reason)
+                _FAILED[(dev, key)] = (time.monotonic() + RETRY_VIEW_SECONDS, fb.reason, ident)
                 raise
+            _FAILED.pop((dev, key), None)
             views[key] = view
             return view
 
     # -- counters and access records ----------------------------------------------------------------------
 
-    def count_fallback(self, reason: str) -> None:
+    def count_fallback(self, reason: str, view: CacheView | None = None) -> None:
+        """One read (or open) through the mount. Counted for ``tierfs status`` of ``view``'s mount
+        when it is known; without a view (no tierfs cache was found) in this process's stats only."""
         with self._lock:
-            for target in (self._totals, self._delta):
-                target["fallbacks"][reason] = target["fallbacks"].get(reason, 0) + 1
+            _add(self._totals, reason=reason)
+            if view is not None:
+                _add(self._batch(view).delta, reason=reason)
             due = time.monotonic() - self._last_flush >= ACCESS_FLUSH_SECONDS
         if due:
             self.flush()
+
+    def _batch(self, view: CacheView) -> _Batch:
+        batch = self._batches.get(id(view))
+        if batch is None or batch.view is not view:
+            batch = self._batches[id(view)] = _Batch(view)
+        return batch
 
     def fetch_missing(self, path: str, version: Version, block_size: int) -> bool:
         """A direct read missed: have the daemon fetch the whole (small) file into the cache now, at
@@ -228,55 +280,40 @@ class Reader:
 
     def count_direct(self, view: CacheView, digest: bytes, nbytes: int) -> None:
         with self._lock:
-            for target in (self._totals, self._delta):
-                target["direct_reads"] += 1
-                target["direct_bytes"] += nbytes
-            other_root = self._times_root is not None and self._times_root != view.root
-        if other_root:  # one batch file per cache dir
-            self.flush()
-        with self._lock:
-            self._times_root = view.root
-            self._times[digest] = time.time()
+            _add(self._totals, nbytes=nbytes)
+            batch = self._batch(view)
+            _add(batch.delta, nbytes=nbytes)
+            batch.times[digest] = time.time()
             due = (
-                len(self._times) >= ACCESS_FLUSH_RECORDS
+                len(batch.times) >= ACCESS_FLUSH_RECORDS
                 or time.monotonic() - self._last_flush >= ACCESS_FLUSH_SECONDS
             )
         if due:
             self.flush()
 
     def flush(self) -> None:
-        """Write the pending access records (and counter deltas) as one batch file for the daemon."""
+        """Write the pending access records (and counter deltas) as one batch file per cache dir for
+        its daemon. A batch whose view was closed (its mount went away) or whose daemon no longer
+        publishes the cache is dropped: the next daemon of that cache dir did not serve those reads."""
         if os.getpid() != self._pid:
             return
         with self._lock:
-            root, times, delta = self._times_root, self._times, self._delta
-            self._times, self._times_root = {}, None
-            self._delta = {"direct_reads": 0, "direct_bytes": 0, "fallbacks": {}}
+            batches = list(self._batches.values())
+            self._batches = {}
             self._last_flush = time.monotonic()
-            self._seq += 1
-            seq = self._seq
-        if root is None:
-            if delta["direct_reads"] or delta["fallbacks"]:
-                root = self._any_root()
-            if root is None:
-                return
-        directory = root / protocol.ACCESS_DIR
-        tmp = directory / f".tmp.{os.getpid()}.{seq}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(protocol.encode_access_batch(delta, times))
-            os.rename(tmp, directory / f"{os.getpid()}-{seq}-{os.urandom(4).hex()}{protocol.ACCESS_SUFFIX}")
-        except OSError:
-            # No writable access dir (a read-only bind mount): the reads were served, but LRU
-            # and `tierfs status` will not see them.
+            seqs = range(self._seq + 1, self._seq + 1 + len(batches))
+            self._seq += len(batches)
+        dropped = 0
+        for batch, seq in zip(batches, seqs, strict=True):
+            if not batch.view.still_published():
+                dropped += len(batch.times)
+            elif not _write_batch(batch, seq):
+                # No writable access dir (a read-only bind mount): the reads were served, but LRU
+                # and `tierfs status` will not see them.
+                dropped += len(batch.times)
+        if dropped:
             with self._lock:
-                self._dropped += len(times)
-
-    def _any_root(self) -> Path | None:
-        for view in _views().values():
-            if isinstance(view, CacheView):
-                return view.root
-        return None
+                self._dropped += dropped
 
     def stats(self) -> dict[str, Any]:
         """This process's counters since it started (or forked): direct block reads and bytes,
@@ -297,6 +334,54 @@ class Reader:
         if buffering == 0:
             return raw
         return io.BufferedReader(raw, buffering if buffering > 1 else io.DEFAULT_BUFFER_SIZE)
+
+
+class _Batch:
+    """The access records and counter deltas of one view not yet written for its daemon."""
+
+    __slots__ = ("delta", "times", "view")
+
+    def __init__(self, view: CacheView) -> None:
+        self.view = view
+        self.delta: dict[str, Any] = _no_counts()
+        self.times: dict[bytes, float] = {}
+
+
+def _no_counts() -> dict[str, Any]:
+    return {"direct_reads": 0, "direct_bytes": 0, "fallbacks": {}}
+
+
+def _add(counts: dict[str, Any], *, nbytes: int | None = None, reason: str | None = None) -> None:
+    if nbytes is not None:
+        counts["direct_reads"] += 1
+        counts["direct_bytes"] += nbytes
+    if reason is not None:
+        counts["fallbacks"][reason] = counts["fallbacks"].get(reason, 0) + 1
+
+
+def _write_batch(batch: _Batch, seq: int) -> bool:
+    directory = batch.view.root / protocol.ACCESS_DIR
+    tmp = directory / f".tmp.{os.getpid()}.{seq}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(protocol.encode_access_batch(batch.delta, batch.times))
+        os.rename(tmp, directory / f"{os.getpid()}-{seq}-{os.urandom(4).hex()}{protocol.ACCESS_SUFFIX}")
+    except OSError:
+        return False
+    return True
+
+
+def _prune_views(mounts: Mapping[int, tuple[str, str] | None]) -> None:
+    """Close the views of mounts that mountinfo no longer shows (their LMDB environments and
+    mappings would otherwise stay open for the life of the process)."""
+    views = _views()
+    with _VIEWS_LOCK:
+        gone = [
+            view for view in views.values()
+            if mounts.get(view.dev) != (view.mountpoint, "fuse.tierfs")
+        ]  # fmt: skip
+    for view in gone:
+        _drop_view(view)
 
 
 _default: Reader | None = None
@@ -340,12 +425,14 @@ class TierFile(io.RawIOBase):
         # the cache directory may be open to a group, the file need not be.
         if not (os.access(path, os.R_OK, effective_ids=True) if _EFFECTIVE else os.access(path, os.R_OK)):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        view: CacheView | None = None
         try:
-            self._view = self._reader.view(st.st_dev)
-            self._version = self._view.resolve(st)
+            view = self._reader.view(st.st_dev)
+            self._version = view.resolve(st)
+            self._view = view
             self._size = self._version.size
         except Fallback as fb:
-            self._reader.count_fallback(fb.reason)
+            self._reader.count_fallback(fb.reason, view)
             self._view = self._version = None
             self._open_mount()
 
@@ -390,10 +477,10 @@ class TierFile(io.RawIOBase):
         try:
             changed = view.changed_here(version)
         except Fallback as fb:
-            self._reader.count_fallback(fb.reason)
+            self._reader.count_fallback(fb.reason, view)
             changed = True
         if changed:
-            self._reader.count_fallback("dirty")
+            self._reader.count_fallback("dirty", view)
             self._view = self._version = None
             if self._fd is not None:  # it was opened for another version: a new handle follows
                 os.close(self._fd)
@@ -413,7 +500,7 @@ class TierFile(io.RawIOBase):
             if not self._reader.fetch_missing(self.name, version, view.block_size):
                 raise  # counted by the caller, which reads through the mount
         found = view.read_block(version, index, start, take)  # a Fallback now is the caller's to count
-        self._reader.count_fallback("miss")  # still a miss: the daemon fetched it, not a hit
+        self._reader.count_fallback("miss", view)  # still a miss: the daemon fetched it, not a hit
         return found
 
     def preadinto(self, buffer: Any, offset: int) -> int:
@@ -435,7 +522,7 @@ class TierFile(io.RawIOBase):
             try:
                 data, digest = self._read_block(view, version, index, start, take)
             except Fallback as fb:
-                self._reader.count_fallback(fb.reason)
+                self._reader.count_fallback(fb.reason, view)
                 self._open_mount()
                 if self._view is None:
                     continue  # switched wholly to the mount
@@ -462,7 +549,7 @@ class TierFile(io.RawIOBase):
                 try:
                     data, digest = self._read_block(view, version, index, start, size)
                 except Fallback as fb:  # this block through the mount (one block: all of the range)
-                    self._reader.count_fallback(fb.reason)
+                    self._reader.count_fallback(fb.reason, view)
                     buf = bytearray(size)
                     got = self._mount_readinto(memoryview(buf), offset)
                     return bytes(buf) if got == size else bytes(buf[:got])

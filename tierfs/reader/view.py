@@ -112,6 +112,8 @@ class CacheView:
             self._meta_env.close()
             raise
         self._checked = time.monotonic()
+        self._mount_seen: tuple[int, int, int, int] | None = None  # the mount root's stat last matched
+        self.closed = False
         self._snapshot: SnapshotNamespace | None = None
         try:
             self._open_snapshot()
@@ -201,11 +203,27 @@ class CacheView:
             st = os.stat(self.mountpoint)
         except OSError as exc:
             raise Fallback("unreadable", f"{self.mountpoint}: {exc}") from None
+        seen = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        if seen == self._mount_seen:
+            return  # the kernel shows the very root this namespace was matched to
         node = self._record(st.st_ino)
         if st.st_dev != self.dev or node is None or node.kind is not Kind.DIR:
             raise Fallback("unreadable", f"{self.root} is not the cache of the mount at {self.mountpoint}")
         if node.mtime_ns != st.st_mtime_ns:
             raise Fallback("unreadable", f"{self.root} is not the cache of the mount at {self.mountpoint}")
+        self._mount_seen = seen
+
+    def check_current(self) -> None:
+        """Before a file is resolved: is this view still the cache of the mount with its device
+        number? Device numbers, mountpoints and cache dirs are all reused as mounts come and go,
+        and a namespace that is not the mount's must never pick a version (its records could
+        match a new mount's file by inode, size and mtime, and its blocks are another object's).
+        One stat of the mountpoint (the kernel answers it from its attribute cache), compared
+        with the root it last matched; the daemon's pid in reader.json at most once a second."""
+        if self.closed:
+            raise Fallback("unreadable", f"{self.root}: the view was closed")
+        self._check_mount()
+        self.check_alive()
 
     def check_alive(self) -> None:
         """At most once a second: is the daemon that published this cache still the one serving it?"""
@@ -219,7 +237,20 @@ class CacheView:
         self._check_mount()
         self._checked = now
 
+    def still_published(self) -> bool:
+        """Whether the daemon this view was checked against still publishes the cache (for a batch
+        of access records: its counters are that daemon's). When not, the next check_current
+        re-checks at once, whatever the time since the last."""
+        try:
+            same = not self.closed and self._read_published().get("pid") == self.published.get("pid")
+        except Fallback:
+            same = False
+        if not same:
+            self._checked = float("-inf")
+        return same
+
     def close(self) -> None:
+        self.closed = True
         if getattr(self, "_snapshot", None) is not None:
             assert self._snapshot is not None
             self._snapshot.manifest.close()
@@ -234,6 +265,8 @@ class CacheView:
     # -- versions ---------------------------------------------------------------------------------------
 
     def _record(self, ino: int) -> Inode | None:
+        if self.closed:
+            raise Fallback("unreadable", f"{self.root}: the view was closed")
         if self._snapshot is not None:
             try:
                 return self._snapshot.record(ino)
@@ -261,14 +294,18 @@ class CacheView:
         return Version(node.ino, self.bucket, node.key, node.etag, node.size, node.mtime_ns)
 
     def still(self, version: Version) -> bool:
-        """Whether ``version`` is still what the daemon serves for its inode (clean, same ETag)."""
-        node = self._record(version.ino)
-        return (
-            node is not None
-            and not node.flags & Flag.LOCAL
-            and not self._staged(version.ino)
-            and (node.key, node.etag, node.size) == (version.key, version.etag, version.size)
-        )
+        """Whether ``version`` is still what the daemon serves for its inode (clean, same ETag).
+        A view that cannot tell (closed: its mount went away) says no: never assume a version."""
+        try:
+            node = self._record(version.ino)
+            return (
+                node is not None
+                and not node.flags & Flag.LOCAL
+                and not self._staged(version.ino)
+                and (node.key, node.etag, node.size) == (version.key, version.etag, version.size)
+            )
+        except Fallback:
+            return False
 
     def changed_here(self, version: Version) -> bool:
         """Whether the inode was changed through the mount (or removed) since ``version`` was
@@ -291,6 +328,8 @@ class CacheView:
         return fmt.chunk_path(self._chunk_dir, digest)
 
     def _indexed(self, digest: bytes) -> bytes | None:
+        if self.closed:
+            raise Fallback("unreadable", f"{self.root}: the view was closed")
         try:
             with self._index_env.begin(db=self._chunks) as txn:
                 raw: bytes | None = txn.get(digest)
