@@ -18,10 +18,16 @@ from collections.abc import Awaitable, Callable, Collection, Iterator
 from typing import Any
 
 from ..meta.namespace import Namespace
+from ..meta.records import Inode
 from .journal import Journal, Op
 
 RunBlocking = Callable[..., Awaitable[Any]]
 JournalOp = tuple[str, dict[str, Any]]  # (kind, fields) of an op to journal
+
+
+def put_of(node: Inode) -> JournalOp:
+    """A put of ``node``'s staged bytes under its current name."""
+    return ("put", {"ino": node.ino, "key": node.key})
 
 
 class Ledger:

@@ -9,7 +9,7 @@ entries follow (``WriteBack.renamed``). In between:
   entries whose objects the pending copies have not made yet. Settling is *deferred* and run
   once the last directory rename in progress is journaled.
 
-Only this part changes these fields; the executor asks ``holds`` and ``defer``. Plain
+Only this part changes these fields; the executor asks ``holds``, the settler ``defer``. Plain
 bookkeeping on the trio loop.
 """
 

@@ -74,7 +74,7 @@ class Stream:
 
 
 class Streams:
-    """Every file's stream; the coordinator (core.WriteBack) tells it what happens to the files."""
+    """Every file's stream; write-back's parts (writes, renames, executor) say what happens to files."""
 
     def __init__(
         self,
@@ -97,10 +97,14 @@ class Streams:
         # reads share): the store's own bound on parts in flight is the same number.
         self._parts = trio.CapacityLimiter(self.limit)
         self._on_ended = on_ended  # wakes the executor: a put held back by an abort may start
-        self.nursery: trio.Nursery | None = None  # set by WriteBack.run; no streaming before
+        self.nursery: trio.Nursery | None = None  # the executor's (serve_in); no streaming before
         self._written: dict[int, int] = {}  # ino -> bytes written contiguously from offset 0
         self.active: dict[int, Stream] = {}
         self._ending: dict[int, Stream] = {}  # ended, abort not done: a put of the file must wait
+
+    def serve_in(self, nursery: trio.Nursery) -> None:
+        """The executor runs: streams' uploads and aborts run as tasks of its nursery from now on."""
+        self.nursery = nursery
 
     # -- what the coordinator reports -----------------------------------------------------------------
 
