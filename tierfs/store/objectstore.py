@@ -689,8 +689,16 @@ class S3ObjectStore:
             return None
         whole = start == 0 and if_match is not None and object_size is not None and length >= object_size
         self._count("get_object")
+        started = time.monotonic()
+        with self._lock:
+            self.in_flight += 1
 
         def finished(answer: tuple[bytes, int, Mapping[str, str], StoreError | None]) -> None:
+            # In flight and latency per attempt here: the engine owns the retries of this request.
+            with self._lock:
+                self.in_flight -= 1
+            if self._observe is not None:
+                self._observe("get_object", time.monotonic() - started)
             data, _, headers, error = answer
             try:
                 if error is not None:
