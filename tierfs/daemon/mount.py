@@ -30,6 +30,7 @@ from ..control.protocol import ProgressCallback
 from ..errors import ConfigError, FlushFailed
 from ..fuse import kerneltune
 from ..fuse.operations import TierOperations
+from ..fuse.snapshot_ops import SnapshotOperations
 from ..meta.cachedir import CacheDir
 from ..meta.groupcommit import GroupCommit
 from ..meta.importer import sweep_loop
@@ -139,7 +140,9 @@ class Mount:
                 self.metrics = metrics.serve(cfg.metrics_addr, self._status_from_any_thread)
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"cannot serve metrics on {cfg.metrics_addr}: {exc}") from None
-        self.ops = TierOperations(
+        # A pinned mount's adapter reads directories from manifest cursors (docs/snapshots.md).
+        operations: Any = SnapshotOperations if self.pinned else TierOperations
+        self.ops = operations(
             cast(Namespace, self.view),  # read-only when pinned: only NamespaceView's calls are made
             self.hydrator,
             kernel_timeout=cfg.kernel_timeout,

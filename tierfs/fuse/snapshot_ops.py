@@ -1,0 +1,129 @@
+"""The FUSE adapter of a snapshot mount: :class:`TierOperations` with directories read from a page
+cursor over the manifest (docs/snapshots.md "Listing at scale").
+
+A snapshot is immutable, so three things a live mount cannot do are safe here:
+
+- **Kernel timeouts are effectively infinite** (:data:`IMMUTABLE_TIMEOUT`): an entry or attribute
+  the kernel learnt (from readdirplus or a lookup) never needs asking again.
+- **readdir keeps no listing.** ``opendir`` records the directory; each ``readdir`` goes on from
+  the kernel's offset, which is a cursor into the manifest (ordinal + 1), so a directory of
+  millions of entries costs no memory per handle, and an offset resumed on another page lands
+  on the same next entry.
+- **A page's replies are built once.** The names and ``EntryAttributes`` of a page's 1,024 rows
+  are made together in a worker thread the first time a readdir needs them (the decode of a
+  page not on the heap, ~2.6 ms, runs there too, never on the trio loop), and the last
+  :data:`REPLY_PAGES` pages' are kept for later readdirs and lookups.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections import OrderedDict
+from typing import Any, cast
+
+import pyfuse3
+
+from ..meta.namespace import Namespace
+from ..meta.records import ROOT_INO
+from ..read.hydrator import Hydrator
+from ..snapshot.manifest import PageMissing
+from ..snapshot.namespace import FIRST_INO, RETRIES, SnapshotNamespace
+from .errnos import entry_attributes
+from .operations import TierOperations, handler
+
+IMMUTABLE_TIMEOUT = 365 * 86400.0  # a year: what the kernel takes as "no need to ask again"
+REPLY_PAGES = 64  # pages whose readdir replies are kept (~0.3 MiB each)
+
+#: One page's replies: (name as bytes, attributes) per row, in row order.
+PageReplies = list[tuple[bytes, pyfuse3.EntryAttributes]]
+
+
+class SnapshotOperations(TierOperations):
+    """pyfuse3 operations of a ``--snapshot``/``--as-of`` mount (read-only, immutable)."""
+
+    def __init__(self, namespace: SnapshotNamespace, hydrator: Hydrator, **options: Any) -> None:
+        options["kernel_timeout"] = IMMUTABLE_TIMEOUT
+        super().__init__(cast(Namespace, namespace), hydrator, **options)
+        self.snap = namespace
+        self._open_dirs: dict[int, tuple[int, str]] = {}  # fh -> (directory inode, its manifest key)
+        self._replies: OrderedDict[int, PageReplies] = OrderedDict()
+        self._replies_lock = threading.Lock()
+
+    # -- per-page replies ---------------------------------------------------------------------------
+
+    def _build_replies(self, index: int) -> None:
+        """Worker thread: decode page ``index`` (fetching it if needed) and make its replies."""
+        manifest = self.snap.manifest
+        rows = manifest.page(index, fetch=True)
+        first = manifest.first_ordinals[index]
+        replies: PageReplies = []
+        for n, row in enumerate(rows):
+            node = self.snap.node(first + n, row)
+            replies.append(
+                (os.fsencode(node.name), entry_attributes(node, timeout=self.timeout, blksize=self.blksize))
+            )
+        with self._replies_lock:
+            self._replies[index] = replies
+            if len(self._replies) > REPLY_PAGES:
+                self._replies.popitem(last=False)
+
+    def _reply(self, ordinal: int) -> tuple[bytes, pyfuse3.EntryAttributes]:
+        """The reply of entry ``ordinal`` if its page's replies are built (else PageMissing)."""
+        manifest = self.snap.manifest
+        index = manifest.page_of(ordinal)
+        replies = self._replies.get(index)  # a dict read: atomic under the GIL
+        if replies is None:
+            raise PageMissing(index)
+        return replies[ordinal - manifest.first_ordinals[index]]
+
+    async def _load(self, index: int) -> None:
+        await self.snap.run_blocking(self._build_replies, index)
+
+    # -- directories ---------------------------------------------------------------------------------
+
+    @handler
+    async def opendir(self, inode: int, ctx: Any = None) -> int:
+        node = await self.ns.ensure_listed(inode)
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = self._new_fh()
+        self._open_dirs[fh] = (inode, self.snap.dir_key_of(node))
+        return fh
+
+    @handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        opened = self._open_dirs.get(fh)
+        if opened is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        ino, dir_key = opened
+        cursor, misses = start_id, 0
+        while True:
+            try:
+                for ordinal, after in self.snap.entries(ino, cursor, dir_key=dir_key, decoded_only=True):
+                    name, attrs = self._reply(ordinal)
+                    if not pyfuse3.readdir_reply(token, name, attrs, after):
+                        return
+                    cursor, misses = after, 0
+                return
+            except PageMissing as missing:
+                misses += 1  # in a row, without an entry in between: bounded, so never a hang
+                if misses > RETRIES:
+                    raise pyfuse3.FUSEError(errno.EIO) from None
+                await self._load(missing.index)
+
+    @handler
+    async def releasedir(self, fh: int) -> None:
+        self._open_dirs.pop(fh, None)
+
+    # -- attributes from the kept replies ------------------------------------------------------------
+
+    @handler
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if inode != ROOT_INO and 0 <= inode - FIRST_INO < self.snap.manifest.footer.entries:
+            try:
+                return self._reply(inode - FIRST_INO)[1]
+            except PageMissing:
+                pass
+        return self._attrs(self._inode(inode))
