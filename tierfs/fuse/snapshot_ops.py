@@ -28,9 +28,9 @@ import pyfuse3
 from ..meta.namespace import Namespace
 from ..meta.records import ROOT_INO
 from ..read.hydrator import Hydrator
+from ..snapshot.format import MTIME, SIZE
 from ..snapshot.manifest import PageMissing
 from ..snapshot.namespace import FIRST_INO, RETRIES, SnapshotNamespace
-from .errnos import entry_attributes
 from .operations import TierOperations, handler
 
 IMMUTABLE_TIMEOUT = 365 * 86400.0  # a year: what the kernel takes as "no need to ask again"
@@ -54,16 +54,24 @@ class SnapshotOperations(TierOperations):
     # -- per-page replies ---------------------------------------------------------------------------
 
     def _build_replies(self, index: int) -> None:
-        """Worker thread: decode page ``index`` (fetching it if needed) and make its replies."""
+        """Worker thread: decode page ``index`` (fetching it if needed) and make its replies,
+        straight from the rows (no inode records: this runs once per entry of a ``find``)."""
         manifest = self.snap.manifest
         rows = manifest.page(index, fetch=True)
-        first = manifest.first_ordinals[index]
+        ino = manifest.first_ordinals[index] + FIRST_INO
+        posix, timeout, blksize = self.snap.posix, self.timeout, self.blksize
         replies: PageReplies = []
-        for n, row in enumerate(rows):
-            node = self.snap.node(first + n, row)
-            replies.append(
-                (os.fsencode(node.name), entry_attributes(node, timeout=self.timeout, blksize=self.blksize))
-            )
+        for row in rows:
+            name, mode, uid, gid, nlink = posix(row)
+            size, mtime = row[SIZE], row[MTIME]
+            attrs = pyfuse3.EntryAttributes()
+            attrs.st_ino = ino
+            attrs.entry_timeout = attrs.attr_timeout = timeout
+            attrs.st_mode, attrs.st_nlink, attrs.st_uid, attrs.st_gid = mode, nlink, uid, gid
+            attrs.st_size, attrs.st_blocks, attrs.st_blksize = size, (size + 511) // 512, blksize
+            attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime
+            replies.append((os.fsencode(name), attrs))
+            ino += 1
         with self._replies_lock:
             self._replies[index] = replies
             if len(self._replies) > REPLY_PAGES:

@@ -79,18 +79,27 @@ class SnapshotNamespace:
 
     # -- records ----------------------------------------------------------------------------------------
 
-    def node(self, ordinal: int, row: Row) -> Inode:
-        """The inode record of entry ``ordinal`` (its ``row``)."""
+    def posix(self, row: Row) -> tuple[str, int, int, int, int]:
+        """(name, st_mode, uid, gid, nlink) of a row, the mount's defaults filled in: the one place
+        both the inode records and the FUSE adapter's per-page replies take them from."""
         kind = _KINDS[row[KIND]]
         rel: str = row[KEY]
-        mode = row[MODE] or self._default_modes[kind]
         uid, gid = row[UID], row[GID]
-        name = rel[rel.rfind("/", 0, -1) + 1 : -1] if rel[-1] == "/" else rel[rel.rfind("/") + 1 :]
+        return (
+            rel[rel.rfind("/", 0, -1) + 1 : -1] if rel[-1] == "/" else rel[rel.rfind("/") + 1 :],
+            row[MODE] or self._default_modes[kind],
+            self.defaults.uid if uid < 0 else uid,
+            self.defaults.gid if gid < 0 else gid,
+            2 if kind is Kind.DIR else 1,
+        )
+
+    def node(self, ordinal: int, row: Row) -> Inode:
+        """The inode record of entry ``ordinal`` (its ``row``)."""
+        name, mode, uid, gid, nlink = self.posix(row)
         return Inode(
-            ordinal + FIRST_INO, kind, Flag.META_KNOWN if row[MODE] else Flag.NONE,
+            ordinal + FIRST_INO, _KINDS[row[KIND]], Flag.META_KNOWN if row[MODE] else Flag.NONE,
             row[PARENT] + FIRST_INO if row[PARENT] >= 0 else ROOT_INO, row[SIZE], row[MTIME], row[MTIME],
-            mode, self.defaults.uid if uid < 0 else uid, self.defaults.gid if gid < 0 else gid, math.inf,
-            name, self.prefix + rel, row[ETAG], 0, 0, 2 if kind is Kind.DIR else 1,
+            mode, uid, gid, math.inf, name, self.prefix + row[KEY], row[ETAG], 0, 0, nlink,
         )  # fmt: skip
 
     def _dir_key(self, ino: int, *, fetch: bool, decoded_only: bool = False) -> str | None:
