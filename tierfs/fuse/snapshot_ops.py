@@ -50,6 +50,7 @@ class SnapshotOperations(TierOperations):
         self._open_dirs: dict[int, tuple[int, str]] = {}  # fh -> (directory inode, its manifest key)
         self._replies: OrderedDict[int, PageReplies] = OrderedDict()
         self._replies_lock = threading.Lock()
+        self._last_replies: tuple[int, PageReplies] = (0, [])  # (first ordinal, replies): loop only
 
     # -- per-page replies ---------------------------------------------------------------------------
 
@@ -79,12 +80,16 @@ class SnapshotOperations(TierOperations):
 
     def _reply(self, ordinal: int) -> tuple[bytes, pyfuse3.EntryAttributes]:
         """The reply of entry ``ordinal`` if its page's replies are built (else PageMissing)."""
-        manifest = self.snap.manifest
-        index = manifest.page_of(ordinal)
-        replies = self._replies.get(index)  # a dict read: atomic under the GIL
-        if replies is None:
-            raise PageMissing(index)
-        return replies[ordinal - manifest.first_ordinals[index]]
+        first, replies = self._last_replies  # the page of the entry before, nearly always
+        if not 0 <= ordinal - first < len(replies):
+            manifest = self.snap.manifest
+            index = manifest.page_of(ordinal)
+            found = self._replies.get(index)  # a dict read: atomic under the GIL
+            if found is None:
+                raise PageMissing(index)
+            first, replies = manifest.first_ordinals[index], found
+            self._last_replies = (first, replies)
+        return replies[ordinal - first]
 
     async def _load(self, index: int) -> None:
         await self.snap.run_blocking(self._build_replies, index)

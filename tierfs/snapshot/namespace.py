@@ -201,26 +201,35 @@ class SnapshotNamespace:
         manifest = self.manifest
         end = manifest.footer.entries
         ordinal = (cursor or self.first_cursor(ino)) - 1
-        while ordinal < end:
-            key: str = manifest.row(ordinal, fetch=fetch, decoded_only=decoded_only)[KEY]
-            if not key.startswith(dir_key):
-                return
-            if key[-1] == "/":
-                after = manifest.lower_bound(_successor(key), fetch=fetch, decoded_only=decoded_only)
-                yield ordinal, after + 1
-            else:
-                after = ordinal + 1
-                if not self._shadowed(key, after, fetch=fetch, decoded_only=decoded_only):
+        while ordinal < end:  # one page per turn: the rows of a page are walked without a bisect each
+            index = manifest.page_of(ordinal)
+            rows = manifest.page(index, fetch=fetch, decoded_only=decoded_only)
+            first = manifest.first_ordinals[index]
+            while ordinal - first < len(rows):
+                key: str = rows[ordinal - first][KEY]
+                if not key.startswith(dir_key):
+                    return
+                if key[-1] == "/":
+                    after = manifest.lower_bound(_successor(key), fetch=fetch, decoded_only=decoded_only)
                     yield ordinal, after + 1
-            ordinal = after
+                else:
+                    after = ordinal + 1
+                    following = rows[after - first][KEY] if after - first < len(rows) else None
+                    if not self._shadowed(key, after, following, fetch=fetch, decoded_only=decoded_only):
+                        yield ordinal, after + 1
+                ordinal = after
 
-    def _shadowed(self, key: str, after: int, *, fetch: bool, decoded_only: bool) -> bool:
+    def _shadowed(
+        self, key: str, after: int, following: str | None, *, fetch: bool, decoded_only: bool
+    ) -> bool:
         """Whether the file ``key`` is hidden by a directory of the same name. Keys starting with
-        ``key`` follow it directly (the table is sorted), so only a file whose next row extends
-        its key needs the search for ``key + "/"``."""
+        ``key`` follow it directly (the table is sorted), so only a file whose next row
+        (``following``, None: on the next page) extends its key needs the search for ``key + "/"``."""
         if after >= self.manifest.footer.entries:
             return False
-        if not self.manifest.row(after, fetch=fetch, decoded_only=decoded_only)[KEY].startswith(key):
+        if following is None:
+            following = self.manifest.row(after, fetch=fetch, decoded_only=decoded_only)[KEY]
+        if not following.startswith(key):
             return False
         if self.manifest.find(key + "/", fetch=fetch, decoded_only=decoded_only) is None:
             return False
