@@ -246,8 +246,11 @@ class SnapshotNamespace:
         node = await self._with_pages(lambda: self.record(ino))
         if node is None:
             raise NotFound(f"snapshot inode {ino}")
-        if node.is_dir and self.first_cursor(ino) - 1 < self.manifest.footer.entries:
-            await self.load_page(self.manifest.page_of(self.first_cursor(ino) - 1))
+        first = self.first_cursor(ino) - 1
+        if node.is_dir and first < self.manifest.footer.entries:
+            index = self.manifest.page_of(first)
+            if self.manifest.decoded(index) is None:  # no thread hop for a page on the heap
+                await self.load_page(index)
         return node
 
     def children(self, parent: int) -> Iterator[tuple[str, int]]:
