@@ -613,6 +613,17 @@ def cmd_status(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(ns: argparse.Namespace) -> int:
+    """``tierfs stats``: rates from the daemon's status counters, redrawn every interval."""
+    from . import stats  # lazy: rich is imported only for this command
+
+    poll = stats.status_poller(_client_for_mountpoint(ns.mountpoint), ns.timeout)
+    try:
+        return stats.run(poll, interval=ns.interval, once=ns.once, count=ns.count, force_plain=ns.plain)
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C is how a live view is left
+
+
 def cmd_flush(ns: argparse.Namespace) -> int:
     _flush(_mountpoint_record(ns.mountpoint), ns.timeout)
     return 0
@@ -816,12 +827,23 @@ def build_parser() -> argparse.ArgumentParser:
     refresh.add_argument("--recursive", "-r", action="store_true", help="also below directories")
     refresh.set_defaults(func=_path_command("refresh", False))
 
+    stats = sub.add_parser("stats", help="a live view of a mount: reads by tier, S3 latency, write-back")
+    stats.add_argument("mountpoint", metavar="MOUNTPOINT")
+    stats.add_argument("--once", action="store_true", help="print one frame (after one interval) and exit")
+    stats.add_argument(
+        "--interval", type=_positive_seconds, default=1.0, metavar="SECONDS", help="redraw period (default 1)"
+    )
+    stats.add_argument("--count", type=_positive_int, default=None, metavar="N", help="stop after N frames")
+    stats.add_argument("--plain", action="store_true", help="plain text frames even on a terminal")
+    stats.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS", help=argparse.SUPPRESS)
+    stats.set_defaults(func=cmd_stats)
+
     doctor = sub.add_parser("doctor", help="check this machine for what mounts need, and say how to fix it")
     doctor.add_argument(
         "source", nargs="?", metavar="SOURCE", help="s3://BUCKET[/PREFIX]: also check the bucket"
     )
     for opt in MOUNT_OPTIONS:
-        if opt.name in DOCTOR_OPTIONS:
+        if opt.name in DOCTOR_OPTIONS | DOCTOR_SHARED_OPTIONS:
             flags = [opt.flag]
             if opt.parse is None:
                 doctor.add_argument(*flags, dest=opt.name, action="store_true", help=opt.help)
@@ -844,6 +866,29 @@ DOCTOR_OPTIONS = frozenset(
 )  # fmt: skip
 
 
+# The shared-tier options: with --shared-cache, doctor also checks that tier (tierfs.doctor_shared).
+DOCTOR_SHARED_OPTIONS = frozenset({"shared_cache", "shared_cache_endpoint_url", "shared_cache_profile"})
+
+
+def _doctor_checks(ns: argparse.Namespace) -> Callable[[Any], list[Any]] | None:
+    """The machine checks plus the shared tier's, when ``--shared-cache`` was given; else None."""
+    from . import doctor, doctor_shared
+
+    values = {
+        opt.name: opt.convert(raw, opt.flag)
+        for opt in MOUNT_OPTIONS
+        if opt.name in DOCTOR_SHARED_OPTIONS and (raw := getattr(ns, opt.name, None)) is not None
+    }
+    if "shared_cache" not in values:
+        if values:
+            raise ConfigError("--shared-cache-endpoint-url and --shared-cache-profile need --shared-cache")
+        return None
+    shared = doctor_shared.SharedOptions(
+        values["shared_cache"], values.get("shared_cache_endpoint_url"), values.get("shared_cache_profile")
+    )
+    return lambda options: doctor.run_checks(options) + doctor_shared.run_shared_checks(options, shared)
+
+
 def cmd_doctor(ns: argparse.Namespace) -> int:
     """Parse like ``mount`` (same option table, same endpoint fallback), check, report."""
     from . import doctor  # lazy: boto3 is imported only for the checks
@@ -857,7 +902,8 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
         values["endpoint_url"] = next((os.environ[v] for v in ENDPOINT_ENV if os.environ.get(v)), None)
     source = Source.parse(ns.source) if ns.source else None
     options = doctor.Options(source=source, timeout=ns.timeout, mount_path=ns.mount_path, **values)
-    return doctor.run(options)
+    checks = _doctor_checks(ns)
+    return doctor.run(options) if checks is None else doctor.run(options, checks=checks)
 
 
 def _run(prog: str, action: Callable[[], int]) -> int:

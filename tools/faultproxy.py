@@ -55,7 +55,10 @@ from urllib.parse import urlsplit
 MODES = ("error", "delay", "close", "truncate", "lose", "flip", "stall")
 UPSTREAM_TIMEOUT = 300.0  # a proxy thread never waits longer for the server (a frozen one included)
 _BODYLESS_STATUSES = frozenset({204, 304})
-_ERROR_CODES = {500: "InternalError", 502: "BadGateway", 503: "SlowDown", 504: "GatewayTimeout"}
+# 403 too: a gateway refusing writes (a read-only bucket) for `tierfs doctor --shared-cache` tests.
+_ERROR_CODES = {
+    403: "AccessDenied", 500: "InternalError", 502: "BadGateway", 503: "SlowDown", 504: "GatewayTimeout",
+}
 _MAX_LINE = 65536
 
 
@@ -617,7 +620,7 @@ def _error_response(status: int, method: str) -> bytes:
         '<?xml version="1.0" encoding="UTF-8"?>\n'
         f"<Error><Code>{code}</Code><Message>injected by faultproxy</Message></Error>"
     ).encode()
-    reason = {500: "Internal Server Error", 503: "Service Unavailable"}.get(status, "Error")
+    reason = {403: "Forbidden", 500: "Internal Server Error", 503: "Service Unavailable"}.get(status, "Error")
     head = (
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\n"
         f"Content-Length: {0 if method == 'HEAD' else len(body)}\r\n\r\n"

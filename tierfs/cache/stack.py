@@ -12,6 +12,7 @@ in worker threads. ``get_shared`` and ``store_fetched`` run in the S3 worker thr
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -21,12 +22,36 @@ from .tier import Blocks, CacheTier, Level
 log = logging.getLogger(__name__)
 
 
+class TierReads:
+    """Blocks (and bytes) each level served to readers: the per-tier rates of ``tierfs stats``.
+
+    Counted here, where every read-path lookup passes, rather than in each tier, so a new tier of
+    an existing level is counted with no code of its own. Thread-safe: lookups run on the loop and
+    in worker threads. The shared tier counts its own hits (``shared_hits``), origin reads are the
+    object store's GETs.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = {"memory_hits": 0, "memory_hit_bytes": 0, "disk_hits": 0, "disk_hit_bytes": 0}
+
+    def count(self, level: str, nbytes: int) -> None:
+        with self._lock:
+            self._counts[f"{level}_hits"] += 1
+            self._counts[f"{level}_hit_bytes"] += nbytes
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._counts)
+
+
 class Tiers:
     def __init__(self, tiers: Sequence[CacheTier]) -> None:
         self.all = tuple(sorted(tiers, key=lambda t: t.level))  # stable: same-level tiers keep their order
         self.memory = tuple(t for t in self.all if t.level is Level.MEMORY)
         self.local = tuple(t for t in self.all if t.level is Level.LOCAL)
         self.shared = tuple(t for t in self.all if t.level is Level.SHARED)
+        self.reads = TierReads()
 
     # -- the read path, level by level ------------------------------------------------------------------
 
@@ -34,6 +59,7 @@ class Tiers:
         for tier in self.memory:
             data = tier.get(ck)
             if data is not None:
+                self.reads.count("memory", len(data))
                 return data
         return None
 
@@ -58,6 +84,7 @@ class Tiers:
         for tier in self.local:
             data = tier.get(ck)
             if data is not None:
+                self.reads.count("disk", len(data))
                 return data
         return None
 
@@ -65,6 +92,7 @@ class Tiers:
         for tier in self.local:
             data = tier.get_range(ck, start, length)
             if data is not None:
+                self.reads.count("disk", len(data))
                 return data
         return None
 
@@ -125,7 +153,7 @@ class Tiers:
             tier.maintain()
 
     def status(self) -> dict[str, Any]:
-        merged: dict[str, Any] = {}
+        merged: dict[str, Any] = self.reads.status()
         for tier in self.all:
             merged.update(tier.status())
         return merged

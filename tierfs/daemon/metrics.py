@@ -44,6 +44,27 @@ S3_LATENCY = Histogram(
 )
 
 
+def latency_status() -> dict[str, Any]:
+    """The S3 latency histogram as plain numbers for the status dict: the bucket bounds (seconds)
+    and, by operation, the cumulative count at each bound followed by the total.
+
+    ``tierfs stats`` takes percentiles of the requests *between two polls* from the difference of
+    two such snapshots, which a mean or a since-mount percentile could not give.
+    """
+    bounds: list[float] = []
+    counts: dict[str, list[int]] = {}
+    for family in S3_REGISTRY.collect():
+        for sample in family.samples:
+            if not sample.name.endswith("_bucket"):
+                continue
+            op = sample.labels["op"]
+            le = sample.labels["le"]
+            counts.setdefault(op, []).append(int(sample.value))
+            if le != "+Inf" and (not bounds or float(le) > bounds[-1]):
+                bounds.append(float(le))
+    return {"s3_latency_bounds": bounds, "s3_latency_counts": counts}
+
+
 @dataclass(frozen=True)
 class _Spec:
     """How one scalar status key becomes one metric."""
@@ -101,6 +122,12 @@ _SCALARS: tuple[_Spec, ...] = (
     _Spec("shared_put_dropped", "tierfs_shared_put_dropped", "Shared-tier fills dropped (queue full)", True),
     _Spec("shared_errors", "tierfs_shared_errors", "Shared-tier requests failed or entries invalid", True),
     _Spec("shared_get_ms", "tierfs_shared_get_ms", "Mean latency of a shared-tier GET (ms)", False),
+    _Spec("memory_hits", "tierfs_memory_hits", "Blocks served from the memory tier", True),
+    _Spec("memory_hit_bytes", "tierfs_memory_hit_bytes", "Bytes served from the memory tier", True),
+    _Spec("disk_hits", "tierfs_disk_hits", "Blocks (or parts) served from the local disk tier", True),
+    _Spec("disk_hit_bytes", "tierfs_disk_hit_bytes", "Bytes served from the local disk tier", True),
+    _Spec("s3_in_flight", "tierfs_s3_in_flight", "Origin requests started, not yet answered", False),
+    _Spec("uploads_running", "tierfs_uploads_running", "Write-back operations being uploaded now", False),
     _Spec("hints_received", "tierfs_hints_received", "Paths hinted by loaders (read next)", True),
     _Spec("hints_fetched", "tierfs_hints_fetched", "Hinted files fetched ahead of their reader", True),
     _Spec("hints_dropped_behind", "tierfs_hints_dropped_behind", "Hints dropped: reader past them", True),

@@ -423,6 +423,8 @@ class Mount:
             "s3_head_requests": requests.get("head_object", 0),
             "s3_requests": requests,
             "s3_bytes_fetched": self.store.bytes_fetched,
+            "s3_in_flight": self.store.in_flight,
+            **metrics.latency_status(),
             "hidden_keys": self.namespace.counters.hidden_keys,
             "shadowed_keys": self.namespace.counters.shadowed_keys,
             "errors": self.ops.errors.count + hyd.errors,

@@ -255,6 +255,10 @@ class FaultStore:
     def bytes_fetched(self) -> int:
         return getattr(self.inner, "bytes_fetched", 0)  # type: ignore[no-any-return]
 
+    @property
+    def in_flight(self) -> int:
+        return getattr(self.inner, "in_flight", 0)  # type: ignore[no-any-return]
+
     def check_bucket(self) -> None:
         self._invoke("check_bucket", None, self.inner.check_bucket)
 

@@ -424,6 +424,7 @@ class S3ObjectStore:
         )
         self.requests: dict[str, int] = {}
         self.bytes_fetched = 0
+        self.in_flight = 0  # requests started and not yet answered, retries included (`tierfs stats`)
         self._lock = threading.Lock()
         self._crt: Any = None
         if fast_gets:
@@ -450,6 +451,8 @@ class S3ObjectStore:
         started = time.monotonic()
         deadline = started + self.timeout
         tries = 0
+        with self._lock:
+            self.in_flight += 1
         try:
             while True:
                 self._count(op)
@@ -464,6 +467,8 @@ class S3ObjectStore:
                         raise
                     time.sleep(pause)
         finally:
+            with self._lock:
+                self.in_flight -= 1
             if self._observe is not None:
                 self._observe(op, time.monotonic() - started)
 
