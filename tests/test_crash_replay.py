@@ -62,7 +62,9 @@ def test_kill9_then_remount_replays_the_journal(
     expected["sub/moved-dirty"] = expected.pop("small-00")
     os.unlink(mount.path / "small-03")  # a dirty file, unlinked: never uploaded at all
     del expected["small-03"]
-    assert mount.status()["dirty_files"] == len(expected)
+    # A large file streams its multipart upload while it is written (docs/writeback.md), so it
+    # may be complete already at its close; every small file is still waiting out the delay.
+    assert len(expected) - 2 <= mount.status()["dirty_files"] <= len(expected)
 
     # Copies and deletes are not delayed; with the server down they stay journaled
     # (connection refused: the requests certainly never reached it) until the kill.
