@@ -165,13 +165,13 @@ def cursor_walk(ns: SnapshotNamespace, ino: int) -> list[tuple[str, int]]:
     assert node is not None
     for _ in range(10_000):  # bounded: a livelock fails the test instead of hanging it
         try:
-            step = next(ns.entries(ino, cursor, dir_key=ns.dir_key_of(node), decoded_only=True), None)
+            step = next(ns.rows_of(ino, cursor, dir_key=ns.dir_key_of(node), decoded_only=True), None)
         except PageMissing as missing:
             ns.manifest.page(missing.index, fetch=True)
             continue
         if step is None:
             return out
-        ordinal, cursor = step
+        ordinal, _, cursor = step
         key = ns.manifest.row(ordinal)[KEY]
         out.append((key.rstrip("/").rsplit("/", 1)[-1], ordinal + 2))
     raise AssertionError("the cursor made no progress")
@@ -197,7 +197,7 @@ def test_readdir_cursor_resumes_across_pages_with_every_entry_once(monkeypatch: 
         node = ns.record(ino, fetch=True)
         assert node is not None and node.name == name and node.parent == big
     assert sorted(name for name, _ in cursor_walk(ns, dict(listed)["sub"])) == ["a", "b"]
-    assert list(ns.entries(dict(listed)["z.txt"], fetch=True)) == []  # not a directory: nothing
+    assert list(ns.rows_of(dict(listed)["z.txt"], fetch=True)) == []  # not a directory: nothing
 
 
 def test_decoded_only_never_decodes_and_scans_keep_the_kept_pages(monkeypatch: pytest.MonkeyPatch) -> None:

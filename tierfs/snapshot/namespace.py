@@ -183,8 +183,8 @@ class SnapshotNamespace:
         misses = 0
         while True:
             try:
-                for ordinal, after in self.entries(ino, cursor, dir_key=dir_key, decoded_only=True):
-                    node = self.node(ordinal, self.manifest.row(ordinal, decoded_only=True))
+                for ordinal, row, after in self.rows_of(ino, cursor, dir_key=dir_key, decoded_only=True):
+                    node = self.node(ordinal, row)
                     yield node.name, node, after
                     cursor, misses = after, 0
                 return
@@ -202,7 +202,7 @@ class SnapshotNamespace:
         """The cursor of the first entry of directory ``ino`` (its run starts right after its row)."""
         return 1 if ino == ROOT_INO else ino - FIRST_INO + 2
 
-    def entries(
+    def rows_of(
         self,
         ino: int,
         cursor: int = 0,
@@ -210,8 +210,8 @@ class SnapshotNamespace:
         dir_key: str | None = None,
         fetch: bool = False,
         decoded_only: bool = False,
-    ) -> Iterator[tuple[int, int]]:
-        """(ordinal, cursor after it) of directory ``ino``'s visible entries from ``cursor`` on, in
+    ) -> Iterator[tuple[int, Row, int]]:
+        """(ordinal, row, cursor after it) of directory ``ino``'s visible entries from ``cursor`` on, in
         key order. Reads pages through ``fetch``/``decoded_only`` (Manifest.page): a page it may
         not read raises PageMissing, and the caller goes on from the last cursor it got. A caller
         that knows the directory's ``dir_key`` (:meth:`dir_key_of`) spares reading its row: each
@@ -228,17 +228,18 @@ class SnapshotNamespace:
             rows = manifest.page(index, fetch=fetch, decoded_only=decoded_only)
             first = manifest.first_ordinals[index]
             while ordinal - first < len(rows):
-                key: str = rows[ordinal - first][KEY]
+                row = rows[ordinal - first]
+                key: str = row[KEY]
                 if not key.startswith(dir_key):
                     return
                 if key[-1] == "/":
                     after = manifest.lower_bound(_successor(key), fetch=fetch, decoded_only=decoded_only)
-                    yield ordinal, after + 1
+                    yield ordinal, row, after + 1
                 else:
                     after = ordinal + 1
                     following = rows[after - first][KEY] if after - first < len(rows) else None
                     if not self._shadowed(key, after, following, fetch=fetch, decoded_only=decoded_only):
-                        yield ordinal, after + 1
+                        yield ordinal, row, after + 1
                 ordinal = after
 
     def _shadowed(
@@ -278,8 +279,8 @@ class SnapshotNamespace:
     def children(self, parent: int) -> Iterator[tuple[str, int]]:
         """(name, ino) of a directory's entries, lazily from local pages (key order, not sorted)."""
         try:
-            for ordinal, _ in self.entries(parent):
-                key: str = self.manifest.row(ordinal)[KEY]
+            for ordinal, row, _ in self.rows_of(parent):
+                key: str = row[KEY]
                 yield key[key.rfind("/", 0, len(key) - 1) + 1 :].rstrip("/"), ordinal + FIRST_INO
         except PageMissing as missing:
             raise Unavailable(f"snapshot manifest page {missing.index} is not local") from None
