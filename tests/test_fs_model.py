@@ -51,7 +51,7 @@ from hypothesis.stateful import (
 from tierfs.daemon.stack import Stack, StackSettings, build_stack
 from tierfs.errors import StoreError
 from tierfs.fs import AttrChanges, Caller, FileSystem
-from tierfs.meta.records import ROOT_INO
+from tierfs.meta.records import ROOT_INO, Inode
 from tierfs.store.faultstore import FaultStore
 from tierfs.store.objectstore import S3ObjectStore
 from tools.servers import MotoS3, s3_client
@@ -260,6 +260,10 @@ class FsMachine(RuleBasedStateMachine):
     def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         assert self.runner is not None
         return self.runner.call(fn, *args)
+
+    async def listing(self, fh: int) -> list[tuple[str, Inode, int]]:
+        """Every entry of an open directory, as the kernel reads it from offset 0."""
+        return [entry async for entry in self.fs.readdir(fh, 0)]
 
     def ino(self, path: str) -> int:
         """The inode of ``path``, looked up through the file system as a kernel would."""
@@ -495,7 +499,7 @@ class FsMachine(RuleBasedStateMachine):
             assert (attrs.uid, attrs.gid) == (node.uid, node.gid), path
             if node.is_dir:
                 fh = self.call(self.fs.opendir, ino)
-                names = [name for name, _, _ in self.runner.sync(lambda fh=fh: list(self.fs.readdir(fh, 0)))]
+                names = [name for name, _, _ in self.call(self.listing, fh)]
                 self.runner.sync(self.fs.releasedir, fh)
                 assert sorted(names) == sorted(name_of(p) for p in self.model.children(path)), path
                 continue

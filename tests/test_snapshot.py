@@ -315,3 +315,34 @@ def test_cache_max_age_ages_out_a_snapshot_nobody_reads(
     assert mount.status()["chunks_cached"] >= 3
     wait_until(lambda: mount.status()["chunks_cached"] == 0, 60, "unread snapshot blocks aged out")
     assert (mount.path / "d/e/same.bin").read_bytes() == BEFORE["d/e/same.bin"]  # and read again from S3
+
+
+def test_a_directory_of_several_manifest_pages_lists_every_entry_once(
+    moto: MotoS3, bucket: Callable[..., str], mounter: Mounter, tmp_path: Path
+) -> None:
+    """readdir from manifest cursors (docs/snapshots.md "Listing at scale"): 2,600 entries in one
+    directory span three pages and many readdir calls, each resumed at the kernel's offset."""
+    name = bucket(moto)
+    files = {f"big/f{i:05d}.jpg": 1000 + i for i in range(2600)}
+    files |= {"big/f00007.jpg/inner": 5, "big/sub/x": 6, "big/z": 7}  # a directory shadowing a file
+    csv = tmp_path / "m.csv"
+    csv.write_text("".join(f"data/{key},etag-{size},{size}\n" for key, size in files.items()))
+    assert (
+        snap(moto, "import", f"s3://{name}/data", "big", str(csv), "--format", "mountpoint-csv").returncode
+        == 0
+    )
+    mount = mounter(f"s3://{name}/data", "--snapshot", "big", endpoint_url=moto.endpoint_url)
+    listed = os.listdir(mount.path / "big")
+    expected = {key.split("/")[1] for key in files}
+    assert len(listed) == len(expected) and set(listed) == expected
+    with os.scandir(mount.path / "big") as entries:
+        sizes = {
+            e.name: e.stat(follow_symlinks=False).st_size for e in entries if e.is_file(follow_symlinks=False)
+        }
+    shown = {key.split("/")[1]: size for key, size in files.items() if key.count("/") == 1}
+    del shown["f00007.jpg"]  # the directory f00007.jpg/ shadows the file
+    assert sizes == shown and (mount.path / "big/f00007.jpg").is_dir()
+    walked = subprocess.run(
+        ["find", str(mount.path)], capture_output=True, check=True, text=True
+    ).stdout.split()
+    assert len(walked) == len(set(walked)) == 1 + 1 + len(expected) + 2  # root, big/, its entries, inner, x

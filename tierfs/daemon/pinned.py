@@ -83,6 +83,8 @@ class PinnedSnapshot:
         self._usage_at = 0.0
         self._scan: Iterator[tuple[int, Row]] | None = None  # a count in progress
         self._partial = Usage()
+        self._counted_state: tuple[int, ...] = ()  # _cache_state of the last finished count
+        self._scan_state: tuple[int, ...] = ()  # _cache_state when the count in progress began
         log.info(
             "snapshot %s of s3://%s/%s: %d entries, %d bytes, made %s%s",
             self.label, footer.bucket, footer.prefix, footer.entries, footer.total_bytes,
@@ -153,7 +155,18 @@ class PinnedSnapshot:
         if self._scan is None:
             if self._usage_at and now - self._usage_at < USAGE_INTERVAL:
                 return
-            self._scan, self._partial = self.manifest.local_rows(), Usage()
+            state = self._cache_state(disk)
+            if state == self._counted_state:
+                self._usage_at = now  # nothing a count reads changed: the last answer stands
+                return
+            if state[0] == 0:  # an empty cache holds none of it: no need to look (a fresh node)
+                self._usage, self._usage_at, self._counted_state = (
+                    {"cached_bytes": 0, "cached_files": 0},
+                    now,
+                    state,
+                )
+                return
+            self._scan, self._partial, self._scan_state = self.manifest.local_rows(), Usage(), state
         batch = list(itertools.islice(self._scan, USAGE_ROWS))
         part = cached(
             iter(batch), self.cfg.source.bucket, self.cfg.source.prefix, self.cfg.block_size, disk.contains
@@ -164,7 +177,14 @@ class PinnedSnapshot:
                 "cached_bytes": self._partial.bytes_cached,
                 "cached_files": self._partial.files_cached,
             }
-            self._scan, self._usage_at = None, now
+            self._scan, self._usage_at, self._counted_state = None, now, self._scan_state
+
+    def _cache_state(self, disk: ChunkCache) -> tuple[int, ...]:
+        """What a count depends on: the chunk cache's totals (any block added, evicted, aged out
+        or found corrupt changes them) and the manifest pages local. The same state means the
+        same answer, so an idle or namespace-only mount (a ``find``) stops paying the count."""
+        stats = disk.stats()
+        return (stats.chunks, stats.logical_bytes, stats.evictions, stats.corrupt, self.manifest.local_pages)
 
     def status(self, stats: HydratorStats) -> dict[str, Any]:
         footer = self.manifest.footer

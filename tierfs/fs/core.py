@@ -34,13 +34,14 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from ..errors import NotFound
 from ..meta import keys
 from ..meta.namespace import Namespace, Unlinked, child_key
 from ..meta.records import Flag, Inode, Kind, kind_of_mode
+from ..meta.view import DirectoryCursors
 from ..read.follow import read_following
 from ..read.hydrator import Hydrator, ObjectVersion
 from ..read.places import BytePlaces, InTheBucket, Where
@@ -77,10 +78,17 @@ class FileSystem:
         self._run_io = run_io
         self._version_ids = version_ids
         self.handles = Handles()
+        # An immutable namespace (a snapshot) reads its directories from cursors (docs/snapshots.md).
+        self._cursors = namespace if isinstance(namespace, DirectoryCursors) else None
 
     @property
     def read_only(self) -> bool:
         return self.wb is None
+
+    def kernel_timeout(self, configured: float) -> float:
+        """How long the kernel may keep an entry or attribute: ``configured``, or an immutable
+        namespace's own (effectively infinite) timeout."""
+        return configured if self._cursors is None else self._cursors.kernel_timeout
 
     # -- helpers --------------------------------------------------------------------------------------
 
@@ -151,12 +159,20 @@ class FileSystem:
 
     async def opendir(self, ino: int) -> int:
         node = await self._dir(ino)
+        if self._cursors is not None:  # no listing at opendir: readdir goes on from the kernel's offset
+            return self.handles.open_cursor_dir(ino, self._cursors.dir_key_of(node))
         await self.ns.learn_empty_below(node)
         return self.handles.open_dir(list(self.ns.children(ino)))
 
-    def readdir(self, fh: int, start: int) -> Iterator[tuple[str, Inode, int]]:
+    async def readdir(self, fh: int, start: int) -> AsyncGenerator[tuple[str, Inode, int]]:
         """(name, attributes, the offset of the next entry) from ``start`` on; entries removed
-        since opendir are skipped."""
+        since opendir are skipped. A cursor-read directory's offsets are the namespace's cursors.
+        Callers that stop early close the iterator (``contextlib.aclosing``)."""
+        opened = self.handles.cursor_dirs.get(fh)
+        if opened is not None and self._cursors is not None:
+            async for name, entry, after in self._cursors.read_from(*opened, start):
+                yield name, self.shown(entry), after
+            return
         entries = self.handles.dirs.get(fh)
         if entries is None:
             raise PosixError(errno.EBADF)
@@ -168,6 +184,7 @@ class FileSystem:
 
     def releasedir(self, fh: int) -> None:
         self.handles.dirs.pop(fh, None)
+        self.handles.cursor_dirs.pop(fh, None)
 
     # -- files ----------------------------------------------------------------------------------------
 

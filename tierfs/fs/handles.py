@@ -39,6 +39,7 @@ class Handles:
     def __init__(self) -> None:
         self.files: dict[int, FileHandle] = {}
         self.dirs: dict[int, list[tuple[str, int]]] = {}
+        self.cursor_dirs: dict[int, tuple[int, str]] = {}  # fh -> (inode, key) of a cursor-read directory
         self._next_fh = 1
         self._open_count: Counter[int] = Counter()
         self._handles_of: dict[int, set[int]] = {}  # ino -> its open fhs (to make them follow)
@@ -61,6 +62,12 @@ class Handles:
     def open_dir(self, entries: list[tuple[str, int]]) -> int:
         fh = self._new_fh()
         self.dirs[fh] = entries
+        return fh
+
+    def open_cursor_dir(self, ino: int, dir_key: str) -> int:
+        """A directory read from cursors (``meta.view.DirectoryCursors``): no listing is kept."""
+        fh = self._new_fh()
+        self.cursor_dirs[fh] = (ino, dir_key)
         return fh
 
     def register(self, handle: FileHandle) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+from contextlib import aclosing
 from typing import Any
 
 import pyfuse3
@@ -49,7 +50,7 @@ class TierOperations(pyfuse3.Operations):
     def __init__(self, fs: FileSystem, *, kernel_timeout: float) -> None:
         super().__init__()
         self.fs = fs
-        self.timeout = kernel_timeout
+        self.timeout = fs.kernel_timeout(kernel_timeout)  # an immutable namespace's own, if it has one
         self.errors = _errors
 
     def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
@@ -88,9 +89,10 @@ class TierOperations(pyfuse3.Operations):
 
     @handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        for name, node, next_id in self.fs.readdir(fh, start_id):
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(node), next_id):
-                return
+        async with aclosing(self.fs.readdir(fh, start_id)) as entries:
+            async for name, node, next_id in entries:
+                if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(node), next_id):
+                    return
 
     @handler
     async def releasedir(self, fh: int) -> None:

@@ -13,7 +13,7 @@ a manifest page) in worker threads.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from .records import Inode
 
@@ -39,4 +39,27 @@ class NamespaceView(Protocol):
 
     def walk(self, root: Inode, *, force: bool = False) -> AsyncIterator[tuple[str, Inode]]:
         """(path relative to ``root``, inode) of everything below ``root``."""
+        ...
+
+
+@runtime_checkable
+class DirectoryCursors(Protocol):
+    """A namespace that never changes under a mount (a snapshot, docs/snapshots.md "Listing at
+    scale"), which therefore reads a directory from any offset with no listing kept per open
+    handle: the offset handed to the kernel is a cursor into the namespace itself. The file
+    system reads such a namespace's directories this way; the FUSE adapter applies its
+    ``kernel_timeout`` (an entry or attribute learnt once never needs asking again).
+
+    Loop rules: ``dir_key_of`` is a plain call; ``read_from`` runs on the loop and decodes a
+    page not local yet in a worker thread."""
+
+    kernel_timeout: float
+
+    def dir_key_of(self, directory: Inode) -> str:
+        """The directory's own key in the namespace, which its cursors are read under."""
+        ...
+
+    def read_from(self, ino: int, dir_key: str, cursor: int) -> AsyncIterator[tuple[str, Inode, int]]:
+        """(name, record, cursor of the next entry) of directory ``ino`` from ``cursor`` on (0: its
+        first entry), in a stable order."""
         ...

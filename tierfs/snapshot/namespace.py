@@ -17,7 +17,6 @@ import functools
 import math
 import stat
 import threading
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -31,8 +30,8 @@ from .manifest import Manifest, PageMissing
 T = TypeVar("T")
 RunBlocking = Callable[..., Awaitable[Any]]
 FIRST_INO = ROOT_INO + 1
-LISTINGS_KEPT = 16  # directories whose entry lists are kept (opendir takes its own copy)
 RETRIES = 64  # page fetches one lookup may need (depth of a path is far less)
+IMMUTABLE_TIMEOUT = 365 * 86400.0  # a year: what the kernel takes as "no need to ask again"
 _KINDS = {1: Kind.FILE, 2: Kind.DIR, 3: Kind.SYMLINK, 4: Kind.SPECIAL}
 
 
@@ -66,9 +65,8 @@ class SnapshotNamespace:
         self.manifest = manifest
         self.prefix = prefix
         self.defaults = defaults
-        self._run = run_blocking
+        self.run_blocking = run_blocking
         self.counters = SnapshotCounters(hidden_keys=manifest.footer.hidden_keys)
-        self._listings: OrderedDict[int, list[tuple[str, int]]] = OrderedDict()
         self._lock = threading.Lock()
         self._default_modes = {
             kind: type_bits(kind) | (defaults.dir_mode if kind is Kind.DIR else defaults.file_mode)
@@ -82,24 +80,34 @@ class SnapshotNamespace:
 
     # -- records ----------------------------------------------------------------------------------------
 
-    def _inode(self, ordinal: int, row: Row) -> Inode:
+    def posix(self, row: Row) -> tuple[str, int, int, int, int]:
+        """(name, st_mode, uid, gid, nlink) of a row, the mount's defaults filled in: the one place
+        both the inode records and the FUSE adapter's per-page replies take them from."""
         kind = _KINDS[row[KIND]]
         rel: str = row[KEY]
-        mode = row[MODE] or self._default_modes[kind]
         uid, gid = row[UID], row[GID]
-        name = rel[rel.rfind("/", 0, -1) + 1 : -1] if rel[-1] == "/" else rel[rel.rfind("/") + 1 :]
+        return (
+            rel[rel.rfind("/", 0, -1) + 1 : -1] if rel[-1] == "/" else rel[rel.rfind("/") + 1 :],
+            row[MODE] or self._default_modes[kind],
+            self.defaults.uid if uid < 0 else uid,
+            self.defaults.gid if gid < 0 else gid,
+            2 if kind is Kind.DIR else 1,
+        )
+
+    def node(self, ordinal: int, row: Row) -> Inode:
+        """The inode record of entry ``ordinal`` (its ``row``)."""
+        name, mode, uid, gid, nlink = self.posix(row)
         return Inode(
-            ordinal + FIRST_INO, kind, Flag.META_KNOWN if row[MODE] else Flag.NONE,
+            ordinal + FIRST_INO, _KINDS[row[KIND]], Flag.META_KNOWN if row[MODE] else Flag.NONE,
             row[PARENT] + FIRST_INO if row[PARENT] >= 0 else ROOT_INO, row[SIZE], row[MTIME], row[MTIME],
-            mode, self.defaults.uid if uid < 0 else uid, self.defaults.gid if gid < 0 else gid, math.inf,
-            name, self.prefix + rel, row[ETAG], 0, 0, 2 if kind is Kind.DIR else 1,
+            mode, uid, gid, math.inf, name, self.prefix + row[KEY], row[ETAG], 0, 0, nlink,
         )  # fmt: skip
 
-    def _dir_key(self, ino: int, *, fetch: bool) -> str | None:
+    def _dir_key(self, ino: int, *, fetch: bool, decoded_only: bool = False) -> str | None:
         """The manifest key of directory ``ino`` ("" for the root), or None if it is not one."""
         if ino == ROOT_INO:
             return ""
-        row = self.manifest.row(ino - FIRST_INO, fetch=fetch)
+        row = self.manifest.row(ino - FIRST_INO, fetch=fetch, decoded_only=decoded_only)
         return str(row[KEY]) if row[KEY].endswith("/") else None
 
     def record(self, ino: int, *, fetch: bool = False) -> Inode | None:
@@ -109,7 +117,7 @@ class SnapshotNamespace:
         ordinal = ino - FIRST_INO
         if not 0 <= ordinal < self.manifest.footer.entries:
             return None
-        return self._inode(ordinal, self.manifest.row(ordinal, fetch=fetch))
+        return self.node(ordinal, self.manifest.row(ordinal, fetch=fetch))
 
     def get(self, ino: int) -> Inode | None:
         """The kernel only knows inodes it was given by lookup or readdir, whose pages are local;
@@ -134,7 +142,7 @@ class SnapshotNamespace:
         for key in (dir_key + name + "/", dir_key + name):  # a directory shadows a file
             ordinal = self.manifest.find(key, fetch=fetch)
             if ordinal is not None:
-                return self._inode(ordinal, self.manifest.row(ordinal, fetch=fetch))
+                return self.node(ordinal, self.manifest.row(ordinal, fetch=fetch))
         return None
 
     def child(self, parent: int, name: str) -> Inode | None:
@@ -149,7 +157,7 @@ class SnapshotNamespace:
             try:
                 return fn()
             except PageMissing as missing:
-                await self._run(functools.partial(self.manifest.page, missing.index, fetch=True))
+                await self.load_page(missing.index)
         raise Unavailable("snapshot manifest: a lookup needed more pages than expected")
 
     async def lookup(self, parent_ino: int, name: str) -> Inode:
@@ -159,51 +167,123 @@ class SnapshotNamespace:
         return node
 
     # -- directories ------------------------------------------------------------------------------------
+    #
+    # A directory is read from a cursor over the manifest, never materialised: its entries are the
+    # rows below its key in key order, a subdirectory's run skipped with one ``lower_bound``. A
+    # cursor is the ordinal to go on from plus 1 (0: the directory's first entry), so a readdir
+    # resumed at any offset, across pages, needs no per-handle state and no list of names.
 
-    def _list_blocking(self, ino: int) -> list[tuple[str, int]]:
-        """(name, ino) of a directory's entries, fetching pages as needed (a worker thread)."""
-        dir_key = self._dir_key(ino, fetch=True)
+    #: A snapshot never changes: an entry or attribute the kernel learnt never needs asking again.
+    kernel_timeout = IMMUTABLE_TIMEOUT
+
+    async def read_from(self, ino: int, dir_key: str, cursor: int) -> AsyncIterator[tuple[str, Inode, int]]:
+        """(name, record, cursor after it) of directory ``ino`` (key ``dir_key``) from ``cursor``
+        on (``meta.view.DirectoryCursors``): rows of pages on the heap are read on the loop, a page
+        not decoded yet is decoded in a worker thread and the walk goes on from the last cursor."""
+        misses = 0
+        while True:
+            try:
+                for ordinal, row, after in self.rows_of(ino, cursor, dir_key=dir_key, decoded_only=True):
+                    node = self.node(ordinal, row)
+                    yield node.name, node, after
+                    cursor, misses = after, 0
+                return
+            except PageMissing as missing:
+                misses += 1  # in a row, without an entry in between: bounded, so never a hang
+                if misses > RETRIES:
+                    raise Unavailable("snapshot manifest: a readdir needed too many pages") from None
+                await self.load_page(missing.index)
+
+    def dir_key_of(self, directory: Inode) -> str:
+        """The manifest key of a directory record ("" for the root)."""
+        return directory.key[len(self.prefix) :]
+
+    def first_cursor(self, ino: int) -> int:
+        """The cursor of the first entry of directory ``ino`` (its run starts right after its row)."""
+        return 1 if ino == ROOT_INO else ino - FIRST_INO + 2
+
+    def rows_of(
+        self,
+        ino: int,
+        cursor: int = 0,
+        *,
+        dir_key: str | None = None,
+        fetch: bool = False,
+        decoded_only: bool = False,
+    ) -> Iterator[tuple[int, Row, int]]:
+        """(ordinal, row, cursor after it) of directory ``ino``'s visible entries from ``cursor`` on, in
+        key order. Reads pages through ``fetch``/``decoded_only`` (Manifest.page): a page it may
+        not read raises PageMissing, and the caller goes on from the last cursor it got. A caller
+        that knows the directory's ``dir_key`` (:meth:`dir_key_of`) spares reading its row: each
+        step then needs at most three pages (the row's, the next one's, and a skip's)."""
         if dir_key is None:
-            return []
+            dir_key = self._dir_key(ino, fetch=fetch, decoded_only=decoded_only)
+        if dir_key is None:
+            return
         manifest = self.manifest
-        entries = manifest.footer.entries
-        ordinal = 0 if ino == ROOT_INO else ino - FIRST_INO + 1
-        files: list[tuple[str, int]] = []
-        dirs: list[tuple[str, int]] = []
-        while ordinal < entries:
-            key: str = manifest.row(ordinal, fetch=True)[KEY]
-            if not key.startswith(dir_key):
-                break
-            if key.endswith("/"):
-                dirs.append((key[len(dir_key) : -1], ordinal + FIRST_INO))
-                ordinal = manifest.lower_bound(_successor(key), fetch=True)
-            else:
-                files.append((key[len(dir_key) :], ordinal + FIRST_INO))
-                ordinal += 1
-        shown = {name for name, _ in dirs}
-        visible = [(name, number) for name, number in files if name not in shown]
+        end = manifest.footer.entries
+        ordinal = (cursor or self.first_cursor(ino)) - 1
+        while ordinal < end:  # one page per turn: the rows of a page are walked without a bisect each
+            index = manifest.page_of(ordinal)
+            rows = manifest.page(index, fetch=fetch, decoded_only=decoded_only)
+            first = manifest.first_ordinals[index]
+            while ordinal - first < len(rows):
+                row = rows[ordinal - first]
+                key: str = row[KEY]
+                if not key.startswith(dir_key):
+                    return
+                if key[-1] == "/":
+                    after = manifest.lower_bound(_successor(key), fetch=fetch, decoded_only=decoded_only)
+                    yield ordinal, row, after + 1
+                else:
+                    after = ordinal + 1
+                    following = rows[after - first][KEY] if after - first < len(rows) else None
+                    if not self._shadowed(key, after, following, fetch=fetch, decoded_only=decoded_only):
+                        yield ordinal, row, after + 1
+                ordinal = after
+
+    def _shadowed(
+        self, key: str, after: int, following: str | None, *, fetch: bool, decoded_only: bool
+    ) -> bool:
+        """Whether the file ``key`` is hidden by a directory of the same name. Keys starting with
+        ``key`` follow it directly (the table is sorted), so only a file whose next row
+        (``following``, None: on the next page) extends its key needs the search for ``key + "/"``."""
+        if after >= self.manifest.footer.entries:
+            return False
+        if following is None:
+            following = self.manifest.row(after, fetch=fetch, decoded_only=decoded_only)[KEY]
+        if not following.startswith(key):
+            return False
+        if self.manifest.find(key + "/", fetch=fetch, decoded_only=decoded_only) is None:
+            return False
         with self._lock:
-            self.counters.shadowed_keys += len(files) - len(visible)
-        return sorted(visible + dirs)
+            self.counters.shadowed_keys += 1
+        return True
+
+    async def load_page(self, index: int) -> None:
+        """Decode page ``index`` (fetching it if it is not local) in a worker thread, and keep it."""
+        await self.run_blocking(functools.partial(self.manifest.page, index, fetch=True))
 
     async def ensure_listed(self, ino: int, *, force: bool = False, ahead: bool = True) -> Inode:
+        """The inode; for a directory, the page of its first entries is decoded (a worker thread)."""
         node = await self._with_pages(lambda: self.record(ino))
         if node is None:
             raise NotFound(f"snapshot inode {ino}")
-        if node.is_dir and ino not in self._listings:
-            listing = await self._run(self._list_blocking, ino)
-            with self._lock:
-                self._listings[ino] = listing
-                if len(self._listings) > LISTINGS_KEPT:
-                    self._listings.popitem(last=False)
+        first = self.first_cursor(ino) - 1
+        if node.is_dir and first < self.manifest.footer.entries:
+            index = self.manifest.page_of(first)
+            if self.manifest.decoded(index) is None:  # no thread hop for a page on the heap
+                await self.load_page(index)
         return node
 
     def children(self, parent: int) -> Iterator[tuple[str, int]]:
-        with self._lock:
-            listing = self._listings.get(parent)
-        if listing is None:
-            raise Unavailable(f"snapshot directory {parent} was not listed first")
-        return iter(listing)
+        """(name, ino) of a directory's entries, lazily from local pages (key order, not sorted)."""
+        try:
+            for ordinal, row, _ in self.rows_of(parent):
+                key: str = row[KEY]
+                yield key[key.rfind("/", 0, len(key) - 1) + 1 :].rstrip("/"), ordinal + FIRST_INO
+        except PageMissing as missing:
+            raise Unavailable(f"snapshot manifest page {missing.index} is not local") from None
 
     async def learn_empty_below(self, directory: Inode) -> None:
         """Nothing to learn: the manifest holds every entry's type."""
@@ -215,9 +295,9 @@ class SnapshotNamespace:
         base = root.key[len(self.prefix) :]
         start = 0 if root.ino == ROOT_INO else root.ino - FIRST_INO + 1
         while True:
-            batch, done = await self._run(self._batch, base, start)
+            batch, done = await self.run_blocking(self._batch, base, start)
             for ordinal, row in batch:
-                yield row[KEY][len(base) :].rstrip("/"), self._inode(ordinal, row)
+                yield row[KEY][len(base) :].rstrip("/"), self.node(ordinal, row)
             if done:
                 return
             start = batch[-1][0] + 1
