@@ -100,9 +100,14 @@ def test_direct_reads_are_byte_equal_and_file_objects_behave(loaded: Loaded) -> 
 def test_a_miss_goes_through_the_mount_which_hydrates_it(loaded: Loaded) -> None:
     r = Reader()
     rel = "train/0003.bin"
+    written = loaded.mount.status()["cold_objects_written"]
     with r.open(loaded.path(rel)) as f:
         assert f.read() == loaded.files[rel]
     assert fallbacks(r) == {"miss": 1}
+    # The cold engine answers the READ before its cache write (docs/coldpath.md): wait for it.
+    deadline = time.monotonic() + 10
+    while loaded.mount.status()["cold_objects_written"] <= written and time.monotonic() < deadline:
+        time.sleep(0.02)
     with r.open(loaded.path(rel)) as f:  # the mount stored it for next time
         assert f.read() == loaded.files[rel]
     assert fallbacks(r) == {"miss": 1}
