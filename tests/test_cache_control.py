@@ -223,6 +223,10 @@ def test_metrics_endpoint_serves_the_counters(mounter: Mounter, weed_bucket: Buc
     port = free_port()
     mount = mounter(f"s3://{weed_bucket.name}", "--metrics-addr", f"127.0.0.1:{port}")
     assert (mount.path / "m.bin").read_bytes() == weed_bucket.bodies["m.bin"]
+    # The cold engine stores the blocks after it answered the READ (docs/coldpath.md): wait for it.
+    deadline = time.monotonic() + 10
+    while mount.status()["chunks_cached"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
     values = {
