@@ -32,7 +32,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lmdb
 
@@ -40,10 +40,10 @@ from .. import cacheformat as fmt
 from ..cache.blockfile import BlockReader, Invalid
 from ..cache.chunkkey import ChunkKey
 from ..meta.records import Flag, Inode, Kind, ino_key
-from ..snapshot.format import ManifestError
-from ..snapshot.manifest import Manifest, PageMissing
-from ..snapshot.namespace import Defaults, SnapshotNamespace
 from . import protocol
+
+if TYPE_CHECKING:
+    from ..snapshot.namespace import SnapshotNamespace
 
 
 async def _no_fetch(*_: Any) -> None:
@@ -151,6 +151,12 @@ class CacheView:
         path = self.published.get("snapshot")
         if not path:
             return
+        # Imported here, for snapshot mounts only: they pull in zstandard and the manifest code,
+        # which every fresh DataLoader worker of a live mount would otherwise pay for.
+        from ..snapshot.format import ManifestError
+        from ..snapshot.manifest import Manifest
+        from ..snapshot.namespace import Defaults, SnapshotNamespace
+
         try:
             manifest = Manifest(os.stat(path).st_size, None, Path(path))
         except (OSError, ManifestError) as exc:
@@ -268,6 +274,9 @@ class CacheView:
         if self.closed:
             raise Fallback("unreadable", f"{self.root}: the view was closed")
         if self._snapshot is not None:
+            from ..snapshot.format import ManifestError  # loaded already: _open_snapshot imported it
+            from ..snapshot.manifest import PageMissing
+
             try:
                 return self._snapshot.record(ino)
             except (PageMissing, ManifestError, IndexError):
