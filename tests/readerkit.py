@@ -73,9 +73,13 @@ class Loaded:
         return None if out == "None" else float(out)
 
     def warm(self, rels: list[str] | None = None) -> None:
-        for rel in rels if rels is not None else list(self.files):
+        rels = rels if rels is not None else list(self.files)
+        for rel in rels:
             with open(self.path(rel), "rb") as f:
                 assert f.read() == self.files[rel]
+        # The cold engine stores blocks after it answered the READ (docs/coldpath.md); a prefetch
+        # of what was read returns once those writes landed, so the cache holds it from here on.
+        tierfs_ok("prefetch", *[self.path(r) for r in rels])
 
     def status(self) -> dict[str, Any]:
         return self.mount.status()
