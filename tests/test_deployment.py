@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mounting import REPO_ROOT, Mount, Mounter
+from mounting import REPO_ROOT, Mount, Mounter, wait_until
 
 from tierfs.control.registry import lookup
 from tools.servers import (
@@ -508,7 +508,8 @@ def test_allow_other_lets_other_users_in_subject_to_modes(
     )
 
     assert (mnt / "shared.bin").read_bytes() == PAYLOAD  # root's first read teaches tierfs the header
-    assert (mnt / "shared.bin").stat().st_mode == 0o100644
+    # ... which the cold engine applies off the READ's path, moments later (docs/namespace.md).
+    wait_until(lambda: (mnt / "shared.bin").stat().st_mode == 0o100644, 10, "the learnt header shown")
     assert (mnt / "private.bin").stat().st_mode == 0o100640
 
     allowed = read_as_nobody(mnt / "shared.bin")
