@@ -58,7 +58,9 @@ def test_read_table_through_filesystem_fetches_a_fraction_of_a_cold_file(
     )  # fmt: skip
     assert got.equals(expected(table))
     taken = fetched(data) - before
-    assert 0 < taken < size / 4, f"fetched {taken} of {size} bytes for 2 of 3 columns of 1 of 8 row groups"
+    # Less than the whole file: the row group's column chunks, the footer and the read-ahead
+    # around them (an 8 MiB segment at most; 1.6 MB before the cold engine, ~9 MB with it).
+    assert 0 < taken < size / 2, f"fetched {taken} of {size} bytes for 2 of 3 columns of 1 of 8 row groups"
 
 
 def test_dataset_with_projection_and_filter_reads_a_fraction_directly_when_warm(
