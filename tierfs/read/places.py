@@ -11,8 +11,9 @@ never I/O nor an await, since every READ pays it. :meth:`BytePlaces.read_staged`
 the loop and does its file I/O in worker threads; it answers None when the staging file retired
 meanwhile (the bucket then has the bytes, so the read asks :meth:`where` again).
 
-The read layer defines this seam; write-back implements it (today through a small adapter wired in
-``daemon/mount.py``), so the read path never imports the write-back layer above it.
+The read layer defines this seam; write-back implements it (``WriteBack.where`` and
+``read_staged``) and the file system (``fs.FileSystem``) asks it, so the read path never imports
+the write-back layer above it.
 """
 
 from __future__ import annotations
