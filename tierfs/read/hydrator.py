@@ -303,7 +303,11 @@ class Hydrator:
         total = self.block_count(obj)
         step = self.max_run
         for start in range(0, total, step):
-            todo = self._not_indexed(obj, range(start, min(start + step, total)))
+            indices = range(start, min(start + step, total))
+            # Blocks a READ fetched moments ago may still be on their way to the cache writer:
+            # wait for those writes first, so that what counts as resident is the index.
+            await self.settled(obj, indices)
+            todo = self._not_indexed(obj, indices)
             if todo:
                 await self._fetch_blocks(obj, todo, remember=False)  # residency on disk is the point
                 await self.settled(obj, todo)
