@@ -19,6 +19,7 @@ MiB = 1 << 20
 MIN_PART_SIZE = 5 * MiB  # S3's smallest part (all but the last)
 MAX_PART_SIZE = 5 * 1024 * MiB  # and its largest
 DEFAULT_CACHE_ROOT = Path("/var/cache/tierfs")
+DEFAULT_TIMEOUT = 30.0  # --timeout: the bound on one S3 call, retries included
 # flush/umount/SIGTERM give up on transient upload errors after this (--flush-timeout); also what
 # a flush that is given no timeout waits (writeback)
 DEFAULT_FLUSH_TIMEOUT = 600.0
@@ -70,7 +71,7 @@ class MountConfig:
     gid: int = field(default_factory=os.getgid)
     file_mode: int = 0o644
     dir_mode: int = 0o755
-    timeout: float = 30.0  # one S3 request
+    timeout: float = DEFAULT_TIMEOUT  # one S3 request
     retries: int = 2  # extra attempts after the first, for transient failures
     log_level: str = "INFO"
     log_file: Path | None = None

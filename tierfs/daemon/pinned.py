@@ -14,7 +14,7 @@ import itertools
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,19 @@ class PinnedReads:
         try:
             return self.inner.get_range(key, start, length, if_match, **kw)
         except NotFound as exc:
-            raise PreconditionFailed(f"{key}: gone from the bucket since the snapshot ({exc})") from None
+            raise _gone(key, exc) from None
+
+    def start_get(self, key: str, *args: Any, on_done: Callable[[Any], None], **kw: Any) -> Any:
+        """The cold engine's GET (read/engine.py) under the same rule, applied to its answer."""
+
+        def done(answer: Any) -> None:  # on the CRT thread
+            on_done(_gone(key, answer) if isinstance(answer, NotFound) else answer)
+
+        return self.inner.start_get(key, *args, on_done=done, **kw)
+
+
+def _gone(key: str, exc: NotFound) -> PreconditionFailed:
+    return PreconditionFailed(f"{key}: gone from the bucket since the snapshot ({exc})")
 
 
 def pinned(cfg: MountConfig) -> bool:

@@ -24,7 +24,7 @@ from ..cache.chunkcache import ChunkCache
 from ..cache.memory import MemoryTier
 from ..cache.stack import Tiers
 from ..cache.tier import CacheTier
-from ..config import MountConfig
+from ..config import DEFAULT_TIMEOUT, MountConfig
 from ..fs import FileSystem
 from ..meta.cachedir import CacheDir
 from ..meta.groupcommit import GroupCommit
@@ -203,9 +203,7 @@ def _wire(
         learn_metadata=None if pinning else stack.namespace.learn_metadata,
         timeout=s.timeout,
         max_parallel_runs=s.s3_concurrency,
-        # Pinned mounts keep the thread path for now: PinnedReads' rule (a deleted object is
-        # EIO, not ENOENT) wraps get_range, and the cold engine's start_get does not pass it.
-        cold_gets=None if pinning else _cold_gets(stack),
+        cold_gets=_cold_gets(stack, pinning.reads if pinning else stack.store),
     )
     stack.journal = None
     stack.writeback = None
@@ -234,10 +232,10 @@ def _wire(
     )
 
 
-def _cold_gets(stack: Stack) -> ColdGets:
-    """The cold engine's GETs (read/engine.py): many in flight, none holding a thread, under the
-    store's own time rule."""
+def _cold_gets(stack: Stack, store: Any) -> ColdGets:
+    """The cold engine's GETs (read/engine.py) through ``store`` (a pinned mount's PinnedReads
+    too): many in flight, none holding a thread, under the store's own time rule."""
     s = stack.settings
-    timeout = s.timeout if s.timeout is not None else getattr(stack.store, "timeout", 30.0)
+    timeout = s.timeout if s.timeout is not None else getattr(stack.store, "timeout", DEFAULT_TIMEOUT)
     limiter = trio.CapacityLimiter(COLD_GETS_PER_SLOT * s.s3_concurrency)
-    return ColdGets(stack.store, limiter=limiter, timeout=timeout, retries=s.retries)
+    return ColdGets(store, limiter=limiter, timeout=timeout, retries=s.retries)

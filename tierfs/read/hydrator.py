@@ -6,7 +6,7 @@ the shared tier (``tierfs.cache.shared``, with its own short timeout), then the 
 are fetched as
 *runs* of consecutive blocks in one ranged GET, so the request size is decoupled from
 the 1 MiB cache granularity: a cold 110 KiB sample is one GET, a sequential reader's
-GETs grow to ``max_run_blocks`` MiB.
+GETs start at ``first_run_blocks`` MiB and double up to ``max_run_blocks`` MiB.
 
 Invariants:
 - Every GET carries ``If-Match: <etag captured at open>``. A handle therefore reads
@@ -25,9 +25,15 @@ Invariants:
   block fails (ENOSPC, an LMDB map or disk error) the bytes are served uncached and
   ``cache_store_failed`` counts it. A shared tier that is down, slow or full is a miss.
 - Hits are counted once, here (``HydratorStats``); the shared tier counts its own.
-- Sequential readers are detected per inode; the read-ahead window starts at one
-  aligned segment (``max_run`` blocks) and doubles per hit up to ``max_window_blocks``;
-  it is fetched in whole segments by background tasks, bounded by the S3 limiter.
+- Sequential readers are detected per inode; the read-ahead window doubles per sequential
+  READ up to ``max_window_blocks``, and is fetched by background tasks in GETs that double
+  in size up to ``max_run`` blocks (docs/coldpath.md, "Large sequential reads"). What is
+  fetched ahead waits in the stream's own buffer (``_SeqState.ahead``) until its reader
+  passes it, not in the memory tier; all streams together hold at most
+  ``READ_AHEAD_BUDGET`` bytes ahead (in flight or buffered), so memory stays bounded however
+  many run, and a stream never flushes the hot tier.
+- A READ is never answered after its cache write: with the cold engine's writer, every fetch
+  (the CRT's and the worker threads') queues its blocks for the writer after the answer.
 - Nothing here blocks the trio loop: S3 and disk I/O run in worker threads, except the GETs of
   the cold engine (``read/engine.py``, docs/coldpath.md): a run the CRT takes is sent from the
   loop with no thread waiting on it, answered before its cache write, and stored by the
@@ -87,9 +93,17 @@ class HydratorStats:
 
 @dataclass
 class _SeqState:
+    """One sequential reader of one inode: where it is, its read-ahead window, and the blocks
+    fetched ahead of it that it has not read yet (index -> (chunk digest, bytes)). Those stay
+    here, not in the memory tier: a stream reads each block once (the page cache keeps it after),
+    and a 2 GiB model load must not flush the hot tier of small files. The digest ties a block
+    to the version that was read ahead, so a new version never gets an old version's bytes."""
+
     next_offset: int = -1
     window: int = 0
     ahead_until: int = -1  # last block index already scheduled for read-ahead
+    run: int = 0  # blocks in the stream's last read-ahead GET (each one doubles, to max_run)
+    ahead: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
 
 
 @dataclass(eq=False)  # compared and hashed by identity
@@ -114,6 +128,43 @@ class _Unstored:
 
     blocks: dict[bytes, bytes]
     stored: trio.Event = field(default_factory=trio.Event)
+
+
+class _WriteAfterAnswer:
+    """The cache write of one fetched run, queued for the cache writer after its readers were
+    answered (docs/coldpath.md). Made on the loop before the GET; ``job`` on the thread that has
+    the bytes; ``hold`` on the loop once the answer is there. Until the write lands the blocks
+    stay in the hydrator's ``_unstored``, where reads take them and a prefetch waits on them.
+    The write may land before the loop resumes the fetch (then nothing is held)."""
+
+    def __init__(self, hydrator: Hydrator, obj: ObjectVersion, run: list[int]) -> None:
+        self._hydrator = hydrator
+        self._obj = obj
+        self._blocks = len(run)
+        self._token = trio.lowlevel.current_trio_token()
+        self._pending: _Unstored | None = None
+        self._landed = False
+
+    def job(self, items: list[tuple[ChunkKey, bytes]], fill_shared: list[tuple[ChunkKey, bytes]],
+            learn: tuple[int, ObjectInfo] | None) -> WriteJob:  # fmt: skip
+        return WriteJob(items, fill_shared, learn, self._stored, self._token)
+
+    def hold(self, blocks: dict[bytes, bytes]) -> None:  # on the loop, with the answer
+        if not self._landed:
+            self._pending = _Unstored(blocks)
+            self._hydrator._unstored.update(dict.fromkeys(blocks, self._pending))
+
+    def _stored(self, error: str | None) -> None:  # on the loop, once the cache write is done
+        self._landed = True
+        pending = self._pending
+        if pending is not None:
+            unstored = self._hydrator._unstored
+            for digest in pending.blocks:
+                if unstored.get(digest) is pending:
+                    del unstored[digest]
+            pending.stored.set()
+        if error is not None:
+            self._hydrator._note_store_failure(self._obj, self._blocks, error)
 
 
 @dataclass(frozen=True)
@@ -164,6 +215,13 @@ FAILURES_KEPT = 4096  # bound on remembered failures (one entry per block)
 # A round (disk, then fetch or wait) leaves blocks missing only if a fetch it waited on was
 # cancelled; a bound on rounds keeps even that from looping, and each round is bounded in time.
 MAX_ROUNDS = 3
+#: Bytes fetched ahead of sequential readers and not read yet, over all of them: read-ahead
+#: stops scheduling past it until readers catch up, so memory stays bounded however many
+#: streams run at once (mountpoint-s3's and gcsfuse's prefetchers have such a budget too).
+READ_AHEAD_BUDGET = 64 << 20
+#: A prefetch (``hydrate``) fetches a file in runs of this many blocks, one run at a time per file:
+#: ``tierfs prefetch --jobs 16`` then holds at most 16 such runs in memory.
+FILL_RUN_BLOCKS = 8
 MetadataSink = Callable[[int, ObjectInfo], None]  # (ino, info) -> None, blocking, called in a thread
 
 
@@ -179,8 +237,9 @@ class Hydrator:
         block_size: int,
         spawn: Callable[[Callable[[], Awaitable[None]]], None],
         learn_metadata: MetadataSink | None = None,
+        first_run_blocks: int = 2,
         max_run_blocks: int = 8,
-        max_window_blocks: int = 32,
+        max_window_blocks: int = 64,
         max_parallel_runs: int = 16,
         timeout: float | None = None,
         cold_gets: ColdGets | None = None,
@@ -196,6 +255,7 @@ class Hydrator:
         self.block_size = block_size
         self._spawn = spawn
         self._learn = learn_metadata
+        self.first_run = first_run_blocks
         self.max_run = max_run_blocks
         self.max_window = max_window_blocks
         self.max_parallel_runs = max_parallel_runs
@@ -206,11 +266,14 @@ class Hydrator:
         self._inflight: dict[bytes, _Flight] = {}
         self._failed: OrderedDict[bytes, tuple[float, StoreError]] = OrderedDict()  # digest -> (until, error)
         self._seq: dict[int, _SeqState] = {}
+        self._ahead_bytes = 0  # bytes in every _SeqState.ahead, and read-ahead GETs in flight
         # The cold engine (read/engine.py): GETs the CRT takes are sent from the loop, answered
         # before their cache write, and stored by one writer thread in batches. Not with a shared
         # tier, whose lookups are blocking and belong in a worker thread (_fetch_run_blocking).
         self._cold = cold_gets if cold_gets is not None and not tiers.shared else None
-        self._writer = CacheWriter(tiers, learn_metadata) if self._cold is not None else None
+        # Every fetch's cache write goes to the writer, the worker-thread path's (large runs, the
+        # shared tier) too: a READ is never answered after its cache write.
+        self._writer = CacheWriter(tiers, learn_metadata) if cold_gets is not None else None
         self._unstored: dict[bytes, _Unstored] = {}
 
     def engine_status(self) -> dict[str, int]:
@@ -250,7 +313,14 @@ class Hydrator:
         # handle keeps it across opens while its version is unchanged): a copy in the memory
         # tier would only push out blocks that are still useful, and cost a put per file.
         whole_small = offset == 0 and end == obj.size <= LOOP_READ_MAX
-        blocks = await self.blocks(obj, range(first, last + 1), widen=streaming, remember=not whole_small)
+        state = self._seq.get(obj.ino) if streaming else None
+        blocks = await self.blocks(
+            obj, range(first, last + 1), widen=streaming, remember=not whole_small and state is None
+        )
+        if state is not None:
+            # The blocks before this READ's last one are read; the next READ starts in that one.
+            self._keep_ahead(obj, {last: blocks[last]})
+            self._drop_ahead(state, last)
         if first == last:
             base = first * self.block_size
             return blocks[first][offset - base : end - base]
@@ -264,16 +334,22 @@ class Hydrator:
         """Return the requested blocks, fetching whatever no cache holds.
 
         With ``widen`` (a sequential reader), a miss fetches its whole aligned segment
-        of ``max_run`` blocks in one GET, so the kernel's concurrent read-ahead requests
-        for the neighbouring blocks wait on that GET instead of each sending their own.
+        of ``first_run`` blocks in one GET, so the kernel's concurrent read-ahead requests
+        for the neighbouring blocks wait on that GET instead of each sending their own; the
+        stream's read-ahead fetches past it in growing GETs.
         Without ``remember``, blocks read from the disk tier or fetched are not copied into memory.
         Each block's ChunkKey is made once here, so its digest is computed once per read.
         """
         cks = {i: self.chunk_key(obj, i) for i in indices}
         out: dict[int, bytes] = {}
         missing: list[int] = []
+        stream = self._seq.get(obj.ino)
+        ahead = stream.ahead if stream is not None else {}
         for i, ck in cks.items():
             data = self.tiers.from_memory(ck)
+            if data is None and ahead:
+                kept = ahead.get(i)
+                data = kept[1] if kept is not None and kept[0] == ck.digest() else None
             if data is None and self._unstored:
                 data = self._from_unstored(ck)
             if data is not None:
@@ -301,7 +377,7 @@ class Hydrator:
         Raises OSError(ENOSPC) if the cache could not keep the blocks: a prefetch that left
         nothing resident must not report success."""
         total = self.block_count(obj)
-        step = self.max_run
+        step = FILL_RUN_BLOCKS
         for start in range(0, total, step):
             indices = range(start, min(start + step, total))
             # Blocks a READ fetched moments ago may still be on their way to the cache writer:
@@ -317,7 +393,9 @@ class Hydrator:
                 on_bytes(min(obj.size, (start + step) * self.block_size) - start * self.block_size)
 
     def forget(self, ino: int) -> None:
-        self._seq.pop(ino, None)
+        state = self._seq.pop(ino, None)
+        if state is not None:
+            self._drop_ahead(state, self._ALL)
 
     def start_fetch(self, obj: ObjectVersion) -> None:
         """OPEN of a small object: fetch it whole now, so its first READ finds the GET in flight
@@ -332,6 +410,9 @@ class Hydrator:
             return
 
         async def fetch() -> None:
+            # The READ may have run between OPEN and this task: then its fetch is the one.
+            if digest in self._inflight or digest in self._unstored or self.tiers.held_locally(ck):
+                return
             try:
                 await self._fetch_blocks(obj, [0], remember=False)
             except StoreError as exc:  # the READ gets it from the remembered failure
@@ -454,6 +535,8 @@ class Hydrator:
                 todo.append(i)
         wanted = self._segments_of(obj, todo) if widen else todo
         results = await self._fetch_blocks(obj, wanted, remember=remember)
+        if widen:
+            self._keep_ahead(obj, {i: results[i] for i in wanted if i in results and i not in missing})
         for waited in dict.fromkeys(waits.values()):
             await self._wait(obj, waited)
         still: list[int] = []
@@ -502,11 +585,15 @@ class Hydrator:
             self._failed.popitem(last=False)
 
     def _segments_of(self, obj: ObjectVersion, indices: list[int]) -> list[int]:
-        """``indices`` plus the rest of their aligned segments that nothing holds or fetches yet."""
+        """``indices`` plus the rest of their aligned segments that nothing holds or fetches yet.
+
+        An object of at most ``max_run`` blocks is one segment: fetched whole in one GET, its
+        body is checked against the object's checksum or MD5 ETag (ranged GETs have none)."""
         wanted = set(indices)
         total = self.block_count(obj)
-        for base in {i - i % self.max_run for i in indices}:
-            for j in range(base, min(base + self.max_run, total)):
+        unit = self.max_run if total <= self.max_run else self.first_run
+        for base in {i - i % unit for i in indices}:
+            for j in range(base, min(base + unit, total)):
                 if j in wanted:
                     continue
                 ck = self.chunk_key(obj, j)
@@ -601,7 +688,10 @@ class Hydrator:
                 try:
                     if self._cold is not None and self._cold.usable(self.store, self._run_length(obj, run)):
                         return await self._fetch_run_cold(obj, run)
-                    fetched: _Fetched = await self._run_s3(self._fetch_run_blocking, obj, run)
+                    after = _WriteAfterAnswer(self, obj, run) if self._writer is not None else None
+                    fetched: _Fetched = await self._run_s3(self._fetch_run_blocking, obj, run, after)
+                    if after is not None:
+                        after.hold({self.chunk_key(obj, i).digest(): b for i, b in fetched.blocks.items()})
                     return fetched
                 except IntegrityError as exc:
                     if retried or trio.current_time() > start_by:
@@ -623,9 +713,12 @@ class Hydrator:
             )
         self.stats.cache_store_failed += blocks
 
-    def _fetch_run_blocking(self, obj: ObjectVersion, run: list[int]) -> _Fetched:
+    def _fetch_run_blocking(
+        self, obj: ObjectVersion, run: list[int], after: _WriteAfterAnswer | None = None
+    ) -> _Fetched:
         """A run of blocks from the shared tier where it has them, the rest from the origin (one
-        ranged GET per contiguous gap), then one local cache write for the run.
+        ranged GET per contiguous gap), then one local cache write for the run: queued for the
+        cache writer (``after``), so the READ is answered before it, or done here without one.
 
         Runs in a worker thread, so it touches neither memory nor ``self.stats``. A shared tier
         is asked only for a version with an ETag (its keys are content-addressed by it), and its
@@ -641,15 +734,21 @@ class Hydrator:
                     out[i] = data
         from_origin: dict[int, bytes] = {}
         gaps = contiguous_runs([i for i in run if i not in out], len(run))
+        learnt: ObjectInfo | None = None
         for gap in gaps:
-            from_origin.update(self._get_run(obj, gap))
+            blocks, learnt = self._get_run(obj, gap)
+            from_origin.update(blocks)
         out.update(from_origin)
         keys = {i: self.chunk_key(obj, i) for i in run}
-        error = self.tiers.store_fetched(
-            [(keys[i], out[i]) for i in run],
-            fill_shared=[(keys[i], from_origin[i]) for i in run if i in from_origin] if obj.etag else (),
-        )
-        return _Fetched(out, error, len(gaps), sum(len(b) for b in from_origin.values()))
+        items = [(keys[i], out[i]) for i in run]
+        fill = [(keys[i], from_origin[i]) for i in run if i in from_origin] if obj.etag else []
+        fetched = sum(len(b) for b in from_origin.values())
+        if after is not None and self._writer is not None:
+            self._writer.submit(after.job(items, fill, (obj.ino, learnt) if learnt is not None else None))
+            return _Fetched(out, None, len(gaps), fetched)
+        if learnt is not None and self._learn is not None:
+            self._learn(obj.ino, learnt)
+        return _Fetched(out, self.tiers.store_fetched(items, fill_shared=fill), len(gaps), fetched)
 
     def _run_length(self, obj: ObjectVersion, run: list[int]) -> int:
         return min(obj.size, (run[-1] + 1) * self.block_size) - run[0] * self.block_size
@@ -667,21 +766,8 @@ class Hydrator:
         start = run[0] * self.block_size
         length = self._run_length(obj, run)
         keys = {i: self.chunk_key(obj, i) for i in run}
-        token = trio.lowlevel.current_trio_token()
         writer = self._writer
-        holder: list[_Unstored] = []
-        landed: list[str | None] = []  # the write's outcome, when it came before the task resumed
-
-        def stored(error: str | None) -> None:  # on the loop, once the cache write is done
-            landed.append(error)
-            if holder:
-                pending = holder[0]
-                for digest in pending.blocks:
-                    if self._unstored.get(digest) is pending:
-                        del self._unstored[digest]
-                pending.stored.set()
-            if error is not None:
-                self._note_store_failure(obj, len(run), error)
+        after = _WriteAfterAnswer(self, obj, run)
 
         def accept(result: GetResult) -> Accepted[dict[int, bytes]]:  # on the CRT thread
             data = result.data
@@ -694,7 +780,7 @@ class Hydrator:
             learn = (obj.ino, result.info) if result.info.metadata else None
 
             def then() -> None:
-                writer.submit(WriteJob(items, [], learn, stored, token))
+                writer.submit(after.job(items, [], learn))
 
             return blocks, then
 
@@ -704,17 +790,15 @@ class Hydrator:
             version_id=obj.version_id or None,
         )  # fmt: skip
         blocks = await self._cold.get(obj.key, send, accept, self.gets)
-        if not landed:  # the usual order: the answer is here, its cache write still to come
-            pending = _Unstored({keys[i].digest(): blocks[i] for i in run})
-            holder.append(pending)
-            self._unstored.update(dict.fromkeys(pending.blocks, pending))
+        after.hold({keys[i].digest(): blocks[i] for i in run})
         return _Fetched(blocks, None, 1, length)
 
     def _block_length(self, obj: ObjectVersion, index: int) -> int:
         return min(self.block_size, obj.size - index * self.block_size)
 
-    def _get_run(self, obj: ObjectVersion, run: list[int]) -> dict[int, bytes]:
-        """One ranged GET from the origin for a contiguous run of blocks.
+    def _get_run(self, obj: ObjectVersion, run: list[int]) -> tuple[dict[int, bytes], ObjectInfo | None]:
+        """One ranged GET from the origin for a contiguous run of blocks, and what its answer
+        taught about the object (its headers, when they carry metadata) for ``learn_metadata``.
 
         The body is checked before anything is stored: the store verifies checksums
         (IntegrityError), and a body of another length than asked (the object's end
@@ -732,44 +816,75 @@ class Hydrator:
         data = result.data
         if len(data) != length:
             raise IntegrityError(f"GET {obj.key}: wanted {length} bytes at {start}, got {len(data)}")
-        if self._learn is not None:
-            self._learn(obj.ino, result.info)
         view = memoryview(data)
-        return {i: bytes(view[n * self.block_size : (n + 1) * self.block_size]) for n, i in enumerate(run)}
+        blocks = {i: bytes(view[n * self.block_size : (n + 1) * self.block_size]) for n, i in enumerate(run)}
+        return blocks, result.info if result.info.metadata else None
 
     def _note_access(self, obj: ObjectVersion, offset: int, end: int, last_block: int) -> bool:
         """Detect a sequential reader and keep a growing read-ahead window in flight.
 
         The kernel's own read-ahead sends several READs at once, which arrive a little
         out of order, so "sequential" tolerates a jitter of a few blocks. Read-ahead is
-        scheduled in whole aligned segments (the unit a miss is widened to).
+        scheduled in GETs that double in size (``first_run`` to ``max_run`` blocks), while
+        ``READ_AHEAD_BUDGET`` allows.
         """
         state = self._seq.setdefault(obj.ino, _SeqState())
         jitter = (2 + state.window) * self.block_size
         sequential = state.next_offset >= 0 and -jitter <= offset - state.next_offset <= 2 * self.block_size
         if not sequential:
             state.next_offset = end
-            state.window = 0
+            state.window = state.run = 0
             state.ahead_until = last_block
+            self._drop_ahead(state, self._ALL)
             return False
         state.next_offset = max(state.next_offset, end)
-        state.window = min(self.max_window, max(self.max_run, state.window * 2))
-        # Round up to a segment end: a steady reader then schedules one whole segment
-        # (one GET) at a time, rather than one block per read.
-        reach = last_block + state.window
-        target = min(self.block_count(obj) - 1, reach - reach % self.max_run + self.max_run - 1)
+        state.window = min(self.max_window, max(2 * self.first_run, state.window * 2))
+        total = self.block_count(obj)
+        target = min(total - 1, last_block + state.window)
         begin = max(state.ahead_until, last_block) + 1
-        if begin > target:
-            return True
-        state.ahead_until = target
-        for seg_start in range(begin - begin % self.max_run, target + 1, self.max_run):
-            run = list(range(max(seg_start, begin), min(seg_start + self.max_run, target + 1)))
-            self._spawn(functools.partial(self._read_ahead, obj, run))
+        while begin <= target:
+            # Each GET of a stream is twice the last, up to max_run: the first bytes come soon
+            # (a small GET), and a long stream pays the per-request cost rarely (big ones).
+            size = min(self.max_run, max(self.first_run, 2 * state.run))
+            run = list(range(begin, min(begin + size, total)))
+            cost = self._run_length(obj, run)
+            if self._ahead_bytes + cost > READ_AHEAD_BUDGET:
+                break  # later READs schedule the rest, once readers have consumed what is ahead
+            state.run = size
+            self._ahead_bytes += cost
+            state.ahead_until = run[-1]
+            begin = run[-1] + 1
+            self._spawn(functools.partial(self._read_ahead, obj, run, cost))
         return True
 
-    async def _read_ahead(self, obj: ObjectVersion, run: list[int]) -> None:
-        """Fetch blocks a sequential reader will want; not those in flight or failing just now
-        (a reader that wants them will get the remembered error, and the server a rest)."""
+    def _keep_ahead(self, obj: ObjectVersion, blocks: dict[int, bytes]) -> None:
+        """Keep blocks fetched ahead of a sequential reader until it reads them (see _SeqState)."""
+        state = self._seq.get(obj.ino)
+        if state is None or not blocks:
+            return
+        floor = state.next_offset // self.block_size
+        for i, data in blocks.items():
+            if i >= floor and i not in state.ahead:
+                state.ahead[i] = (self.chunk_key(obj, i).digest(), data)
+                self._ahead_bytes += len(data)
+
+    _ALL = 1 << 62  # every block index: ``_drop_ahead(state, _ALL)`` empties a stream's buffer
+
+    def _drop_ahead(self, state: _SeqState, below: int) -> None:
+        """Forget the blocks of a stream's buffer under index ``below`` (read, or the stream gone)."""
+        for i in [i for i in state.ahead if i < below]:
+            self._ahead_bytes -= len(state.ahead.pop(i)[1])
+
+    async def _read_ahead(self, obj: ObjectVersion, run: list[int], cost: int) -> None:
+        """Fetch blocks a sequential reader will want into its stream buffer; not those in flight
+        or failing just now (a reader that wants them will get the remembered error, and the
+        server a rest). ``cost`` was counted against the budget when this was scheduled."""
+        try:
+            await self._read_ahead_run(obj, run)
+        finally:
+            self._ahead_bytes -= cost
+
+    async def _read_ahead_run(self, obj: ObjectVersion, run: list[int]) -> None:
         now = trio.current_time()
         idle = []
         for i in run:
@@ -781,7 +896,7 @@ class Hydrator:
         if not todo:
             return
         try:
-            await self._fetch_blocks(obj, todo)
+            self._keep_ahead(obj, await self._fetch_blocks(obj, todo, remember=False))
             self.stats.prefetched_blocks += len(todo)
         except StoreError as exc:
             log.debug("read-ahead of %s failed: %s", obj.key, exc)
