@@ -23,6 +23,8 @@ Nothing asserts on the numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import re
 import shutil
@@ -228,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--py-spy", type=Path, metavar="DIR", help="py-spy --native each CPU pass into DIR/<row>.raw"
     )
+    p.add_argument("--json-out", type=Path, help="also write the report as JSON here")
     p.add_argument("--tierfs-arg", action="append", default=[], metavar="ARG", help="extra mount argument")
     args = p.parse_args(argv)
     rows = {r.strip() for r in args.rows.split(",")}
@@ -236,15 +239,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tierfs-bench-fuseops-", dir="/var/tmp"))
     report: dict[str, dict[str, object]] = {}
     try:
-        with SeaweedFS(workdir / "seaweed") as server:
-            client = bench_client(server.endpoint_url)
-            client.create_bucket(Bucket=BUCKET)
-            log(f"seeding {args.files} files of {args.size} bytes")
-            seed(client, BUCKET, dataset)
-            systems: dict[str, MountSystem] = {
-                "tierfs": TierfsSystem(workdir, server.endpoint_url, BUCKET, args.tierfs_arg),
-                "nullfs": NullSystem(workdir, dataset, keep_cache=False),
-            }
+        with contextlib.ExitStack() as stack:
+            systems: dict[str, MountSystem] = {"nullfs": NullSystem(workdir, dataset, keep_cache=False)}
+            if any(ROWS[row][0] == "tierfs" for row in rows if row in ROWS):  # nullfs needs no bucket
+                server = stack.enter_context(SeaweedFS(workdir / "seaweed"))
+                client = bench_client(server.endpoint_url)
+                client.create_bucket(Bucket=BUCKET)
+                log(f"seeding {args.files} files of {args.size} bytes")
+                seed(client, BUCKET, dataset)
+                systems = {
+                    "tierfs": TierfsSystem(workdir, server.endpoint_url, BUCKET, args.tierfs_arg),
+                    **systems,
+                }
             for name, system in systems.items():
                 mine = [row for row, (of, _, _) in ROWS.items() if of == name and row in rows]
                 for kind in ("cpu", "ops") if args.ops else ("cpu",):
@@ -275,6 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"load average {os.getloadavg()}")
+    if args.json_out is not None:
+        dump = {"files": args.files, "size": args.size, "loadavg": os.getloadavg(), "rows": report}
+        args.json_out.write_text(json.dumps(dump, indent=2) + "\n")
     for row, values in report.items():
         print(f"{row:12} {values}")
     return 0
