@@ -40,16 +40,7 @@ from pathlib import Path
 from tierfs.units import parse_size
 from tools.bench import Mounted, MountSystem, NullSystem, TierfsSystem
 from tools.bench_cold import thread_cpu
-from tools.bench_workloads import (
-    Dataset,
-    bench_client,
-    drop_caches,
-    log,
-    process_cpu_seconds,
-    read_small,
-    seed,
-)
-from tools.servers import SeaweedFS
+from tools.bench_workloads import Dataset, drop_caches, log, process_cpu_seconds, read_small, seeded_seaweed
 
 BUCKET = "tierfs-bench-fuseops"
 
@@ -242,11 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.ExitStack() as stack:
             systems: dict[str, MountSystem] = {"nullfs": NullSystem(workdir, dataset, keep_cache=False)}
             if any(ROWS[row][0] == "tierfs" for row in rows if row in ROWS):  # nullfs needs no bucket
-                server = stack.enter_context(SeaweedFS(workdir / "seaweed"))
-                client = bench_client(server.endpoint_url)
-                client.create_bucket(Bucket=BUCKET)
-                log(f"seeding {args.files} files of {args.size} bytes")
-                seed(client, BUCKET, dataset)
+                server = stack.enter_context(seeded_seaweed(workdir, BUCKET, dataset))
                 systems = {
                     "tierfs": TierfsSystem(workdir, server.endpoint_url, BUCKET, args.tierfs_arg),
                     **systems,

@@ -31,8 +31,8 @@ from tierfs.fuse.operations import TierOperations
 from tierfs.meta.records import ROOT_INO
 from tierfs.store.objectstore import S3ObjectStore
 from tierfs.units import parse_size
-from tools.bench_workloads import Dataset, bench_client, log, seed, shuffled
-from tools.servers import SeaweedFS, child_env
+from tools.bench_workloads import Dataset, log, seeded_seaweed, shuffled
+from tools.servers import child_env
 
 BUCKET = "tierfs-bench-handlers"
 READERS = 8
@@ -140,11 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dataset = Dataset(args.files, args.size, 0, 0)
     workdir = Path(tempfile.mkdtemp(prefix="tierfs-bench-handlers-", dir="/var/tmp"))
     try:
-        with SeaweedFS(workdir / "seaweed") as server:
-            client = bench_client(server.endpoint_url)
-            client.create_bucket(Bucket=BUCKET)
-            log(f"seeding {args.files} files of {args.size} bytes")
-            seed(client, BUCKET, dataset)
+        with seeded_seaweed(workdir, BUCKET, dataset) as server:
             store = S3ObjectStore(BUCKET, endpoint_url=server.endpoint_url)
             trio.run(run, store, workdir / "cache", shuffled(dataset.small_keys()), args.size)
     finally:
