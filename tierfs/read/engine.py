@@ -51,7 +51,7 @@ Send = Callable[..., Callable[[], None] | None]
 
 #: Bytes queued for the cache writer at most; a CRT thread that would go past it waits (as a full
 #: socket buffer would make the sender wait), so memory stays bounded whatever the disk does.
-PENDING_MAX = 64 << 20
+PENDING_MAX = 32 << 20
 #: Objects one cache write stores at most: one index transaction for all of them.
 BATCH_MAX = 64
 

@@ -103,6 +103,7 @@ class _SeqState:
     window: int = 0
     ahead_until: int = -1  # last block index already scheduled for read-ahead
     run: int = 0  # blocks in the stream's last read-ahead GET (each one doubles, to max_run)
+    last_read: float = 0.0  # trio clock of the stream's last READ
     ahead: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
 
 
@@ -219,6 +220,9 @@ MAX_ROUNDS = 3
 #: stops scheduling past it until readers catch up, so memory stays bounded however many
 #: streams run at once (mountpoint-s3's and gcsfuse's prefetchers have such a budget too).
 READ_AHEAD_BUDGET = 64 << 20
+#: A stream whose reader has not read for this long gives up its buffer when another stream needs
+#: the budget (a loader that keeps a shard open while it reads others must not starve them).
+IDLE_STREAM = 2.0
 #: A prefetch (``hydrate``) fetches a file in runs of this many blocks, one run at a time per file:
 #: ``tierfs prefetch --jobs 16`` then holds at most 16 such runs in memory.
 FILL_RUN_BLOCKS = 8
@@ -277,13 +281,15 @@ class Hydrator:
         self._unstored: dict[bytes, _Unstored] = {}
 
     def engine_status(self) -> dict[str, int]:
-        """The cold engine's counters: GETs in flight (now, peak) and the cache writes it batched."""
+        """The cold engine's counters: GETs in flight (now, peak), the cache writes it batched, and
+        the bytes read ahead of sequential readers (in flight or buffered; READ_AHEAD_BUDGET)."""
         writer = self._writer
         return {
             "s3_gets_in_flight": self.gets.now,
             "s3_gets_in_flight_peak": self.gets.peak,
             "cold_cache_writes": writer.batches if writer else 0,
             "cold_objects_written": writer.objects if writer else 0,
+            "read_ahead_bytes": self._ahead_bytes,
         }
 
     def close(self) -> None:
@@ -829,6 +835,7 @@ class Hydrator:
         ``READ_AHEAD_BUDGET`` allows.
         """
         state = self._seq.setdefault(obj.ino, _SeqState())
+        state.last_read = trio.current_time()
         jitter = (2 + state.window) * self.block_size
         sequential = state.next_offset >= 0 and -jitter <= offset - state.next_offset <= 2 * self.block_size
         if not sequential:
@@ -849,6 +856,8 @@ class Hydrator:
             run = list(range(begin, min(begin + size, total)))
             cost = self._run_length(obj, run)
             if self._ahead_bytes + cost > READ_AHEAD_BUDGET:
+                self._reclaim_idle(state)
+            if self._ahead_bytes + cost > READ_AHEAD_BUDGET:
                 break  # later READs schedule the rest, once readers have consumed what is ahead
             state.run = size
             self._ahead_bytes += cost
@@ -867,6 +876,13 @@ class Hydrator:
             if i >= floor and i not in state.ahead:
                 state.ahead[i] = (self.chunk_key(obj, i).digest(), data)
                 self._ahead_bytes += len(data)
+
+    def _reclaim_idle(self, wanting: _SeqState) -> None:
+        """Drop the buffers of the streams whose readers have been idle for ``IDLE_STREAM`` s."""
+        idle_since = wanting.last_read - IDLE_STREAM
+        for state in self._seq.values():
+            if state is not wanting and state.ahead and state.last_read < idle_since:
+                self._drop_ahead(state, self._ALL)
 
     _ALL = 1 << 62  # every block index: ``_drop_ahead(state, _ALL)`` empties a stream's buffer
 
