@@ -75,7 +75,9 @@ class Streams:
     def ahead(self) -> int:
         return self.hydrator.engine_status()["read_ahead_bytes"]
 
-    async def stream(self, obj: ObjectVersion, body: bytes, start: int, end: int, step: int = 256 * KiB) -> None:
+    async def stream(
+        self, obj: ObjectVersion, body: bytes, start: int, end: int, step: int = 256 * KiB
+    ) -> None:
         """Read [start, end) of ``obj`` in ``step`` READs, checking each against ``body`` and the
         budget after each."""
         for offset in range(start, end, step):
