@@ -689,3 +689,25 @@ async def test_a_shutdown_during_a_multipart_upload_replays_without_conflict(
         await replayed.flush()
         assert world.bucket.multipart_uploads() == []
         await assert_clean(replayed, world, {"big": data})
+
+
+async def test_a_writers_close_never_takes_back_a_later_ctime(world: World) -> None:
+    """RELEASE reaches the daemon after close(2) has returned, so a chmod can land between the last
+    write and it. The close records the size and the last write's time in one transaction with the
+    record as it is then, so a later ctime stays. (The close used to read the record, hop to a
+    thread and write it back, which now and then lost a chmod's ctime that landed in between:
+    test_posix_semantics' remount test failed once in CI. That interleaving depends on thread
+    timing; this checks the rule the one transaction keeps.)"""
+    async with running(world.home, world.moto.endpoint_url, world.name) as stack:
+        node = await stack.create("f", b"x")
+        await stack.open_writer("f")
+        await stack.pwrite("f", 0, b"yy")
+        written = stack.ns.get(node.ino).ctime_ns + 1_000  # the last write(2), before the chmod
+        chmod = written + 1_000_000
+        stack.ns.update(node.ino, mode=node.mode & ~0o077, ctime_ns=chmod)
+        await stack.wb.release_writer(node.ino, written)
+        after = stack.ns.get(node.ino)
+        assert (after.size, after.mtime_ns, after.ctime_ns) == (2, written, chmod)
+        assert stack.ns.record_write(node.ino, 2, chmod + 5) is not None  # a later write: both move
+        later = stack.ns.get(node.ino)
+        assert (later.mtime_ns, later.ctime_ns) == (chmod + 5, chmod + 5)

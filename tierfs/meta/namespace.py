@@ -704,6 +704,25 @@ class Namespace:
 
         return self.commit.run(apply)
 
+    def record_write(self, ino: int, size: int, written_ns: int | None) -> Inode | None:
+        """A writer's close: its size, and the time of its last write as the mtime, in one
+        transaction. The ctime becomes that time unless the record's is later already: a chmod
+        that ran between the last write and the close (RELEASE comes after close(2) returns)
+        keeps its later ctime, as a read-then-update in two steps would not."""
+
+        def apply(txn: Any) -> Inode | None:
+            node = self._get_in(txn, ino)
+            if node is None:
+                return None
+            if written_ns is None:
+                node = node.with_(size=size)
+            else:
+                node = node.with_(size=size, mtime_ns=written_ns, ctime_ns=max(written_ns, node.ctime_ns))
+            txn.put(ino_key(ino), node.pack(), db=self.inodes)
+            return node
+
+        return self.commit.run(apply)
+
     def settle(self, ino: int, **changes: object) -> Inode | None:
         """Write-back's update after the bucket took a change: marks the record as settled now.
 

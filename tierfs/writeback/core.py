@@ -216,10 +216,7 @@ class WriteBack:
             return
         size = self.files.size_of(ino)
         if size is not None:
-            times: dict[str, int] = {}
-            if written_ns is not None:
-                times = {"mtime_ns": written_ns, "ctime_ns": max(written_ns, node.ctime_ns)}
-            await self._run_io(lambda: self.ns.update(ino, size=size, **times))
+            await self._run_io(lambda: self.ns.record_write(ino, size, written_ns))
         self.wakeup.wake()
 
     async def removed(self, node: Inode) -> None:
