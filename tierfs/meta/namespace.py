@@ -694,30 +694,31 @@ class Namespace:
         together) share a transaction and a flush with each other and with the journal's.
         """
 
-        def apply(txn: Any) -> Inode | None:
-            node = self._get_in(txn, ino)
-            if node is None:
-                return None
-            node = node.with_(**changes)
-            txn.put(ino_key(ino), node.pack(), db=self.inodes)
-            return node
-
-        return self.commit.run(apply)
+        return self._rewrite(ino, lambda node: node.with_(**changes))
 
     def record_write(self, ino: int, size: int, written_ns: int | None) -> Inode | None:
         """A writer's close: its size, and the time of its last write as the mtime, in one
         transaction. The ctime becomes that time unless the record's is later already: a chmod
         that ran between the last write and the close (RELEASE comes after close(2) returns)
         keeps its later ctime, as a read-then-update in two steps would not."""
+        if written_ns is None:
+            return self.update(ino, size=size)
+        at = written_ns
+
+        def written(node: Inode) -> Inode:
+            return node.with_(size=size, mtime_ns=at, ctime_ns=max(at, node.ctime_ns))
+
+        return self._rewrite(ino, written)
+
+    def _rewrite(self, ino: int, change: Callable[[Inode], Inode]) -> Inode | None:
+        """The record made from the current one by ``change``, written in the transaction that read
+        it (through the group committer); None if it is gone."""
 
         def apply(txn: Any) -> Inode | None:
             node = self._get_in(txn, ino)
             if node is None:
                 return None
-            if written_ns is None:
-                node = node.with_(size=size)
-            else:
-                node = node.with_(size=size, mtime_ns=written_ns, ctime_ns=max(written_ns, node.ctime_ns))
+            node = change(node)
             txn.put(ino_key(ino), node.pack(), db=self.inodes)
             return node
 

@@ -409,15 +409,11 @@ class Hydrator:
         if self._cold is None or not 0 < obj.size <= LOOP_READ_MAX or not obj.etag:
             return
         ck = self.chunk_key(obj, 0)
-        digest = ck.digest()
-        if digest in self._inflight or digest in self._unstored or self.tiers.in_memory(ck):
-            return
-        if self.tiers.held_locally(ck) or self._failed.get(digest, (0.0,))[0] > trio.current_time():
+        if self._held_or_coming(ck) or self._failed.get(ck.digest(), (0.0,))[0] > trio.current_time():
             return
 
         async def fetch() -> None:
-            # The READ may have run between OPEN and this task: then its fetch is the one.
-            if digest in self._inflight or digest in self._unstored or self.tiers.held_locally(ck):
+            if self._held_or_coming(ck):  # the READ ran between OPEN and this task: its fetch is the one
                 return
             try:
                 await self._fetch_blocks(obj, [0], remember=False)
@@ -427,6 +423,17 @@ class Hydrator:
         self._spawn(fetch)
 
     # -- internals ------------------------------------------------------------------------------------
+
+    def _held_or_coming(self, ck: ChunkKey) -> bool:
+        """Whether a block needs no new fetch: a GET of it is in flight, its answer waits for the
+        cache writer, or a tier on this node holds it (index lookups only; on the loop)."""
+        digest = ck.digest()
+        return (
+            digest in self._inflight
+            or digest in self._unstored
+            or self.tiers.in_memory(ck)
+            or self.tiers.held_locally(ck)
+        )
 
     def _not_indexed(self, obj: ObjectVersion, indices: range | list[int]) -> list[int]:
         """The blocks no local tier holds.
@@ -602,12 +609,8 @@ class Hydrator:
             for j in range(base, min(base + unit, total)):
                 if j in wanted:
                     continue
-                ck = self.chunk_key(obj, j)
-                if ck.digest() in self._inflight or ck.digest() in self._unstored or self.tiers.in_memory(ck):
-                    continue
-                if self.tiers.held_locally(ck):
-                    continue
-                wanted.add(j)
+                if not self._held_or_coming(self.chunk_key(obj, j)):
+                    wanted.add(j)
         return sorted(wanted)
 
     async def _fetch_blocks(

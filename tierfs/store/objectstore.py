@@ -330,6 +330,12 @@ def parse_timestamp(value: str) -> datetime:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
+def _asks_whole(start: int, length: int, if_match: str | None, object_size: int | None) -> bool:
+    """Whether a GET may go without a Range header, so that the server returns its stored
+    checksum: only for the whole of a pinned version (else a grown object could come whole)."""
+    return start == 0 and if_match is not None and object_size is not None and length >= object_size
+
+
 def normalize_etag(etag: str | None) -> str:
     return (etag or "").strip('"')
 
@@ -590,9 +596,7 @@ class S3ObjectStore:
         object_size: int | None = None,
         version_id: str | None = None,
     ) -> GetResult:
-        # Without a Range header the server returns its stored checksum; only safe when the
-        # version (hence the size) is pinned, or a grown object could be fetched whole.
-        whole = start == 0 and if_match is not None and object_size is not None and length >= object_size
+        whole = _asks_whole(start, length, if_match, object_size)
         try:
             if self._crt is not None and 0 < length <= CRT_MAX_GET:
                 return self._crt_get_range(key, start, length, if_match, whole, version_id)
@@ -687,7 +691,7 @@ class S3ObjectStore:
         """
         if self._crt is None or not 0 < length <= CRT_MAX_GET:
             return None
-        whole = start == 0 and if_match is not None and object_size is not None and length >= object_size
+        whole = _asks_whole(start, length, if_match, object_size)
         self._count("get_object")
         started = time.monotonic()
         with self._lock:
